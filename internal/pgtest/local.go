@@ -1,0 +1,323 @@
+package pgtest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+const (
+	minMajor   = 15
+	tempPrefix = "cdcbackfill-pgtest-"
+)
+
+// binDirPatterns are where server binaries are looked for, after PATH.
+var binDirPatterns = []string{
+	"/usr/lib/postgresql/*/bin", // Debian, Ubuntu
+	"/usr/pgsql-*/bin",          // PGDG RPMs
+	"/usr/local/pgsql/bin",      // source builds
+	"/opt/homebrew/opt/postgresql@*/bin",
+	"/usr/local/opt/postgresql@*/bin",
+}
+
+var versionRE = regexp.MustCompile(`\(PostgreSQL\) (\d+)`)
+
+var errPortInUse = errors.New("port in use")
+
+// localServer is a postgres process run from a temporary directory.
+type localServer struct {
+	binDir  string
+	major   int
+	root    string // temporary directory holding all below; removed by stop
+	dataDir string
+	logPath string
+	port    int
+	cred    *syscall.Credential // run as this user (set when we are root)
+
+	cmd  *exec.Cmd     // running postmaster, nil when stopped
+	done chan struct{} // closed when cmd has exited
+}
+
+// startLocal initializes a cluster in a fresh temporary directory and starts
+// it on a free loopback port.
+func startLocal(ctx context.Context, logf func(string, ...any)) (_ *localServer, err error) {
+	binDir, major, err := findBinDir()
+	if err != nil {
+		return nil, err
+	}
+	removeStale()
+	root, err := os.MkdirTemp("", tempPrefix)
+	if err != nil {
+		return nil, fmt.Errorf("create temp dir: %w", err)
+	}
+	l := &localServer{
+		binDir:  binDir,
+		major:   major,
+		root:    root,
+		dataDir: filepath.Join(root, "data"),
+		logPath: filepath.Join(root, "postgres.log"),
+	}
+	defer func() {
+		if err != nil {
+			_ = l.stop()
+		}
+	}()
+	// The owner file lets removeStale find directories of dead processes.
+	if err := os.WriteFile(filepath.Join(root, "owner"), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
+		return nil, fmt.Errorf("write owner file: %w", err)
+	}
+	if err := os.Chmod(root, 0o755); err != nil {
+		return nil, fmt.Errorf("chmod temp dir: %w", err)
+	}
+	if os.Geteuid() == 0 {
+		// initdb and postgres refuse to run as root.
+		u, err := user.Lookup("postgres")
+		if err != nil {
+			return nil, fmt.Errorf("running as root needs the OS user postgres to run the server: %w", err)
+		}
+		uid, _ := strconv.ParseUint(u.Uid, 10, 32)
+		gid, _ := strconv.ParseUint(u.Gid, 10, 32)
+		l.cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
+		if err := os.Chown(root, int(uid), int(gid)); err != nil {
+			return nil, fmt.Errorf("chown temp dir: %w", err)
+		}
+	}
+
+	logf("initdb (PostgreSQL %d from %s) in %s", major, binDir, root)
+	out, err := l.command(ctx, "initdb", "-D", l.dataDir, "-U", "postgres", "-A", "trust",
+		"-E", "UTF8", "--locale=C", "--no-sync").CombinedOutput()
+	if err != nil {
+		return nil, fmt.Errorf("initdb: %w: %s", err, out)
+	}
+	// initdb -A trust writes the same, but do not depend on it.
+	const hba = "local all all trust\n" +
+		"local replication all trust\n" +
+		"host all all 127.0.0.1/32 trust\n" +
+		"host replication all 127.0.0.1/32 trust\n"
+	if err := os.WriteFile(filepath.Join(l.dataDir, "pg_hba.conf"), []byte(hba), 0o600); err != nil {
+		return nil, fmt.Errorf("write pg_hba.conf: %w", err)
+	}
+	if l.cred != nil {
+		if err := os.Chown(filepath.Join(l.dataDir, "pg_hba.conf"), int(l.cred.Uid), int(l.cred.Gid)); err != nil {
+			return nil, fmt.Errorf("chown pg_hba.conf: %w", err)
+		}
+	}
+
+	// Another process may take the free port before postgres binds it.
+	for attempt := 1; ; attempt++ {
+		if l.port, err = freePort(); err != nil {
+			return nil, err
+		}
+		err = l.start(ctx)
+		if err == nil || !errors.Is(err, errPortInUse) || attempt == 3 {
+			return l, err
+		}
+		logf("port %d taken, trying another", l.port)
+	}
+}
+
+func (l *localServer) dsn() string {
+	return fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", l.port)
+}
+
+// command returns a command running binary name of binDir as the server's
+// OS user, from the temporary directory.
+func (l *localServer) command(ctx context.Context, name string, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, filepath.Join(l.binDir, name), args...)
+	cmd.Dir = l.root
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: l.cred}
+	return cmd
+}
+
+// start starts postgres and waits until it accepts connections.
+func (l *localServer) start(ctx context.Context) error {
+	logFile, err := os.OpenFile(l.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return fmt.Errorf("open server log: %w", err)
+	}
+	defer logFile.Close()
+	logStart, _ := logFile.Seek(0, 2)
+
+	// Not CommandContext: the server outlives ctx.
+	cmd := l.command(context.Background(), "postgres", "-D", l.dataDir,
+		"-c", "listen_addresses=127.0.0.1",
+		"-p", strconv.Itoa(l.port),
+		"-c", "unix_socket_directories="+l.root,
+		"-c", "wal_level=logical",
+		"-c", "max_replication_slots=20",
+		"-c", "max_wal_senders=20",
+		"-c", "fsync=off",
+		"-c", "synchronous_commit=off",
+		"-c", "full_page_writes=off",
+		"-c", "max_connections=200",
+		"-c", "shared_buffers=128MB")
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	// Own process group: a terminal's Ctrl-C reaches only us, and we stop
+	// the server in order. If we die, the server gets SIGQUIT (immediate
+	// shutdown) from the kernel.
+	cmd.SysProcAttr.Setpgid = true
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGQUIT
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start postgres: %w", err)
+	}
+	done := make(chan struct{})
+	go func() {
+		_ = cmd.Wait()
+		close(done)
+	}()
+	l.cmd, l.done = cmd, done
+
+	if err := waitReady(ctx, l.dsn(), done); err != nil {
+		_ = l.signal(syscall.SIGQUIT)
+		tail := l.logSince(logStart)
+		if strings.Contains(tail, "could not bind") || strings.Contains(tail, "could not create any TCP/IP sockets") {
+			err = fmt.Errorf("%w: %w", errPortInUse, err)
+		}
+		return fmt.Errorf("start postgres on port %d: %w; server log:\n%s", l.port, err, tail)
+	}
+	return nil
+}
+
+// signal sends sig to the running server and waits for it to exit, killing
+// it after a minute.
+func (l *localServer) signal(sig syscall.Signal) error {
+	if l.cmd == nil {
+		return nil
+	}
+	defer func() { l.cmd, l.done = nil, nil }()
+	select {
+	case <-l.done:
+		return nil
+	default:
+	}
+	if err := l.cmd.Process.Signal(sig); err != nil {
+		return fmt.Errorf("signal postgres: %w", err)
+	}
+	select {
+	case <-l.done:
+		return nil
+	case <-time.After(time.Minute):
+		_ = syscall.Kill(-l.cmd.Process.Pid, syscall.SIGKILL)
+		<-l.done
+		return errors.New("postgres did not stop within a minute; killed")
+	}
+}
+
+// restart does a fast (clean) shutdown and starts the server again.
+func (l *localServer) restart(ctx context.Context) error {
+	if err := l.signal(syscall.SIGINT); err != nil {
+		return err
+	}
+	return l.start(ctx)
+}
+
+// stop does an immediate shutdown and removes the temporary directory.
+func (l *localServer) stop() error {
+	return errors.Join(l.signal(syscall.SIGQUIT), os.RemoveAll(l.root))
+}
+
+// logSince returns the server log from offset on, at most its last 4 KiB.
+func (l *localServer) logSince(offset int64) string {
+	b, err := os.ReadFile(l.logPath)
+	if err != nil || offset > int64(len(b)) {
+		return ""
+	}
+	b = b[offset:]
+	if len(b) > 4096 {
+		b = b[len(b)-4096:]
+	}
+	return string(b)
+}
+
+// findBinDir returns the directory holding initdb and postgres of the highest
+// major version >= minMajor, from PATH and binDirPatterns.
+func findBinDir() (dir string, major int, err error) {
+	var candidates []string
+	for _, name := range []string{"postgres", "initdb"} {
+		if p, err := exec.LookPath(name); err == nil {
+			if real, err := filepath.EvalSymlinks(p); err == nil {
+				p = real
+			}
+			candidates = append(candidates, filepath.Dir(p))
+		}
+	}
+	for _, pattern := range binDirPatterns {
+		matches, _ := filepath.Glob(pattern)
+		candidates = append(candidates, matches...)
+	}
+	var tooOld []string
+	for _, d := range candidates {
+		if !isFile(filepath.Join(d, "initdb")) || !isFile(filepath.Join(d, "postgres")) {
+			continue
+		}
+		out, err := exec.Command(filepath.Join(d, "postgres"), "--version").Output()
+		m := versionRE.FindSubmatch(out)
+		if err != nil || m == nil {
+			continue
+		}
+		v, _ := strconv.Atoi(string(m[1]))
+		if v < minMajor {
+			tooOld = append(tooOld, fmt.Sprintf("%d in %s", v, d))
+		} else if v > major {
+			dir, major = d, v
+		}
+	}
+	if dir == "" {
+		if len(tooOld) > 0 {
+			return "", 0, fmt.Errorf("%w (found only PostgreSQL %s; need %d or later)",
+				ErrNoPostgres, strings.Join(tooOld, ", "), minMajor)
+		}
+		return "", 0, ErrNoPostgres
+	}
+	return dir, major, nil
+}
+
+func isFile(path string) bool {
+	fi, err := os.Stat(path)
+	return err == nil && fi.Mode().IsRegular()
+}
+
+// freePort returns a loopback TCP port that was free a moment ago.
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("find free port: %w", err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// removeStale removes the temporary directories left by processes that died
+// without stopping their server (their postgres got SIGQUIT and is gone).
+func removeStale() {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), tempPrefix+"*"))
+	for _, d := range dirs {
+		if !pidFileDead(filepath.Join(d, "owner"), false) ||
+			!pidFileDead(filepath.Join(d, "data", "postmaster.pid"), true) {
+			continue
+		}
+		_ = os.RemoveAll(d)
+	}
+}
+
+// pidFileDead reports whether the process whose id starts the file is gone;
+// a missing file counts as dead when missingOK.
+func pidFileDead(path string, missingOK bool) bool {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return missingOK && errors.Is(err, os.ErrNotExist)
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	pid, err := strconv.Atoi(strings.TrimSpace(line))
+	return err == nil && pid > 0 && syscall.Kill(pid, 0) == syscall.ESRCH
+}
