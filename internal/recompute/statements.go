@@ -1,0 +1,267 @@
+package recompute
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Key is a primary key value, each column in its text form.
+type Key []string
+
+// String renders a key as PostgreSQL does in its messages: (a, b)=(1, x).
+func (t *Table) KeyString(k Key) string {
+	names := make([]string, len(t.Key))
+	for i, c := range t.Key {
+		names[i] = c.Name
+	}
+	return "(" + strings.Join(names, ", ") + ")=(" + strings.Join(k, ", ") + ")"
+}
+
+// Result is what one recompute statement did.
+type Result struct {
+	Scanned   int64 // keys looked at (Range only)
+	Corrected int64 // rows whose new columns were written
+	Last      Key   // the highest key scanned (Range only), nil when none
+	Skipped   []Key // keys out of parity and held by another transaction
+}
+
+// lockAndUpdate locks, among the keys in _cdcb_keys, the rows out of parity
+// that nobody else holds, in key order without waiting (SKIP LOCKED), and
+// recomputes them; the final SELECT reports the count and the skipped keys.
+// keysFilter restricts the table to the candidate keys.
+func (t *Table) lockAndUpdate(keysFilter string) string {
+	tbl := t.Ident()
+	return fmt.Sprintf(`,
+_cdcb_locked AS (
+	SELECT %[2]s FROM %[1]s
+	WHERE %[3]s AND %[4]s
+	ORDER BY %[5]s
+	FOR UPDATE SKIP LOCKED
+),
+_cdcb_upd AS (
+	UPDATE %[1]s SET %[6]s
+	FROM _cdcb_locked
+	WHERE ROW(%[5]s) = ROW(%[7]s) AND %[4]s
+	RETURNING 1
+),
+_cdcb_skipped AS (
+	SELECT ARRAY[%[8]s] AS key FROM _cdcb_keys k
+	WHERE NOT EXISTS (SELECT 1 FROM _cdcb_locked l WHERE ROW(%[9]s) = ROW(%[10]s))
+	  AND EXISTS (SELECT 1 FROM %[1]s WHERE ROW(%[5]s) = ROW(%[10]s) AND %[4]s)
+)`,
+		tbl,
+		t.selectSlots(), keysFilter, t.outOfParity(), t.keyList(),
+		t.setList(), t.slots("_cdcb_locked.", ""),
+		t.slots("k.", "::text"), t.slots("l.", ""), t.slots("k.", ""))
+}
+
+// selectSlots is "T.k1 AS _cdcb_k0, T.k2 AS _cdcb_k1".
+func (t *Table) selectSlots() string {
+	parts := make([]string, len(t.Key))
+	for i, k := range t.Key {
+		parts[i] = fmt.Sprintf("%s.%s AS _cdcb_k%d", t.Ident(), pgx.Identifier{k.Name}.Sanitize(), i)
+	}
+	return strings.Join(parts, ", ")
+}
+
+// KeysSQL recomputes the rows of the given keys. Parameters: one text[] per
+// key column, the i-th elements together forming one key.
+func (t *Table) KeysSQL() string {
+	unnest := make([]string, len(t.Key))
+	casts := make([]string, len(t.Key))
+	for i, k := range t.Key {
+		unnest[i] = fmt.Sprintf("$%d::text[]", i+1)
+		casts[i] = fmt.Sprintf("_cdcb_k%d::%s AS _cdcb_k%d", i, k.Type, i)
+	}
+	return fmt.Sprintf(`WITH _cdcb_keys AS (
+	SELECT DISTINCT %s FROM unnest(%s) AS u(%s)
+)`, strings.Join(casts, ", "), strings.Join(unnest, ", "), t.slots("", "")) +
+		t.lockAndUpdate(fmt.Sprintf("ROW(%s) IN (SELECT %s FROM _cdcb_keys)", t.keyList(), t.slots("", ""))) + `
+SELECT (SELECT count(*) FROM _cdcb_upd), s.key
+FROM (SELECT 1) AS _cdcb_one LEFT JOIN _cdcb_skipped s ON true`
+}
+
+// Keys recomputes the rows of keys (missing rows are ignored: a deleted row
+// needs nothing).
+func (t *Table) Keys(ctx context.Context, q Querier, keys []Key) (Result, error) {
+	if len(keys) == 0 {
+		return Result{}, nil
+	}
+	cols := make([]any, len(t.Key))
+	for i := range t.Key {
+		col := make([]string, len(keys))
+		for j, k := range keys {
+			col[j] = k[i]
+		}
+		cols[i] = col
+	}
+	rows, err := q.Query(ctx, t.KeysSQL(), cols...)
+	if err != nil {
+		return Result{}, err
+	}
+	var res Result
+	for rows.Next() {
+		var skipped []string
+		if err := rows.Scan(&res.Corrected, &skipped); err != nil {
+			return Result{}, err
+		}
+		if skipped != nil {
+			res.Skipped = append(res.Skipped, skipped)
+		}
+	}
+	return res, rows.Err()
+}
+
+// rangeKeys selects up to $n keys after $lo (exclusive; absent for the first
+// batch) up to $hi (inclusive).
+func (t *Table) rangeKeys(withLow bool, extra string) (string, int) {
+	n := len(t.Key)
+	var where []string
+	next := 1
+	if withLow {
+		where = append(where, fmt.Sprintf("ROW(%s) > ROW(%s)", t.keyList(), t.keyParams(next)))
+		next += n
+	}
+	where = append(where, fmt.Sprintf("ROW(%s) <= ROW(%s)", t.keyList(), t.keyParams(next)))
+	next += n
+	sql := fmt.Sprintf(`WITH _cdcb_keys AS (
+	SELECT %s%s FROM %s
+	WHERE %s
+	ORDER BY %s
+	LIMIT $%d
+)`, t.selectSlots(), extra, t.Ident(), strings.Join(where, " AND "), t.keyList(), next)
+	return sql, next
+}
+
+// lastKey is the highest key of _cdcb_keys as a text[].
+func (t *Table) lastKey() string {
+	desc := make([]string, len(t.Key))
+	for i := range t.Key {
+		desc[i] = fmt.Sprintf("_cdcb_k%d DESC", i)
+	}
+	return fmt.Sprintf("(SELECT ARRAY[%s] FROM _cdcb_keys ORDER BY %s LIMIT 1)", t.slots("", "::text"), strings.Join(desc, ", "))
+}
+
+// RangeSQL recomputes the first $limit rows after lo up to hi.
+func (t *Table) RangeSQL(withLow bool) string {
+	keys, _ := t.rangeKeys(withLow, "")
+	// The rows to lock are the key range the batch covers, found by an index
+	// range scan rather than a semi-join against the key list.
+	filter := fmt.Sprintf("ROW(%s) >= (SELECT %s FROM _cdcb_keys ORDER BY %s LIMIT 1) AND ROW(%s) <= (SELECT %s FROM _cdcb_keys ORDER BY %s LIMIT 1)",
+		t.keyList(), t.slots("", ""), t.slots("", ""), t.keyList(), t.slots("", ""), t.descSlots())
+	return keys + t.lockAndUpdate(filter) + fmt.Sprintf(`
+SELECT (SELECT count(*) FROM _cdcb_keys), (SELECT count(*) FROM _cdcb_upd), %s, s.key
+FROM (SELECT 1) AS _cdcb_one LEFT JOIN _cdcb_skipped s ON true`, t.lastKey())
+}
+
+func (t *Table) descSlots() string {
+	desc := make([]string, len(t.Key))
+	for i := range t.Key {
+		desc[i] = fmt.Sprintf("_cdcb_k%d DESC", i)
+	}
+	return strings.Join(desc, ", ")
+}
+
+// rangeArgs builds the parameters of a range statement.
+func rangeArgs(lo, hi Key, limit int) []any {
+	var args []any
+	for _, v := range lo {
+		args = append(args, v)
+	}
+	for _, v := range hi {
+		args = append(args, v)
+	}
+	return append(args, limit)
+}
+
+// Range recomputes up to limit rows with keys after lo (nil: from the start)
+// up to hi inclusive, in key order.
+func (t *Table) Range(ctx context.Context, q Querier, lo, hi Key, limit int) (Result, error) {
+	rows, err := q.Query(ctx, t.RangeSQL(lo != nil), rangeArgs(lo, hi, limit)...)
+	if err != nil {
+		return Result{}, err
+	}
+	var res Result
+	for rows.Next() {
+		var skipped []string
+		if err := rows.Scan(&res.Scanned, &res.Corrected, &res.Last, &skipped); err != nil {
+			return Result{}, err
+		}
+		if skipped != nil {
+			res.Skipped = append(res.Skipped, skipped)
+		}
+	}
+	return res, rows.Err()
+}
+
+// CheckSQL reads (never writes, never locks) up to $limit rows after lo up to
+// hi and reports those out of parity.
+func (t *Table) CheckSQL(withLow bool) string {
+	keys, _ := t.rangeKeys(withLow, ", "+t.outOfParity()+" AS _cdcb_bad")
+	return keys + fmt.Sprintf(`
+SELECT (SELECT count(*) FROM _cdcb_keys), %s, m.key
+FROM (SELECT 1) AS _cdcb_one
+LEFT JOIN (SELECT ARRAY[%s] AS key FROM _cdcb_keys WHERE _cdcb_bad) m ON true`, t.lastKey(), t.slots("", "::text"))
+}
+
+// Check reports, for up to limit rows after lo up to hi, the keys whose new
+// columns differ from their expressions. Result.Skipped holds them.
+func (t *Table) Check(ctx context.Context, q Querier, lo, hi Key, limit int) (Result, error) {
+	rows, err := q.Query(ctx, t.CheckSQL(lo != nil), rangeArgs(lo, hi, limit)...)
+	if err != nil {
+		return Result{}, err
+	}
+	var res Result
+	for rows.Next() {
+		var bad []string
+		if err := rows.Scan(&res.Scanned, &res.Last, &bad); err != nil {
+			return Result{}, err
+		}
+		if bad != nil {
+			res.Skipped = append(res.Skipped, bad)
+		}
+	}
+	return res, rows.Err()
+}
+
+// Bounds reads the lowest and highest key and the estimated row count.
+func (t *Table) Bounds(ctx context.Context, q Querier) (lo, hi Key, estimate int64, err error) {
+	asc := fmt.Sprintf("SELECT ARRAY[%s] FROM %s ORDER BY %s LIMIT 1", t.textKeys(), t.Ident(), t.keyList())
+	desc := fmt.Sprintf("SELECT ARRAY[%s] FROM %s ORDER BY %s LIMIT 1", t.textKeys(), t.Ident(), t.keyListDesc())
+	if err = q.QueryRow(ctx, asc).Scan(&lo); err != nil && err != pgx.ErrNoRows {
+		return nil, nil, 0, fmt.Errorf("read lowest key of %s: %w", t.Ident(), err)
+	}
+	if err = q.QueryRow(ctx, desc).Scan(&hi); err != nil && err != pgx.ErrNoRows {
+		return nil, nil, 0, fmt.Errorf("read highest key of %s: %w", t.Ident(), err)
+	}
+	err = q.QueryRow(ctx, `SELECT GREATEST(reltuples, 0)::bigint FROM pg_class WHERE oid = $1::regclass`, t.Ident()).Scan(&estimate)
+	if err != nil {
+		return nil, nil, 0, fmt.Errorf("estimate rows of %s: %w", t.Ident(), err)
+	}
+	if estimate == 0 && hi != nil {
+		// Never analyzed: count, the table is small or the user waits once.
+		if err = q.QueryRow(ctx, "SELECT count(*) FROM "+t.Ident()).Scan(&estimate); err != nil {
+			return nil, nil, 0, fmt.Errorf("count rows of %s: %w", t.Ident(), err)
+		}
+	}
+	return lo, hi, estimate, nil
+}
+
+func (t *Table) textKeys() string {
+	parts := make([]string, len(t.Key))
+	for i, k := range t.Key {
+		parts[i] = t.Ident() + "." + pgx.Identifier{k.Name}.Sanitize() + "::text"
+	}
+	return strings.Join(parts, ", ")
+}
+
+func (t *Table) keyListDesc() string {
+	parts := make([]string, len(t.Key))
+	for i, k := range t.Key {
+		parts[i] = t.Ident() + "." + pgx.Identifier{k.Name}.Sanitize() + " DESC"
+	}
+	return strings.Join(parts, ", ")
+}

@@ -1,0 +1,193 @@
+package recompute
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// Column is a new column and its SQL expression over the same row.
+type Column struct {
+	Name string
+	Expr string
+}
+
+// KeyColumn is one column of the primary key, with the type to cast its
+// text form back to.
+type KeyColumn struct {
+	Name string
+	Type string // format_type() of the column, e.g. "bigint", "uuid"
+}
+
+// Table is the migrated table as the statements need it.
+type Table struct {
+	Schema, Name string
+	Key          []KeyColumn // primary key, in index order
+	Columns      []Column    // new columns, sorted by name
+	Exists       map[string]bool
+}
+
+// Ident is the quoted, schema-qualified table name.
+func (t *Table) Ident() string { return pgx.Identifier{t.Schema, t.Name}.Sanitize() }
+
+// Querier is what the statements need: a connection, a pool or a transaction.
+type Querier interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// ErrNoTable and ErrNoPrimaryKey are returned by Inspect.
+var (
+	ErrNoTable      = errors.New("table not found")
+	ErrNoPrimaryKey = errors.New("table has no primary key")
+)
+
+const keyColumnsSQL = `
+SELECT a.attname, format_type(a.atttypid, a.atttypmod)
+FROM pg_index i
+JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = $1::regclass AND i.indisprimary
+ORDER BY k.ord`
+
+const columnsSQL = `
+SELECT attname FROM pg_attribute
+WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped`
+
+// Inspect reads the table's key and columns from the catalog.
+func Inspect(ctx context.Context, q Querier, schema, name string, cols []Column) (*Table, error) {
+	t := &Table{Schema: schema, Name: name, Columns: cols, Exists: map[string]bool{}}
+	var found bool
+	err := q.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p'))`, schema, name).Scan(&found)
+	if err != nil {
+		return nil, fmt.Errorf("look up table %s.%s: %w", schema, name, err)
+	}
+	if !found {
+		return nil, fmt.Errorf("%w: %s.%s", ErrNoTable, schema, name)
+	}
+	rows, err := q.Query(ctx, keyColumnsSQL, t.Ident())
+	if err != nil {
+		return nil, fmt.Errorf("read primary key of %s: %w", t.Ident(), err)
+	}
+	for rows.Next() {
+		var k KeyColumn
+		if err := rows.Scan(&k.Name, &k.Type); err != nil {
+			return nil, err
+		}
+		t.Key = append(t.Key, k)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read primary key of %s: %w", t.Ident(), err)
+	}
+	if len(t.Key) == 0 {
+		return nil, fmt.Errorf("%w: %s", ErrNoPrimaryKey, t.Ident())
+	}
+	rows, err = q.Query(ctx, columnsSQL, t.Ident())
+	if err != nil {
+		return nil, fmt.Errorf("read columns of %s: %w", t.Ident(), err)
+	}
+	for rows.Next() {
+		var c string
+		if err := rows.Scan(&c); err != nil {
+			return nil, err
+		}
+		t.Exists[c] = true
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read columns of %s: %w", t.Ident(), err)
+	}
+	return t, nil
+}
+
+// Refresh re-reads which columns exist (after the expand DDL).
+func (t *Table) Refresh(ctx context.Context, q Querier) error {
+	fresh, err := Inspect(ctx, q, t.Schema, t.Name, t.Columns)
+	if err != nil {
+		return err
+	}
+	*t = *fresh
+	return nil
+}
+
+// MissingColumns lists new columns that do not exist in the table yet.
+func (t *Table) MissingColumns() []string {
+	var missing []string
+	for _, c := range t.Columns {
+		if !t.Exists[c.Name] {
+			missing = append(missing, c.Name)
+		}
+	}
+	return missing
+}
+
+// keyList is the key columns qualified by the table's name (not an alias,
+// so an expression that names the table still resolves).
+func (t *Table) keyList() string {
+	parts := make([]string, len(t.Key))
+	for i, k := range t.Key {
+		parts[i] = t.Ident() + "." + pgx.Identifier{k.Name}.Sanitize()
+	}
+	return strings.Join(parts, ", ")
+}
+
+// slots is "_cdcb_k0, _cdcb_k1" prefixed by alias: the daemon's own names for
+// key values, chosen so they cannot capture a column an expression uses.
+func (t *Table) slots(alias string, suffix string) string {
+	parts := make([]string, len(t.Key))
+	for i := range t.Key {
+		parts[i] = fmt.Sprintf("%s_cdcb_k%d%s", alias, i, suffix)
+	}
+	return strings.Join(parts, ", ")
+}
+
+// keyParams casts parameters $first.. back to the key's types.
+func (t *Table) keyParams(first int) string {
+	parts := make([]string, len(t.Key))
+	for i, k := range t.Key {
+		parts[i] = fmt.Sprintf("$%d::text::%s", first+i, k.Type)
+	}
+	return strings.Join(parts, ", ")
+}
+
+// newColumns is `"a", "b"` (unqualified: the expressions see the row's
+// columns unqualified too).
+func (t *Table) newColumns() string {
+	parts := make([]string, len(t.Columns))
+	for i, c := range t.Columns {
+		parts[i] = pgx.Identifier{c.Name}.Sanitize()
+	}
+	return strings.Join(parts, ", ")
+}
+
+// exprs is "(expr_a), (expr_b)". User expressions are the one place SQL text
+// is composed; Validate proves each is a single expression first.
+func (t *Table) exprs() string {
+	parts := make([]string, len(t.Columns))
+	for i, c := range t.Columns {
+		parts[i] = "(" + c.Expr + ")"
+	}
+	return strings.Join(parts, ", ")
+}
+
+// row wraps a list as a row constructor (ROW() so one column works too).
+func row(list string) string { return "ROW(" + list + ")" }
+
+// outOfParity is the condition that a row's new columns differ from their
+// expressions.
+func (t *Table) outOfParity() string {
+	return row(t.newColumns()) + " IS DISTINCT FROM " + row(t.exprs())
+}
+
+func (t *Table) setList() string {
+	parts := make([]string, len(t.Columns))
+	for i, c := range t.Columns {
+		parts[i] = pgx.Identifier{c.Name}.Sanitize() + " = (" + c.Expr + ")"
+	}
+	return strings.Join(parts, ", ")
+}
