@@ -1,0 +1,96 @@
+package main
+
+import (
+	"github.com/spf13/cobra"
+
+	"github.com/cdcbackfill/cdcbackfill/phases"
+)
+
+func planCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "plan --config FILE",
+		Short: "Check the config against the database and print what run would do; changes nothing",
+		Long: `plan connects and checks: the table exists and has a primary key; every expression
+is valid SQL over the row; the target columns exist or are added by expand; wal_level
+is logical; the role may replicate and has the privileges it needs; a replication slot
+is free. Then it prints the DDL, the estimated rows, the key and the expressions.
+Exit 0 when all is well, 1 on any problem. Nothing in the database is changed.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := loadConfig(cmd)
+			if err != nil {
+				return err
+			}
+			report, err := phases.Inspect(cmd.Context(), cfg)
+			if err != nil {
+				return err
+			}
+			report.Print(cmd.OutOrStdout(), cfg)
+			if !report.OK() {
+				return exitError{1}
+			}
+			return nil
+		},
+	}
+}
+
+func runCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "run --config FILE",
+		Short: "The daemon: run the phases from the persisted state until done",
+		Long: `run carries the migration through expand, backfill, sync, verify and contract,
+resuming from the state stored in the database (schema cdcbackfill). It exits 0 when
+the migration is done, non-zero on a fatal error. SIGTERM or SIGINT finish the batch in
+hand, confirm the slot and exit 0; run again to resume.`,
+		Args: cobra.NoArgs,
+		RunE: notYet,
+	}
+}
+
+func statusCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "status --config FILE [--json] [--watch]",
+		Short: "Phase, progress, rows/s and ETA, slot lag, corrections, mismatches",
+		Args:  cobra.NoArgs,
+		RunE:  notYet,
+	}
+	cmd.Flags().Bool("json", false, "print one JSON object")
+	cmd.Flags().Bool("watch", false, "refresh in place until interrupted")
+	return cmd
+}
+
+func controlCmd(name string) *cobra.Command {
+	short := map[string]string{
+		"pause":   "Pause the backfill and verify batches (the stream keeps the table in sync)",
+		"resume":  "Resume after pause",
+		"approve": "Approve the step the migration waits for: dual-write (sync) or contract",
+	}[name]
+	return &cobra.Command{
+		Use:   name + " --config FILE",
+		Short: short,
+		Args:  cobra.NoArgs,
+		RunE:  notYet,
+	}
+}
+
+func abortCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "abort --config FILE [--rollback]",
+		Short: "Stop the migration before contract: drop slot and publication; --rollback also undoes expand",
+		Args:  cobra.NoArgs,
+		RunE:  notYet,
+	}
+	cmd.Flags().Bool("rollback", false, "run the rollback statements too")
+	return cmd
+}
+
+func demoCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "demo",
+		Short: "The whole story on an embedded local PostgreSQL, no set-up",
+		Args:  cobra.NoArgs,
+		RunE:  notYet,
+	}
+	cmd.Flags().Int("rows", 200000, "rows in the demo table")
+	return cmd
+}

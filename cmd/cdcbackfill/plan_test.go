@@ -1,0 +1,196 @@
+package main
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
+)
+
+func TestHelpDescribesInterface(t *testing.T) {
+	r := cli(t, 10*time.Second, nil, "--help")
+	mustContain(t, r, "run", "plan", "status", "pause", "resume", "approve", "abort", "demo", "CDCBACKFILL_DATABASE_DSN")
+	r = cli(t, 10*time.Second, nil, "status", "--help")
+	mustContain(t, r, "--json", "--watch", "--config")
+	r = cli(t, 10*time.Second, nil, "abort", "--help")
+	mustContain(t, r, "--rollback")
+}
+
+func TestPlanAllGood(t *testing.T) {
+	dsn := pgtest.NewDatabase(t)
+	exec1(t, dsn, seedUsers)
+	r := cli(t, 30*time.Second, nil, "plan", "--config", writeConfig(t, usersConfig(dsn)))
+	if r.code != 0 {
+		t.Fatalf("plan failed\n%s", r)
+	}
+	mustContain(t, r, "ok    wal_level is logical", "primary key (id bigint)", "column first_name is added by expand",
+		"expression for last_name is valid SQL over the row", "role may replicate", "ALTER TABLE users ADD COLUMN first_name text",
+		"first_name = split_part(full_name, ' ', 1)", "about 1000 rows", "plan: all checks passed; nothing was changed")
+	assertUnchanged(t, dsn)
+}
+
+// assertUnchanged checks that plan left no trace: no state schema, no slot,
+// no publication, no new column.
+func assertUnchanged(t *testing.T, dsn string) {
+	t.Helper()
+	conn, err := pgx.Connect(context.Background(), dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	var schemas, slots, pubs, cols int
+	err = conn.QueryRow(context.Background(), `SELECT
+		(SELECT count(*) FROM pg_namespace WHERE nspname = 'cdcbackfill'),
+		(SELECT count(*) FROM pg_replication_slots WHERE database = current_database()),
+		(SELECT count(*) FROM pg_publication),
+		(SELECT count(*) FROM information_schema.columns WHERE table_name = 'users' AND column_name IN ('first_name', 'last_name'))`).
+		Scan(&schemas, &slots, &pubs, &cols)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if schemas+slots+pubs+cols != 0 {
+		t.Errorf("plan changed the database: schema %d, slots %d, publications %d, new columns %d", schemas, slots, pubs, cols)
+	}
+}
+
+func TestPlanProblems(t *testing.T) {
+	cases := []struct {
+		name  string
+		setup string
+		after string
+		edit  func(string) string
+		want  []string
+	}{
+		{
+			name:  "table without a primary key",
+			setup: "CREATE TABLE users (id bigint, full_name text)",
+			want:  []string{"FAIL  primary key: table public.users has no primary key", `ALTER TABLE "public"."users" ADD PRIMARY KEY`},
+		},
+		{
+			name:  "missing table",
+			setup: "CREATE TABLE people (id bigint PRIMARY KEY, full_name text)",
+			want:  []string{"FAIL  table: table public.users does not exist"},
+		},
+		{
+			name:  "expression with a typo",
+			setup: seedUsers,
+			edit: func(s string) string {
+				return strings.Replace(s, "split_part(full_name, ' ', 2)", "split_prt(full_name, ' ', 2)", 1)
+			},
+			want: []string{"FAIL  expression for last_name: columns.last_name:", "function split_prt(text, unknown, integer) does not exist"},
+		},
+		{
+			name:  "expression over a missing column",
+			setup: seedUsers,
+			edit: func(s string) string {
+				return strings.Replace(s, "split_part(full_name, ' ', 2)", "split_part(fullname, ' ', 2)", 1)
+			},
+			want: []string{"FAIL  expression for last_name", `column "fullname" does not exist`},
+		},
+		{
+			name:  "expression with a second statement",
+			setup: seedUsers,
+			edit: func(s string) string {
+				return strings.Replace(s, "split_part(full_name, ' ', 2)", `"'x'); DROP TABLE users; --"`, 1)
+			},
+			want: []string{"FAIL  expression for last_name", "unbalanced ')'"},
+		},
+		{
+			name:  "target column neither exists nor is added",
+			setup: seedUsers,
+			edit: func(s string) string {
+				return strings.Replace(s, ", ADD COLUMN last_name text", "", 1)
+			},
+			want: []string{`FAIL  column last_name: column "last_name" neither exists in "public"."users" nor is added by an expand statement`},
+		},
+		{
+			name:  "slot name taken",
+			setup: seedUsers,
+			after: "SELECT pg_create_logical_replication_slot('cdcbackfill_split_full_name', 'pgoutput')",
+			want:  []string{`FAIL  replication slot: a replication slot named "cdcbackfill_split_full_name" already exists and is not this migration's`, "pg_drop_replication_slot"},
+		},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dsn := pgtest.NewDatabase(t)
+			exec1(t, dsn, c.setup)
+			if c.after != "" {
+				exec1(t, dsn, c.after)
+			}
+			yaml := usersConfig(dsn)
+			if c.edit != nil {
+				yaml = c.edit(yaml)
+			}
+			r := cli(t, 30*time.Second, nil, "plan", "--config", writeConfig(t, yaml))
+			if r.code != 1 {
+				t.Fatalf("want exit 1\n%s", r)
+			}
+			mustContain(t, r, append(c.want, "plan: problems found; nothing was changed")...)
+		})
+	}
+}
+
+func TestPlanRoleWithoutReplication(t *testing.T) {
+	dsn := pgtest.NewDatabase(t)
+	exec1(t, dsn, seedUsers, "CREATE ROLE app LOGIN PASSWORD 's3cret-pw'", "ALTER TABLE users OWNER TO app")
+	conn, _ := pgx.Connect(context.Background(), dsn)
+	var db string
+	_ = conn.QueryRow(context.Background(), "SELECT current_database()").Scan(&db)
+	conn.Close(context.Background())
+	exec1(t, dsn, "GRANT CREATE ON DATABASE "+pgx.Identifier{db}.Sanitize()+" TO app")
+	appDSN := pgtest.Shared(t).DSNFor(db, "app", "s3cret-pw")
+	r := cli(t, 30*time.Second, nil, "plan", "--config", writeConfig(t, usersConfig(appDSN)))
+	if r.code != 1 {
+		t.Fatalf("want exit 1\n%s", r)
+	}
+	mustContain(t, r, "FAIL  role: the role has neither REPLICATION nor SUPERUSER", "ALTER ROLE <role> REPLICATION")
+	if strings.Contains(r.stdout+r.stderr, "s3cret-pw") {
+		t.Errorf("the password appears in the output\n%s", r)
+	}
+	exec1(t, dsn, "DROP OWNED BY app", "DROP ROLE app")
+}
+
+func TestPlanDatabaseThatDoesNotAnswer(t *testing.T) {
+	// A port nobody listens on: refused at once, never a hang.
+	yaml := usersConfig("postgres://app:pw-never-shown@127.0.0.1:1/app?sslmode=disable&connect_timeout=3")
+	r := cli(t, 20*time.Second, nil, "plan", "--config", writeConfig(t, yaml))
+	if r.code != 1 {
+		t.Fatalf("want exit 1\n%s", r)
+	}
+	mustContain(t, r, "FAIL  connect:", "127.0.0.1", "check database.dsn")
+	if strings.Contains(r.stdout+r.stderr, "pw-never-shown") {
+		t.Errorf("the password appears in the output\n%s", r)
+	}
+}
+
+func TestBadConfig(t *testing.T) {
+	cases := []struct{ name, yaml, want string }{
+		{"malformed yaml", "name: [unclosed\n", "migration.yaml"},
+		{"unknown key", "name: x\nbackfil:\n  batch_size: 1\n", `unknown key "backfil"`},
+		{"bad name", "name: Bad-Name\n", "name:"},
+		{"bad duration", "name: x\nbackfill:\n  target_batch_time: fast\n", "backfill.target_batch_time"},
+		{"bad size", "name: x\nthrottle:\n  max_slot_lag: lots\n", "throttle.max_slot_lag"},
+		{"no columns", "name: x\ndatabase:\n  dsn: postgres://h/db\ntable: t\n", "columns"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r := cli(t, 10*time.Second, nil, "plan", "--config", writeConfig(t, c.yaml))
+			if r.code != 1 {
+				t.Fatalf("want exit 1\n%s", r)
+			}
+			mustContain(t, r, c.want)
+		})
+	}
+}
+
+func TestNotBuiltYetSaysSo(t *testing.T) {
+	r := cli(t, 10*time.Second, nil, "demo")
+	if r.code == 0 {
+		t.Fatalf("demo should fail until built\n%s", r)
+	}
+	mustContain(t, r, "not built yet")
+}
