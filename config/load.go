@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"os"
+	"reflect"
 	"regexp"
 	"sort"
 	"strconv"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+	"github.com/spf13/viper"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -141,7 +143,7 @@ func Default() *Config {
 		if s.def == "" {
 			continue
 		}
-		if p := decodeValue(c, s, &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!str", Value: s.def}, nil); p != nil {
+		if p := decodeScalar(c, s, s.def); p != nil {
 			panic("config: bad default for " + s.key + ": " + p.Msg)
 		}
 	}
@@ -181,17 +183,16 @@ func (e *Error) Error() string {
 	return strings.Join(lines, "\n")
 }
 
-// value is one key's raw value and where it came from.
-type value struct {
-	node   *yaml.Node
-	src    string
-	inFile bool
+// fileValue is one known key as written in the file.
+type fileValue struct {
+	node *yaml.Node
+	line int // of the key
 }
 
 type loader struct {
 	path     string
-	vals     map[string]value
-	fileSeen map[string]int // key as written in the file -> line
+	file     map[string]fileValue // known key -> its value in the file
+	fileSeen map[string]int       // key as written in the file -> line
 	problems []Problem
 	failed   map[string]bool   // keys whose value could not be decoded
 	srcs     map[string]string // problem key -> source
@@ -215,31 +216,50 @@ type loader struct {
 // list-valued flag (pflag StringArray) gives one statement per item, or one
 // NAME=EXPRESSION per item for columns. An empty variable is a value: empty
 // http.listen disables the HTTP server, empty contract clears it.
+//
+// Viper does the layering (defaults < file < env < flags), so precedence is
+// viper's; a walk over the file's yaml.v3 nodes does the strictness viper
+// has no notion of: unknown and repeated keys, file:line positions, and
+// column names as written (viper lowercases map keys).
 func Load(path string, fs *pflag.FlagSet) (*Config, error) {
 	l := &loader{
 		path:     path,
-		vals:     map[string]value{},
+		file:     map[string]fileValue{},
 		fileSeen: map[string]int{},
 		failed:   map[string]bool{},
 		srcs:     map[string]string{},
 	}
+	v, err := newViper(fs)
+	if err != nil {
+		return nil, err
+	}
 	if path != "" {
-		if err := l.readFile(path); err != nil {
+		data, err := l.readFile(path)
+		if err != nil {
 			return nil, err
 		}
+		if err := v.ReadConfig(bytes.NewReader(data)); err != nil {
+			// yaml.v3 refuses as a whole some documents the walk reports on
+			// key by key (a key set twice, a key that is not a name, a top
+			// level that is not a mapping): give viper the known keys the
+			// walk found, so every other problem is still reported.
+			if err := v.MergeConfigMap(l.fileMap()); err != nil {
+				return nil, fmt.Errorf("config: %s: %w", path, err)
+			}
+		}
 	}
-	l.readEnv()
-	l.readFlags(fs)
 
+	// Start from the defaults: viper hides a default under a file section
+	// that is not a mapping ("backfill: 10"), which the walk has reported.
 	c := Default()
 	for _, s := range keySpecs {
-		v, ok := l.vals[s.key]
-		if !ok || isNull(v.node) {
+		if !v.IsSet(s.key) {
 			continue
 		}
-		l.srcs[s.key] = v.src
-		if p := decodeValue(c, s, v.node, l.itemSource(v)); p != nil {
-			p.Source = firstNonEmpty(l.srcs[p.Key], v.src)
+		src, node := l.source(s.key, fs)
+		l.srcs[s.key] = src
+		if p := decodeValue(c, s, v.Get(s.key), node, l.itemSource(src, node != nil)); p != nil {
+			p.Source = firstNonEmpty(l.srcs[p.Key], src)
 			l.problems = append(l.problems, *p)
 			l.failed[s.key] = true
 		}
@@ -260,6 +280,72 @@ func Load(path string, fs *pflag.FlagSet) (*Config, error) {
 		return nil, &Error{Problems: l.problems}
 	}
 	return c, nil
+}
+
+// newViper makes the viper that layers defaults, file, env and flags for
+// every known key. The file is read into it by Load.
+func newViper(fs *pflag.FlagSet) (*viper.Viper, error) {
+	v := viper.New()
+	v.SetConfigType("yaml")
+	v.SetEnvPrefix(strings.TrimSuffix(EnvPrefix, "_"))
+	v.SetEnvKeyReplacer(strings.NewReplacer(".", "_"))
+	v.AllowEmptyEnv(true) // an empty variable is a value (empty http.listen disables)
+	for _, s := range keySpecs {
+		if err := v.BindEnv(s.key); err != nil { // CDCBACKFILL_ + key, "." -> "_", upper-cased: EnvVar(key)
+			return nil, fmt.Errorf("config: %s: %w", s.key, err)
+		}
+		if s.def != "" {
+			v.SetDefault(s.key, s.def)
+		}
+		if fs == nil {
+			continue
+		}
+		if f := fs.Lookup(s.key); f != nil {
+			if err := v.BindPFlag(s.key, f); err != nil {
+				return nil, fmt.Errorf("config: flag --%s: %w", s.key, err)
+			}
+		}
+	}
+	return v, nil
+}
+
+// source says which layer viper takes key's value from, in viper's order
+// (a changed flag, then the environment, then the file, then the default),
+// for error messages: "flag --x", "env X", "file.yaml:12" or "" for the
+// default. node is the key's YAML node when the value is the file's.
+func (l *loader) source(key string, fs *pflag.FlagSet) (string, *yaml.Node) {
+	if fs != nil {
+		if f := fs.Lookup(key); f != nil && f.Changed {
+			return "flag --" + key, nil
+		}
+	}
+	if _, ok := os.LookupEnv(EnvVar(key)); ok {
+		return "env " + EnvVar(key), nil
+	}
+	if fv, ok := l.file[key]; ok && !isNull(fv.node) {
+		return l.fileAt(fv.line), fv.node
+	}
+	return "", nil
+}
+
+// fileMap is the known keys the walk found in the file, as the nested maps
+// viper holds.
+func (l *loader) fileMap() map[string]any {
+	m := map[string]any{}
+	for key, fv := range l.file {
+		parts := strings.Split(key, ".")
+		cur := m
+		for _, p := range parts[:len(parts)-1] {
+			next, ok := cur[p].(map[string]any)
+			if !ok {
+				next = map[string]any{}
+				cur[p] = next
+			}
+			cur = next
+		}
+		cur[parts[len(parts)-1]] = nodeValue(fv.node)
+	}
+	return m
 }
 
 func firstNonEmpty(s ...string) string {
@@ -313,14 +399,14 @@ func (l *loader) fileAt(line int) string {
 	return fmt.Sprintf("%s:%d", l.path, line)
 }
 
-// itemSource gives the source of one list item or column of v: its own line
-// when it came from the file, else v's source.
-func (l *loader) itemSource(v value) func(key string, n *yaml.Node) {
+// itemSource gives the source of one list item or column of a value from
+// src: its own line when it came from the file, else src.
+func (l *loader) itemSource(src string, inFile bool) func(key string, n *yaml.Node) {
 	return func(key string, n *yaml.Node) {
-		if v.inFile && n != nil {
+		if inFile && n != nil {
 			l.srcs[key] = l.fileAt(n.Line)
 		} else {
-			l.srcs[key] = v.src
+			l.srcs[key] = src
 		}
 	}
 }
@@ -329,47 +415,49 @@ func (l *loader) problem(key, msg, src string) {
 	l.problems = append(l.problems, Problem{Key: key, Msg: msg, Source: src})
 }
 
-func (l *loader) readFile(path string) error {
+// readFile reads the file, checks it is one YAML document and walks it; it
+// returns the file's bytes for viper.
+func (l *loader) readFile(path string) ([]byte, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return fmt.Errorf("config: cannot read config file %q: %w", path, err)
+		return nil, fmt.Errorf("config: cannot read config file %q: %w", path, err)
 	}
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	var doc yaml.Node
 	if err := dec.Decode(&doc); err != nil {
 		if errors.Is(err, io.EOF) {
-			return nil // empty file
+			return data, nil // empty file
 		}
-		return fmt.Errorf("config: %s is not valid YAML: %s", path, strings.TrimPrefix(err.Error(), "yaml: "))
+		return nil, fmt.Errorf("config: %s is not valid YAML: %s", path, strings.TrimPrefix(err.Error(), "yaml: "))
 	}
 	var extra yaml.Node
 	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
 		if err != nil {
-			return fmt.Errorf("config: %s is not valid YAML: %s", path, strings.TrimPrefix(err.Error(), "yaml: "))
+			return nil, fmt.Errorf("config: %s is not valid YAML: %s", path, strings.TrimPrefix(err.Error(), "yaml: "))
 		}
-		return fmt.Errorf("config: %s holds more than one YAML document (line %d); write one migration per file", path, extra.Line)
+		return nil, fmt.Errorf("config: %s holds more than one YAML document (line %d); write one migration per file", path, extra.Line)
 	}
 	root := &doc
 	if root.Kind == yaml.DocumentNode {
 		if len(root.Content) == 0 {
-			return nil
+			return data, nil
 		}
 		root = root.Content[0]
 	}
 	root = deref(root)
 	if isNull(root) {
-		return nil
+		return data, nil
 	}
 	if root.Kind != yaml.MappingNode {
 		l.problem("", fmt.Sprintf("%s: the top level must be a mapping of keys (name, database, table, ...), got %s", path, describe(root)), l.fileAt(root.Line))
-		return nil
+		return data, nil
 	}
 	l.walk("", root)
-	return nil
+	return data, nil
 }
 
 // walk records the leaves of mapping m (at dotted prefix) and reports unknown
-// and repeated keys. Config keys match case-insensitively, like viper.
+// and repeated keys. Config keys match case-insensitively, as viper does.
 func (l *loader) walk(prefix string, m *yaml.Node) {
 	for i := 0; i+1 < len(m.Content); i += 2 {
 		kn, vn := deref(m.Content[i]), deref(m.Content[i+1])
@@ -379,14 +467,14 @@ func (l *loader) walk(prefix string, m *yaml.Node) {
 			continue
 		}
 		written := joinKey(prefix, kn.Value)
-		full := joinKey(prefix, strings.ToLower(strings.TrimSpace(kn.Value)))
+		full := joinKey(prefix, strings.ToLower(kn.Value)) // viper's key
 		if first, ok := l.fileSeen[full]; ok {
 			l.problem(full, fmt.Sprintf("is set twice (first at line %d)", first), at)
 			continue
 		}
 		l.fileSeen[full] = kn.Line
 		if _, ok := specByKey[full]; ok {
-			l.vals[full] = value{node: vn, src: at, inFile: true}
+			l.file[full] = fileValue{node: vn, line: kn.Line}
 			continue
 		}
 		if children, ok := sections[full]; ok && full != "" {
@@ -474,90 +562,37 @@ func levenshtein(a, b string) int {
 	return prev[len(b)]
 }
 
-func (l *loader) readEnv() {
-	for _, s := range keySpecs {
-		name := EnvVar(s.key)
-		raw, ok := os.LookupEnv(name)
-		if !ok {
-			continue
-		}
-		src := "env " + name
-		n, msg := textNode(s.kind, raw)
-		if msg != "" {
-			l.problem(s.key, msg, src)
-			l.failed[s.key] = true
-			delete(l.vals, s.key)
-			continue
-		}
-		l.vals[s.key] = value{node: n, src: src}
-	}
-}
-
-func (l *loader) readFlags(fs *pflag.FlagSet) {
-	if fs == nil {
-		return
-	}
-	for _, s := range keySpecs {
-		f := fs.Lookup(s.key)
-		if f == nil || !f.Changed {
-			continue
-		}
-		src := "flag --" + s.key
-		var n *yaml.Node
-		var msg string
-		if sv, ok := f.Value.(pflag.SliceValue); ok && (s.kind == kindList || s.kind == kindColumns) {
-			n, msg = sliceNode(s.kind, sv.GetSlice())
-		} else {
-			n, msg = textNode(s.kind, f.Value.String())
-		}
-		if msg != "" {
-			l.problem(s.key, msg, src)
-			l.failed[s.key] = true
-			delete(l.vals, s.key)
-			continue
-		}
-		delete(l.failed, s.key) // a flag replaces a bad env value
-		l.vals[s.key] = value{node: n, src: src}
-	}
-}
-
 func strNode(s string) *yaml.Node {
 	return &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!str", Value: s}
 }
 
-// textNode turns an environment or flag value into a node of the key's kind.
-func textNode(k kind, raw string) (*yaml.Node, string) {
-	switch k {
-	case kindList:
-		if strings.TrimSpace(raw) == "" {
-			return &yaml.Node{Kind: yaml.SequenceNode}, ""
-		}
-		if n := parseYAMLValue(raw); n != nil && n.Kind == yaml.SequenceNode {
-			return n, ""
-		}
-		return &yaml.Node{Kind: yaml.SequenceNode, Content: []*yaml.Node{strNode(raw)}}, ""
-	case kindColumns:
-		if strings.TrimSpace(raw) == "" {
-			return &yaml.Node{Kind: yaml.MappingNode}, ""
-		}
-		if n := parseYAMLValue(raw); n != nil && n.Kind == yaml.MappingNode {
-			return n, ""
-		}
-		return nil, fmt.Sprintf(`must be %s written as YAML or JSON, such as {first_name: "split_part(full_name, ' ', 1)"}, got %q`, wantColumns, raw)
-	default:
-		return strNode(raw), ""
+// textList turns the text of an environment variable or flag into list
+// items: a YAML list, or else one statement; empty text is an empty list.
+func textList(raw string) []any {
+	if strings.TrimSpace(raw) == "" {
+		return []any{}
 	}
+	if n := parseYAMLValue(raw); n != nil && n.Kind == yaml.SequenceNode {
+		return nodeValue(n).([]any)
+	}
+	return []any{raw}
 }
 
-// sliceNode turns the items of a list-valued flag into a node.
-func sliceNode(k kind, items []string) (*yaml.Node, string) {
-	if k == kindList {
-		n := &yaml.Node{Kind: yaml.SequenceNode}
-		for _, it := range items {
-			n.Content = append(n.Content, strNode(it))
-		}
+// textColumns turns the text of an environment variable or flag into a
+// columns mapping node; empty text is an empty mapping.
+func textColumns(raw string) (*yaml.Node, string) {
+	if strings.TrimSpace(raw) == "" {
+		return &yaml.Node{Kind: yaml.MappingNode}, ""
+	}
+	if n := parseYAMLValue(raw); n != nil && n.Kind == yaml.MappingNode {
 		return n, ""
 	}
+	return nil, fmt.Sprintf(`must be %s written as YAML or JSON, such as {first_name: "split_part(full_name, ' ', 1)"}, got %q`, wantColumns, raw)
+}
+
+// itemColumns turns the NAME=EXPRESSION items of a list-valued flag into a
+// columns mapping node.
+func itemColumns(items []string) (*yaml.Node, string) {
 	n := &yaml.Node{Kind: yaml.MappingNode}
 	for _, it := range items {
 		name, expr, ok := strings.Cut(it, "=")
@@ -578,6 +613,42 @@ func parseYAMLValue(raw string) *yaml.Node {
 		return deref(doc.Content[0])
 	}
 	return nil
+}
+
+// nodeValue turns n into the plain values viper holds (nil, string, []any,
+// map[string]any), scalars as written; the first of repeated keys wins.
+func nodeValue(n *yaml.Node) any {
+	budget := 1 << 20 // nodes, against alias bombs and cycles
+	var conv func(n *yaml.Node, depth int) any
+	conv = func(n *yaml.Node, depth int) any {
+		n = deref(n)
+		budget--
+		if isNull(n) || depth > 100 || budget < 0 {
+			return nil
+		}
+		switch n.Kind {
+		case yaml.SequenceNode:
+			out := make([]any, 0, len(n.Content))
+			for _, it := range n.Content {
+				out = append(out, conv(it, depth+1))
+			}
+			return out
+		case yaml.MappingNode:
+			out := map[string]any{}
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				k := deref(n.Content[i])
+				if k.Kind != yaml.ScalarNode {
+					continue
+				}
+				if _, dup := out[k.Value]; !dup {
+					out[k.Value] = conv(n.Content[i+1], depth+1)
+				}
+			}
+			return out
+		}
+		return n.Value
+	}
+	return conv(n, 0)
 }
 
 func deref(n *yaml.Node) *yaml.Node {
@@ -612,102 +683,196 @@ func describe(n *yaml.Node) string {
 	return "an unexpected YAML node"
 }
 
-// decodeValue parses n (not null) as key s and stores it in c. itemSrc, if
-// not nil, is told where each list item or column came from.
-func decodeValue(c *Config, s keySpec, n *yaml.Node, itemSrc func(string, *yaml.Node)) *Problem {
-	n = deref(n)
+// scalarText is the text of val, a value viper returned, or false when val
+// is not a scalar. node, when val came from the file, is its YAML node: a
+// value yaml.v3 typed (0123 -> 83, 1.50 -> 1.5, 1_000 -> 1000) is taken as
+// written there, as the strict decoding always did.
+func scalarText(val any, node *yaml.Node) (string, bool) {
+	if val == nil {
+		return "", false
+	}
+	if s, ok := val.(string); ok {
+		return s, true
+	}
+	if k := reflect.ValueOf(val).Kind(); k == reflect.Slice || k == reflect.Array || k == reflect.Map {
+		return "", false
+	}
+	if node = deref(node); node != nil && node.Kind == yaml.ScalarNode {
+		return node.Value, true
+	}
+	return fmt.Sprint(val), true
+}
+
+// describeValue says what val, a value viper returned, is, for errors; node
+// is its YAML node when it came from the file.
+func describeValue(val any, node *yaml.Node) string {
+	text, ok := scalarText(val, node)
+	if !ok {
+		switch reflect.ValueOf(val).Kind() {
+		case reflect.Invalid:
+			return "nothing (null)"
+		case reflect.Map:
+			return "a mapping"
+		}
+		return "a list"
+	}
+	switch val.(type) {
+	case string:
+		return fmt.Sprintf("the string %q", text)
+	case bool:
+		return "the boolean " + text
+	case int, int8, int16, int32, int64, uint, uint8, uint16, uint32, uint64, float32, float64:
+		return "the number " + text
+	}
+	return fmt.Sprintf("the value %q", text)
+}
+
+// decodeValue parses val, the value viper returned for key s (not nil), and
+// stores it in c. node is the key's YAML node when val came from the file;
+// itemSrc, if not nil, is told where each list item or column came from.
+func decodeValue(c *Config, s keySpec, val any, node *yaml.Node, itemSrc func(string, *yaml.Node)) *Problem {
 	bad := func(format string, a ...any) *Problem {
 		return &Problem{Key: s.key, Msg: fmt.Sprintf(format, a...)}
 	}
 	switch s.kind {
 	case kindList:
-		if n.Kind != yaml.SequenceNode {
-			return bad("must be %s (a YAML list, one statement per item), got %s", wantList, describe(n))
+		if text, ok := val.(string); ok && node == nil {
+			val = textList(text) // environment variable or single-valued flag
 		}
-		list := make([]string, 0, len(n.Content))
-		for i, it := range n.Content {
-			it = deref(it)
+		var items []any
+		switch x := val.(type) {
+		case []any: // the file, or text
+			items = x
+		case []string: // a list-valued flag: one statement per item
+			for _, it := range x {
+				items = append(items, it)
+			}
+		default:
+			return bad("must be %s (a YAML list, one statement per item), got %s", wantList, describeValue(val, node))
+		}
+		list := make([]string, 0, len(items))
+		for i, it := range items {
+			var in *yaml.Node // the item's node, for its line and text
+			if node != nil && node.Kind == yaml.SequenceNode && i < len(node.Content) {
+				in = deref(node.Content[i])
+			}
 			ik := fmt.Sprintf("%s[%d]", s.key, i)
 			if itemSrc != nil {
-				itemSrc(ik, it)
+				itemSrc(ik, in)
 			}
-			switch {
-			case isNull(it):
+			if it == nil {
 				list = append(list, "")
-			case it.Kind == yaml.ScalarNode:
-				list = append(list, it.Value)
-			default:
-				return &Problem{Key: ik, Msg: fmt.Sprintf("must be a SQL statement (a string), got %s; quote statements that contain \": \"", describe(it))}
+				continue
 			}
+			text, ok := scalarText(it, in)
+			if !ok {
+				return &Problem{Key: ik, Msg: fmt.Sprintf("must be a SQL statement (a string), got %s; quote statements that contain \": \"", describeValue(it, in))}
+			}
+			list = append(list, text)
 		}
 		*listField(c, s.key) = list
 		return nil
 	case kindColumns:
-		if n.Kind != yaml.MappingNode {
-			return bad("must be %s, got %s", wantColumns, describe(n))
-		}
-		var cols []Column
-		seen := map[string]bool{}
-		for i := 0; i+1 < len(n.Content); i += 2 {
-			kn, vn := deref(n.Content[i]), deref(n.Content[i+1])
-			if kn.Kind != yaml.ScalarNode || isNull(kn) {
-				return bad("column names must be plain names, got %s", describe(kn))
-			}
-			ck := "columns." + kn.Value
-			if itemSrc != nil {
-				itemSrc(ck, kn)
-			}
-			if seen[kn.Value] {
-				return &Problem{Key: ck, Msg: "is set twice"}
-			}
-			seen[kn.Value] = true
-			var expr string
-			switch {
-			case isNull(vn):
-			case vn.Kind == yaml.ScalarNode:
-				expr = vn.Value
+		// Columns are read from YAML nodes, never from viper's map: viper
+		// lowercases map keys, and column names keep the case written (so
+		// that "First_Name" is reported, not silently renamed).
+		n := node // the file
+		if n == nil {
+			var msg string
+			switch x := val.(type) {
+			case string: // environment variable or single-valued flag
+				n, msg = textColumns(x)
+			case []string: // a list-valued flag: NAME=EXPRESSION per item
+				n, msg = itemColumns(x)
 			default:
-				return &Problem{Key: ck, Msg: fmt.Sprintf("must be a SQL expression (a string), got %s", describe(vn))}
+				msg = fmt.Sprintf("must be %s, got %s", wantColumns, describeValue(val, nil))
 			}
-			cols = append(cols, Column{Name: kn.Value, Expr: expr})
+			if msg != "" {
+				return bad("%s", msg)
+			}
 		}
-		c.Columns = cols
-		return nil
+		return decodeColumns(c, n, itemSrc)
 	}
 
-	if n.Kind != yaml.ScalarNode {
-		return bad("must be %s, got %s", scalarWant(s), describe(n))
+	text, ok := scalarText(val, node)
+	if !ok {
+		return bad("must be %s, got %s", scalarWant(s), describeValue(val, node))
 	}
-	text := strings.TrimSpace(n.Value)
+	return decodeScalar(c, s, text)
+}
+
+// decodeColumns parses the columns mapping n into c.
+func decodeColumns(c *Config, n *yaml.Node, itemSrc func(string, *yaml.Node)) *Problem {
+	n = deref(n)
+	if n.Kind != yaml.MappingNode {
+		return &Problem{Key: "columns", Msg: fmt.Sprintf("must be %s, got %s", wantColumns, describe(n))}
+	}
+	var cols []Column
+	seen := map[string]bool{}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		kn, vn := deref(n.Content[i]), deref(n.Content[i+1])
+		if kn.Kind != yaml.ScalarNode || isNull(kn) {
+			return &Problem{Key: "columns", Msg: fmt.Sprintf("column names must be plain names, got %s", describe(kn))}
+		}
+		ck := "columns." + kn.Value
+		if itemSrc != nil {
+			itemSrc(ck, kn)
+		}
+		if seen[kn.Value] {
+			return &Problem{Key: ck, Msg: "is set twice"}
+		}
+		seen[kn.Value] = true
+		var expr string
+		switch {
+		case isNull(vn):
+		case vn.Kind == yaml.ScalarNode:
+			expr = vn.Value
+		default:
+			return &Problem{Key: ck, Msg: fmt.Sprintf("must be a SQL expression (a string), got %s", describe(vn))}
+		}
+		cols = append(cols, Column{Name: kn.Value, Expr: expr})
+	}
+	c.Columns = cols
+	return nil
+}
+
+// decodeScalar parses text as the value of scalar key s and stores it in c.
+func decodeScalar(c *Config, s keySpec, text string) *Problem {
+	bad := func(format string, a ...any) *Problem {
+		return &Problem{Key: s.key, Msg: fmt.Sprintf(format, a...)}
+	}
+	t := strings.TrimSpace(text)
 	switch s.kind {
 	case kindString:
-		*stringField(c, s.key) = text
+		*stringField(c, s.key) = t
 	case kindEnum:
-		*stringField(c, s.key) = strings.ToLower(text)
+		*stringField(c, s.key) = strings.ToLower(t)
 	case kindInt:
-		v, err := strconv.ParseInt(text, 10, 0)
+		v, err := strconv.ParseInt(t, 10, 0)
 		if err != nil {
-			return bad("must be %s, got %q", s.want, n.Value)
+			return bad("must be %s, got %q", s.want, text)
 		}
 		*intField(c, s.key) = int(v)
 	case kindFloat:
-		v, err := strconv.ParseFloat(text, 64)
+		v, err := strconv.ParseFloat(t, 64)
 		if err != nil || math.IsNaN(v) || math.IsInf(v, 0) {
-			return bad("must be %s, got %q", s.want, n.Value)
+			return bad("must be %s, got %q", s.want, text)
 		}
 		c.Backfill.MaxRowsPerSecond = v
 	case kindDuration:
-		d, err := time.ParseDuration(text) // needs a unit, except "0"
+		d, err := time.ParseDuration(t) // needs a unit, except "0"
 		if err != nil {
-			return bad("must be %s, got %q", wantDuration, n.Value)
+			return bad("must be %s, got %q", wantDuration, text)
 		}
 		*durationField(c, s.key) = d
 	case kindSize:
-		v, msg := ParseSize(text)
+		v, msg := ParseSize(t)
 		if msg != nil {
 			return bad("%s", msg.Error())
 		}
 		c.Throttle.MaxSlotLag = v
+	default:
+		panic("config: " + s.key + " is not a scalar key")
 	}
 	return nil
 }
