@@ -1,0 +1,190 @@
+package cdc
+
+import (
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+)
+
+// relation is what the stream keeps of a pgoutput Relation message: the name
+// and where the replica identity key sits in a tuple.
+type relation struct {
+	name    string   // "schema.table"
+	keyCols []string // shared by every Change of this relation version; read-only
+	keyIdx  []int    // positions of keyCols in a tuple
+}
+
+func newRelation(m *pglogrepl.RelationMessage) *relation {
+	r := &relation{name: m.Namespace + "." + m.RelationName}
+	for i, c := range m.Columns {
+		if c.Flags&1 != 0 {
+			r.keyCols = append(r.keyCols, c.Name)
+			r.keyIdx = append(r.keyIdx, i)
+		}
+	}
+	return r
+}
+
+// txnDecoder turns pgoutput v1 messages of one connection into Events. It
+// holds no rows: only the pending Begin of the transaction in flight, which
+// waits for the Origin message that may follow it.
+type txnDecoder struct {
+	originPrefix string
+	relations    map[uint32]*relation
+
+	inTxn     bool
+	skip      bool  // the transaction in flight carries the daemon's origin
+	begin     Event // not yet emitted until a Change or the Commit
+	beginSent bool
+	deletes   int
+
+	commitEnd  pglogrepl.LSN // of the last transaction received, skipped or not
+	commitTime time.Time
+}
+
+func newTxnDecoder(originPrefix string) *txnDecoder {
+	return &txnDecoder{originPrefix: originPrefix, relations: map[uint32]*relation{}}
+}
+
+// decoded reports what a message meant for the counters.
+type decoded int
+
+const (
+	decodedOther decoded = iota
+	decodedCommit
+	decodedSkippedCommit
+)
+
+// decode handles one pgoutput message. Errors it returns are permanent: the
+// same WAL would decode the same way after a reconnect.
+func (d *txnDecoder) decode(walData []byte, emit func(Event) error) (decoded, error) {
+	if len(walData) == 0 {
+		return decodedOther, permanent(fmt.Errorf("decode pgoutput: empty message"))
+	}
+	msg, err := pglogrepl.Parse(walData)
+	if err != nil {
+		return decodedOther, permanent(fmt.Errorf("decode pgoutput message %q: %w", walData[0], err))
+	}
+	switch m := msg.(type) {
+	case *pglogrepl.RelationMessage:
+		// Always, skipped transaction or not: the server sends a relation
+		// once per connection (and again after ALTER TABLE), never again.
+		d.relations[m.RelationID] = newRelation(m)
+
+	case *pglogrepl.BeginMessage:
+		d.inTxn, d.skip, d.beginSent, d.deletes = true, false, false, 0
+		d.begin = Event{Kind: Begin, FinalLSN: m.FinalLSN, CommitTime: m.CommitTime}
+
+	case *pglogrepl.OriginMessage:
+		if d.inTxn && d.originPrefix != "" && strings.HasPrefix(m.Name, d.originPrefix) {
+			d.skip = true
+		}
+
+	case *pglogrepl.InsertMessage:
+		return decodedOther, d.change(m.RelationID, m.Tuple, nil, emit)
+
+	case *pglogrepl.UpdateMessage:
+		return decodedOther, d.change(m.RelationID, m.NewTuple, m.OldTuple, emit)
+
+	case *pglogrepl.DeleteMessage, *pglogrepl.TruncateMessage:
+		if !d.skip {
+			d.deletes++
+		}
+
+	case *pglogrepl.CommitMessage:
+		if !d.inTxn {
+			return decodedOther, permanent(fmt.Errorf("decode pgoutput: commit %s without begin", m.CommitLSN))
+		}
+		d.inTxn = false
+		d.commitEnd, d.commitTime = m.TransactionEndLSN, m.CommitTime
+		if d.skip {
+			return decodedSkippedCommit, nil
+		}
+		if err := d.sendBegin(emit); err != nil {
+			return decodedOther, err
+		}
+		return decodedCommit, emit(Event{
+			Kind:       Commit,
+			CommitLSN:  m.CommitLSN,
+			EndLSN:     m.TransactionEndLSN,
+			CommitTime: m.CommitTime,
+			Deletes:    d.deletes,
+		})
+
+	default:
+		// Type and logical decoding messages say nothing about keys.
+	}
+	return decodedOther, nil
+}
+
+func (d *txnDecoder) sendBegin(emit func(Event) error) error {
+	if d.beginSent {
+		return nil
+	}
+	d.beginSent = true
+	return emit(d.begin)
+}
+
+// change emits the key of the row version in newTuple. For an UPDATE that
+// changed the key that is the new key only: the old row no longer exists.
+func (d *txnDecoder) change(relID uint32, newTuple, oldTuple *pglogrepl.TupleData, emit func(Event) error) error {
+	if d.skip {
+		return nil
+	}
+	if !d.inTxn {
+		return permanent(fmt.Errorf("decode pgoutput: change outside a transaction"))
+	}
+	rel, ok := d.relations[relID]
+	if !ok {
+		return permanent(fmt.Errorf("decode pgoutput: change for relation %d before its Relation message", relID))
+	}
+	if len(rel.keyIdx) == 0 {
+		return permanent(fmt.Errorf("relation %s has no replica identity key: give it a primary key", rel.name))
+	}
+	if newTuple == nil {
+		return permanent(fmt.Errorf("decode pgoutput: change for %s without a new tuple", rel.name))
+	}
+	key := make([]string, len(rel.keyIdx))
+	for i, idx := range rel.keyIdx {
+		v, err := keyValue(rel, i, idx, newTuple, oldTuple)
+		if err != nil {
+			return err
+		}
+		key[i] = v
+	}
+	if err := d.sendBegin(emit); err != nil {
+		return err
+	}
+	return emit(Event{
+		Kind:       Change,
+		FinalLSN:   d.begin.FinalLSN,
+		Relation:   rel.name,
+		KeyColumns: rel.keyCols,
+		Key:        key,
+	})
+}
+
+func keyValue(rel *relation, i, idx int, newTuple, oldTuple *pglogrepl.TupleData) (string, error) {
+	col := rel.keyCols[i]
+	if idx >= len(newTuple.Columns) {
+		return "", permanent(fmt.Errorf("decode pgoutput: %s tuple has %d columns, key column %q is number %d",
+			rel.name, len(newTuple.Columns), col, idx+1))
+	}
+	c := newTuple.Columns[idx]
+	if c.DataType == pglogrepl.TupleDataTypeToast && oldTuple != nil && idx < len(oldTuple.Columns) {
+		// An unchanged TOASTed key is not in the new tuple; the old one has it.
+		c = oldTuple.Columns[idx]
+	}
+	switch c.DataType {
+	case pglogrepl.TupleDataTypeText:
+		return string(c.Data), nil
+	case pglogrepl.TupleDataTypeNull:
+		return "", permanent(fmt.Errorf("key column %q of %s is null: the replica identity must be a NOT NULL key", col, rel.name))
+	case pglogrepl.TupleDataTypeToast:
+		return "", permanent(fmt.Errorf("key column %q of %s came as unchanged TOAST with no old value", col, rel.name))
+	default:
+		return "", permanent(fmt.Errorf("key column %q of %s has tuple data type %q, want text", col, rel.name, c.DataType))
+	}
+}

@@ -1,0 +1,28 @@
+// Package cdc streams the published table's changes from a logical replication
+// slot and tells its consumer which keys changed in which transaction.
+//
+// Invariant: every application change committed after the slot's consistent
+// point is emitted as a Change before its Commit; nothing the consumer hasn't
+// confirmed is ever confirmed to the server.
+//
+// How it keeps it:
+//   - Run starts the slot at LSN 0, so the server resumes from the slot's
+//     confirmed_flush_lsn; the only position ever sent back is the consumer's
+//     confirmed(), so a crash or reconnect replays and never skips.
+//   - Events go out as pgoutput messages arrive (protocol 1: a transaction is
+//     sent whole at its commit), with a blocking send: the stream never
+//     buffers a transaction, and a slow consumer slows the stream, not memory.
+//   - Only key columns are copied out of WAL. The consumer recomputes rows from
+//     their current version, so TOAST "unchanged" markers and row values in WAL
+//     never matter.
+//   - Transactions whose Origin starts with Config.OriginPrefix (the daemon's
+//     own writes) are skipped client-side, by the Origin message, because the
+//     server-side origin option does not exist before PostgreSQL 16 and would
+//     also drop application writes replicated in from elsewhere.
+//   - A lost connection emits Reset: the consumer drops the transaction in
+//     flight, which the server sends again from the confirmed position.
+//
+// One goroutine, the one inside Run, owns the replication connection; it also
+// sends standby status while blocked on the consumer so the walsender does
+// not time out.
+package cdc

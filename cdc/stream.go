@@ -1,0 +1,420 @@
+package cdc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+)
+
+// EventKind says what an Event reports.
+type EventKind int
+
+const (
+	Begin  EventKind = iota // a transaction starts (not emitted for skipped transactions)
+	Change                  // key of an inserted/updated row (new key; for an UPDATE changing the key, the new key only)
+	Commit                  // the transaction ends
+	Idle                    // keepalive from server while no transaction is in flight: everything up to EndLSN has been sent
+	Reset                   // the connection was re-established; any transaction in flight was abandoned and will be re-sent
+)
+
+func (k EventKind) String() string {
+	switch k {
+	case Begin:
+		return "Begin"
+	case Change:
+		return "Change"
+	case Commit:
+		return "Commit"
+	case Idle:
+		return "Idle"
+	case Reset:
+		return "Reset"
+	}
+	return fmt.Sprintf("EventKind(%d)", int(k))
+}
+
+// Event is one thing the consumer learns from the slot. Only the key of a
+// changed row travels: the consumer recomputes from the current row.
+type Event struct {
+	Kind       EventKind
+	FinalLSN   pglogrepl.LSN // Begin: commit LSN of the transaction (Begin.FinalLSN); Change: same as its Begin's
+	CommitLSN  pglogrepl.LSN // Commit
+	EndLSN     pglogrepl.LSN // Commit: TransactionEndLSN, the position to confirm; Idle: server WAL end
+	CommitTime time.Time     // Begin and Commit
+	Relation   string        // Change: "schema.table"
+	KeyColumns []string      // Change: replica identity key columns in relation column order; shared, do not modify
+	Key        []string      // Change: text values of KeyColumns (pgoutput text format), same order
+	Deletes    int           // Commit: number of delete/truncate messages in the transaction (for counters)
+}
+
+// Config says which slot to read and how.
+type Config struct {
+	DSN             string        // normal DSN; the package adds replication=database itself
+	Slot            string        // an existing pgoutput slot
+	Publication     string        // the publication of the migrated table
+	OriginPrefix    string        // transactions whose Origin name starts with this are skipped (the daemon's own writes); "" skips none
+	StandbyInterval time.Duration // standby status update period; default 10s
+	ReconnectMin    time.Duration // first reconnect delay; default 100ms
+	ReconnectMax    time.Duration // reconnect delay cap; default 5s
+	Logger          *slog.Logger  // may be nil
+}
+
+// Stats are the stream's counters since New.
+type Stats struct {
+	Events              uint64 // events sent to the consumer
+	Transactions        uint64 // Commit events sent
+	SkippedTransactions uint64 // transactions of the daemon's own origin
+	Reconnects          uint64 // connection attempts after a failure
+	ReceivedLSN         pglogrepl.LSN
+	LastCommitTime      time.Time // commit time of the last transaction received, skipped or not
+}
+
+// Stream reads one slot. Run it once at a time; Stats may be read from any
+// goroutine.
+type Stream struct {
+	cfg Config
+	log *slog.Logger
+
+	events       atomic.Uint64
+	transactions atomic.Uint64
+	skipped      atomic.Uint64
+	reconnects   atomic.Uint64
+	received     atomic.Uint64
+	lastCommit   atomic.Int64 // unix nanoseconds; 0 for none
+}
+
+// New returns a Stream for cfg with its defaults filled in.
+func New(cfg Config) *Stream {
+	if cfg.StandbyInterval <= 0 {
+		cfg.StandbyInterval = 10 * time.Second
+	}
+	if cfg.ReconnectMin <= 0 {
+		cfg.ReconnectMin = 100 * time.Millisecond
+	}
+	if cfg.ReconnectMax <= 0 {
+		cfg.ReconnectMax = 5 * time.Second
+	}
+	cfg.ReconnectMax = max(cfg.ReconnectMax, cfg.ReconnectMin)
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	log = log.With("slot", cfg.Slot)
+	return &Stream{cfg: cfg, log: log}
+}
+
+// Stats returns the counters; safe for concurrent use.
+func (s *Stream) Stats() Stats {
+	st := Stats{
+		Events:              s.events.Load(),
+		Transactions:        s.transactions.Load(),
+		SkippedTransactions: s.skipped.Load(),
+		Reconnects:          s.reconnects.Load(),
+		ReceivedLSN:         pglogrepl.LSN(s.received.Load()),
+	}
+	if ns := s.lastCommit.Load(); ns != 0 {
+		st.LastCommitTime = time.Unix(0, ns)
+	}
+	return st
+}
+
+func (s *Stream) noteReceived(lsn pglogrepl.LSN) {
+	for {
+		cur := s.received.Load()
+		if uint64(lsn) <= cur || s.received.CompareAndSwap(cur, uint64(lsn)) {
+			return
+		}
+	}
+}
+
+// Run streams the slot from its confirmed position and sends Events to out,
+// blocking while out is full. Standby status reports confirmed() for the
+// write, flush and apply positions, every StandbyInterval and whenever the
+// server asks. A lost connection emits Reset and is re-established with
+// backoff. Run returns nil when ctx ends, after a last standby status, or an
+// error no reconnect can fix (ErrSlotLost, ErrSlotMissing,
+// ErrPublicationMissing, ErrNotAllowed, ...).
+func (s *Stream) Run(ctx context.Context, out chan<- Event, confirmed func() pglogrepl.LSN) error {
+	if s.cfg.Slot == "" || s.cfg.Publication == "" {
+		return errors.New("cdc: Config.Slot and Config.Publication are required")
+	}
+	connCfg, err := pgconn.ParseConfig(s.cfg.DSN)
+	if err != nil {
+		return fmt.Errorf("cdc: parse DSN: %w", err)
+	}
+	connCfg.RuntimeParams["replication"] = "database"
+	if connCfg.RuntimeParams["application_name"] == "" {
+		connCfg.RuntimeParams["application_name"] = "cdcbackfill-cdc"
+	}
+
+	delay := s.cfg.ReconnectMin
+	needReset := false
+	for {
+		started, err := s.session(ctx, connCfg, out, confirmed, needReset)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if perm := s.classify(err); perm != nil {
+			s.log.Error("replication stream stopped", "err", perm)
+			return perm
+		}
+		if started {
+			// Events of that connection may have reached the consumer.
+			needReset = true
+			delay = s.cfg.ReconnectMin
+		}
+		s.reconnects.Add(1)
+		wait := jitter(delay)
+		s.log.Warn("replication connection lost; reconnecting", "err", err, "in", wait)
+		if !sleep(ctx, wait) {
+			return nil
+		}
+		delay = min(2*delay, s.cfg.ReconnectMax)
+	}
+}
+
+// jitter spreads d over [d/2, d] so many daemons do not reconnect in step.
+func jitter(d time.Duration) time.Duration {
+	half := d / 2
+	return half + rand.N(d-half+1)
+}
+
+// sleep waits for d or ctx; it reports whether the full time passed.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// session is one replication connection; only its goroutine touches conn.
+type session struct {
+	s         *Stream
+	ctx       context.Context
+	conn      *pgconn.PgConn
+	out       chan<- Event
+	confirmed func() pglogrepl.LSN
+	dec       *txnDecoder
+	emitFn    func(Event) error
+
+	nextStatus time.Time
+	lastIdle   pglogrepl.LSN
+}
+
+// session connects, starts the slot and streams until an error or ctx ends.
+// started reports whether replication began (so events may have been sent).
+func (s *Stream) session(ctx context.Context, connCfg *pgconn.Config, out chan<- Event, confirmed func() pglogrepl.LSN, reset bool) (started bool, err error) {
+	conn, err := pgconn.ConnectConfig(ctx, connCfg)
+	if err != nil {
+		return false, fmt.Errorf("connect for replication: %w", err)
+	}
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = conn.Close(cctx)
+	}()
+
+	opts := pglogrepl.StartReplicationOptions{PluginArgs: []string{
+		"proto_version '1'",
+		// publication_names is a list of identifiers inside a string literal.
+		"publication_names " + quoteLiteral(pgx.Identifier{s.cfg.Publication}.Sanitize()),
+	}}
+	// LSN 0: the server starts at the slot's confirmed_flush_lsn.
+	if err := pglogrepl.StartReplication(ctx, conn, pgx.Identifier{s.cfg.Slot}.Sanitize(), 0, opts); err != nil {
+		return false, fmt.Errorf("start replication from slot %q: %w", s.cfg.Slot, err)
+	}
+	s.log.Info("replication started", "publication", s.cfg.Publication, "pid", conn.PID())
+
+	ss := &session{
+		s:         s,
+		ctx:       ctx,
+		conn:      conn,
+		out:       out,
+		confirmed: confirmed,
+		dec:       newTxnDecoder(s.cfg.OriginPrefix),
+	}
+	ss.emitFn = ss.emit
+	if reset {
+		err = ss.emit(Event{Kind: Reset})
+	}
+	if err == nil {
+		err = ss.stream()
+	}
+	if ctx.Err() != nil {
+		// Shutting down: tell the server how far the consumer got.
+		if serr := ss.sendStatus(); serr != nil {
+			s.log.Warn("final standby status not sent", "err", serr)
+		}
+		return true, nil
+	}
+	return true, err
+}
+
+func (ss *session) stream() error {
+	var rd receiveDeadline
+	defer rd.stop()
+	for {
+		if !time.Now().Before(ss.nextStatus) {
+			if err := ss.sendStatus(); err != nil {
+				return err
+			}
+		}
+		rctx := rd.until(ss.ctx, ss.nextStatus)
+		raw, err := ss.conn.ReceiveMessage(rctx)
+		if err != nil {
+			if ss.ctx.Err() != nil {
+				return ss.ctx.Err()
+			}
+			if pgconn.Timeout(err) {
+				continue // time for standby status
+			}
+			return fmt.Errorf("receive replication message: %w", err)
+		}
+		switch m := raw.(type) {
+		case *pgproto3.CopyData:
+			if err := ss.handle(m.Data); err != nil {
+				return err
+			}
+		case *pgproto3.ErrorResponse:
+			return pgconn.ErrorResponseToPgError(m)
+		case *pgproto3.CopyDone:
+			return errors.New("server ended the replication stream")
+		default:
+			// NoticeResponse, ParameterStatus: nothing to act on.
+		}
+	}
+}
+
+func (ss *session) handle(data []byte) error {
+	if len(data) == 0 {
+		return nil
+	}
+	switch data[0] {
+	case pglogrepl.PrimaryKeepaliveMessageByteID:
+		pkm, err := pglogrepl.ParsePrimaryKeepaliveMessage(data[1:])
+		if err != nil {
+			return permanent(fmt.Errorf("decode keepalive: %w", err))
+		}
+		if pkm.ReplyRequested {
+			if err := ss.sendStatus(); err != nil {
+				return err
+			}
+		}
+		if !ss.dec.inTxn && pkm.ServerWALEnd > ss.lastIdle {
+			ss.lastIdle = pkm.ServerWALEnd
+			ss.s.noteReceived(pkm.ServerWALEnd)
+			return ss.emit(Event{Kind: Idle, EndLSN: pkm.ServerWALEnd})
+		}
+	case pglogrepl.XLogDataByteID:
+		xld, err := pglogrepl.ParseXLogData(data[1:])
+		if err != nil {
+			return permanent(fmt.Errorf("decode XLogData: %w", err))
+		}
+		res, err := ss.dec.decode(xld.WALData, ss.emitFn)
+		if err != nil {
+			return err
+		}
+		ss.s.noteReceived(xld.WALStart) // 0/0 for a Begin with an origin: harmless
+		switch res {
+		case decodedCommit:
+			ss.s.transactions.Add(1)
+		case decodedSkippedCommit:
+			ss.s.skipped.Add(1)
+		}
+		if res != decodedOther {
+			ss.s.noteReceived(ss.dec.commitEnd)
+			ss.s.lastCommit.Store(ss.dec.commitTime.UnixNano())
+		}
+	}
+	return nil
+}
+
+// emit sends ev to the consumer, waiting as long as it takes, and keeps the
+// walsender fed with standby status meanwhile: a consumer busy for longer
+// than wal_sender_timeout must not cost the connection.
+func (ss *session) emit(ev Event) error {
+	select {
+	case ss.out <- ev:
+		ss.s.events.Add(1)
+		return nil
+	default:
+	}
+	for {
+		wait := time.Until(ss.nextStatus)
+		if wait <= 0 {
+			if err := ss.sendStatus(); err != nil {
+				return err
+			}
+			continue
+		}
+		t := time.NewTimer(wait)
+		select {
+		case ss.out <- ev:
+			t.Stop()
+			ss.s.events.Add(1)
+			return nil
+		case <-ss.ctx.Done():
+			t.Stop()
+			return ss.ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+// sendStatus reports confirmed() as written, flushed and applied: the server
+// may then recycle WAL up to it, so it is never more than the consumer says.
+func (ss *session) sendStatus() error {
+	pos := ss.confirmed()
+	err := pglogrepl.SendStandbyStatusUpdate(ss.ctx, ss.conn, pglogrepl.StandbyStatusUpdate{
+		WALWritePosition: pos,
+		WALFlushPosition: pos,
+		WALApplyPosition: pos,
+	})
+	ss.nextStatus = time.Now().Add(ss.s.cfg.StandbyInterval)
+	if err != nil {
+		return fmt.Errorf("send standby status: %w", err)
+	}
+	return nil
+}
+
+// receiveDeadline keeps one deadline context per status period rather than
+// one per message.
+type receiveDeadline struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	at     time.Time
+}
+
+func (r *receiveDeadline) until(parent context.Context, at time.Time) context.Context {
+	if r.ctx == nil || !r.at.Equal(at) {
+		r.stop()
+		r.ctx, r.cancel = context.WithDeadline(parent, at)
+		r.at = at
+	}
+	return r.ctx
+}
+
+func (r *receiveDeadline) stop() {
+	if r.cancel != nil {
+		r.cancel()
+	}
+}
+
+// quoteLiteral quotes s as a SQL string literal for a replication command.
+func quoteLiteral(s string) string {
+	return "'" + strings.ReplaceAll(s, "'", "''") + "'"
+}
