@@ -1,0 +1,457 @@
+package applier
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+
+	"github.com/cdcbackfill/cdcbackfill/cdc"
+	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
+)
+
+// Defaults for the zero values of Config.
+const (
+	DefaultFlushInterval = 50 * time.Millisecond
+	DefaultMaxBatchKeys  = 5000
+)
+
+// ErrStopped is returned by WaitApplied once Run has returned.
+var ErrStopped = errors.New("applier stopped")
+
+// Config says how keys are batched.
+type Config struct {
+	FlushInterval time.Duration // longest a key waits in the buffer; also the back-off when every key is held
+	MaxBatchKeys  int           // buffer size and keys per statement
+	Logger        *slog.Logger  // may be nil
+}
+
+// Stats are the applier's counters since New.
+type Stats struct {
+	Events       uint64        // events received, of any kind and relation
+	Corrections  uint64        // rows whose new columns were written
+	Flushes      uint64        // recompute rounds over the buffer
+	Retries      uint64        // keys found held by another transaction, kept for the next flush (one per key per flush)
+	ConfirmedLSN pglogrepl.LSN // as ConfirmedLSN
+	// LastCommitTime is the commit time of the last transaction fully
+	// applied when nothing waits, else of the oldest transaction with keys
+	// still waiting: time.Since(LastCommitTime) is how old the oldest
+	// unapplied change is. Zero before the first transaction.
+	LastCommitTime time.Time
+	PendingKeys    int // keys in the buffer
+}
+
+// Applier applies the keys of one table. Run it once; the other methods are
+// safe for concurrent use.
+type Applier struct {
+	conn     *pgx.Conn
+	table    *recompute.Table
+	relation string // "schema.table", as cdc names it
+	cfg      Config
+	log      *slog.Logger
+
+	// Read by other goroutines.
+	confirmed   atomic.Uint64
+	events      atomic.Uint64
+	corrections atomic.Uint64
+	flushes     atomic.Uint64
+	retries     atomic.Uint64
+	commitTime  atomic.Int64 // unix nanoseconds, 0 for none
+	pendingKeys atomic.Int64
+	running     atomic.Bool
+	stopped     chan struct{} // closed when Run returns
+
+	mu       sync.Mutex
+	advanced chan struct{} // closed and replaced whenever confirmed moves
+
+	// Owned by the Run goroutine.
+	buf        map[string]*pending
+	minLSN     pglogrepl.LSN // smallest lsn in buf, when buf is not empty
+	minTime    time.Time     // commit time that goes with minLSN
+	inFlight   bool          // a Begin was seen without its Commit
+	txLSN      pglogrepl.LSN // FinalLSN of the transaction in flight
+	txTime     time.Time
+	lastEnd    pglogrepl.LSN // highest Commit or Idle EndLSN seen
+	lastCommit time.Time     // commit time of the last Commit seen
+	due        time.Time     // when the buffer must be flushed
+	backoff    bool          // the last flush applied nothing: wait for due even when full
+	keyCols    []string      // KeyColumns of the last Change mapped
+	keyIdx     []int         // keyIdx[i] is where t.Key[i] sits in those KeyColumns
+}
+
+// pending is a buffered key and the earliest transaction that changed it.
+type pending struct {
+	key  recompute.Key
+	lsn  pglogrepl.LSN // FinalLSN (commit LSN) of that transaction
+	time time.Time     // its commit time, zero when unknown
+}
+
+// New returns an Applier writing table through conn, which it uses alone
+// while Run runs (the caller may have set a replication origin on it and
+// closes it afterwards).
+func New(conn *pgx.Conn, table *recompute.Table, cfg Config) *Applier {
+	if cfg.FlushInterval <= 0 {
+		cfg.FlushInterval = DefaultFlushInterval
+	}
+	if cfg.MaxBatchKeys <= 0 {
+		cfg.MaxBatchKeys = DefaultMaxBatchKeys
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	relation := table.Schema + "." + table.Name
+	return &Applier{
+		conn:     conn,
+		table:    table,
+		relation: relation,
+		cfg:      cfg,
+		log:      log.With("table", relation),
+		stopped:  make(chan struct{}),
+		advanced: make(chan struct{}),
+		buf:      make(map[string]*pending, cfg.MaxBatchKeys),
+	}
+}
+
+// SetConfirmed sets the starting position, the slot's confirmed_flush_lsn,
+// before Run. The position never moves backwards.
+func (a *Applier) SetConfirmed(lsn pglogrepl.LSN) { a.raiseConfirmed(lsn) }
+
+// ConfirmedLSN is the position the slot may be confirmed to: every
+// transaction committed before it has all its keys applied.
+func (a *Applier) ConfirmedLSN() pglogrepl.LSN { return pglogrepl.LSN(a.confirmed.Load()) }
+
+// Stats returns the counters.
+func (a *Applier) Stats() Stats {
+	st := Stats{
+		Events:       a.events.Load(),
+		Corrections:  a.corrections.Load(),
+		Flushes:      a.flushes.Load(),
+		Retries:      a.retries.Load(),
+		ConfirmedLSN: a.ConfirmedLSN(),
+		PendingKeys:  int(a.pendingKeys.Load()),
+	}
+	if ns := a.commitTime.Load(); ns != 0 {
+		st.LastCommitTime = time.Unix(0, ns)
+	}
+	return st
+}
+
+// WaitApplied blocks until ConfirmedLSN() >= lsn: every transaction committed
+// before lsn is applied. It returns ctx's error, or ErrStopped once Run has
+// returned without getting there.
+func (a *Applier) WaitApplied(ctx context.Context, lsn pglogrepl.LSN) error {
+	for {
+		a.mu.Lock()
+		advanced := a.advanced
+		a.mu.Unlock()
+		// Read after taking the channel: a raise in between closes it.
+		if a.ConfirmedLSN() >= lsn {
+			return nil
+		}
+		select {
+		case <-advanced:
+		case <-a.stopped:
+			if a.ConfirmedLSN() >= lsn {
+				return nil
+			}
+			return fmt.Errorf("wait for %s to be applied: %w at %s", lsn, ErrStopped, a.ConfirmedLSN())
+		case <-ctx.Done():
+			return fmt.Errorf("wait for %s to be applied (at %s): %w", lsn, a.ConfirmedLSN(), ctx.Err())
+		}
+	}
+}
+
+func (a *Applier) raiseConfirmed(lsn pglogrepl.LSN) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if uint64(lsn) <= a.confirmed.Load() {
+		return
+	}
+	a.confirmed.Store(uint64(lsn))
+	close(a.advanced)
+	a.advanced = make(chan struct{})
+}
+
+// Run applies the events of in until in is closed (then flushes what is
+// buffered once more) or ctx ends, and returns nil then. It returns the first
+// error of a recompute statement, wrapped as "apply keys: ...", or of a
+// Change it cannot map to the table's key. Run may be called once.
+func (a *Applier) Run(ctx context.Context, in <-chan cdc.Event) error {
+	if !a.running.CompareAndSwap(false, true) {
+		return errors.New("applier: Run called twice")
+	}
+	defer close(a.stopped)
+	err := a.run(ctx, in)
+	if err != nil && ctx.Err() != nil {
+		// The statement in hand was cancelled: a shutdown, not a failure.
+		return nil
+	}
+	if err != nil {
+		a.log.Error("applier stopped", "err", err, "pending_keys", len(a.buf), "confirmed", a.ConfirmedLSN())
+	}
+	return err
+}
+
+func (a *Applier) run(ctx context.Context, in <-chan cdc.Event) error {
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	defer timer.Stop()
+	var armed time.Time // the due the timer is set for, zero when stopped
+
+	for {
+		full := len(a.buf) >= a.cfg.MaxBatchKeys
+		if full && !a.backoff {
+			if err := a.flush(ctx); err != nil {
+				return err
+			}
+			continue
+		}
+		var timerC <-chan time.Time
+		if len(a.buf) > 0 {
+			if !armed.Equal(a.due) {
+				timer.Reset(time.Until(a.due))
+				armed = a.due
+			}
+			timerC = timer.C
+		} else if !armed.IsZero() {
+			timer.Stop()
+			armed = time.Time{}
+		}
+		input := in
+		if full {
+			// Held keys fill the buffer: read nothing more until the retry.
+			input = nil
+		}
+
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-timerC:
+			armed = time.Time{}
+			if err := a.flush(ctx); err != nil {
+				return err
+			}
+		case ev, ok := <-input:
+			if !ok {
+				if len(a.buf) > 0 {
+					return a.flush(ctx)
+				}
+				return nil
+			}
+			if err := a.handle(ctx, ev); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// handle takes one event into the buffer and the transaction state.
+func (a *Applier) handle(ctx context.Context, ev cdc.Event) error {
+	a.events.Add(1)
+	switch ev.Kind {
+	case cdc.Begin:
+		a.inFlight, a.txLSN, a.txTime = true, ev.FinalLSN, ev.CommitTime
+	case cdc.Change:
+		if ev.Relation != a.relation {
+			return nil
+		}
+		key, err := a.tableKey(ev)
+		if err != nil {
+			return err
+		}
+		var t time.Time
+		if a.inFlight && ev.FinalLSN == a.txLSN {
+			t = a.txTime
+		}
+		a.add(key, ev.FinalLSN, t)
+		return nil // the buffer only grew: confirmed cannot move
+	case cdc.Commit:
+		a.inFlight = false
+		a.lastEnd = max(a.lastEnd, ev.EndLSN)
+		a.lastCommit = ev.CommitTime
+		if len(a.buf) > 0 && !time.Now().Before(a.due) {
+			return a.flush(ctx)
+		}
+	case cdc.Idle:
+		a.lastEnd = max(a.lastEnd, ev.EndLSN)
+		if len(a.buf) > 0 && !time.Now().Before(a.due) {
+			return a.flush(ctx)
+		}
+	case cdc.Reset:
+		// The transaction in flight will be sent again from its Begin; keys
+		// it already gave stay buffered, which is harmless.
+		a.inFlight = false
+	}
+	a.advance()
+	return nil
+}
+
+// tableKey maps a Change's key, given in relation column order, to the
+// table's primary key order.
+func (a *Applier) tableKey(ev cdc.Event) (recompute.Key, error) {
+	if len(ev.Key) != len(ev.KeyColumns) {
+		return nil, fmt.Errorf("change of %s: %d key values for key columns %v", ev.Relation, len(ev.Key), ev.KeyColumns)
+	}
+	if !slices.Equal(ev.KeyColumns, a.keyCols) {
+		idx := make([]int, len(a.table.Key))
+		for i, k := range a.table.Key {
+			idx[i] = slices.Index(ev.KeyColumns, k.Name)
+			if idx[i] < 0 {
+				return nil, fmt.Errorf("change of %s: replica identity columns %v lack primary key column %q",
+					ev.Relation, ev.KeyColumns, k.Name)
+			}
+		}
+		a.keyCols, a.keyIdx = ev.KeyColumns, idx
+	}
+	key := make(recompute.Key, len(a.keyIdx))
+	for i, j := range a.keyIdx {
+		key[i] = ev.Key[j]
+	}
+	return key, nil
+}
+
+// canonical is the buffer's name of a key. PostgreSQL text cannot hold a NUL
+// byte, so NUL separates the columns unambiguously.
+func canonical(k recompute.Key) string { return strings.Join(k, "\x00") }
+
+// add buffers key for the transaction committed at lsn, keeping the earliest
+// transaction of a key already there.
+func (a *Applier) add(key recompute.Key, lsn pglogrepl.LSN, t time.Time) {
+	c := canonical(key)
+	if p, ok := a.buf[c]; ok {
+		// Only a replay after Reset brings an earlier transaction.
+		if lsn < p.lsn {
+			p.lsn, p.time = lsn, t
+		}
+	} else {
+		if len(a.buf) == 0 {
+			a.due = time.Now().Add(a.cfg.FlushInterval)
+		}
+		a.buf[c] = &pending{key: key, lsn: lsn, time: t}
+		a.pendingKeys.Store(int64(len(a.buf)))
+	}
+	if len(a.buf) == 1 || lsn < a.minLSN {
+		a.minLSN, a.minTime = lsn, t
+	}
+}
+
+// advance raises the confirmed position as far as the state allows: the end
+// of the last commit when nothing is pending, else the earliest commit LSN
+// pending, which the server sends again after a restart.
+func (a *Applier) advance() {
+	target, t := a.lastEnd, a.lastCommit
+	if len(a.buf) > 0 || a.inFlight {
+		target, t = pglogrepl.LSN(^uint64(0)), time.Time{}
+		if len(a.buf) > 0 {
+			target, t = a.minLSN, a.minTime
+		}
+		if a.inFlight && a.txLSN < target {
+			target, t = a.txLSN, a.txTime
+		}
+	}
+	// A replay after a reconnect brings transactions below confirmed again:
+	// they were applied before confirmed passed them, so confirmed stays.
+	if target < a.ConfirmedLSN() {
+		return
+	}
+	a.raiseConfirmed(target)
+	if !t.IsZero() {
+		a.commitTime.Store(t.UnixNano())
+	}
+}
+
+// flush recomputes every buffered key; held keys stay for the next flush.
+func (a *Applier) flush(ctx context.Context) error {
+	begin := time.Now()
+	entries := make([]*pending, 0, len(a.buf))
+	for _, p := range a.buf {
+		entries = append(entries, p)
+	}
+	var corrected int64
+	held := 0
+	for chunk := range slices.Chunk(entries, a.cfg.MaxBatchKeys) {
+		keys := make([]recompute.Key, len(chunk))
+		for i, p := range chunk {
+			keys[i] = p.key
+		}
+		res, err := a.table.Keys(ctx, a.conn, keys)
+		if err != nil {
+			return fmt.Errorf("apply keys: batch of %d keys of %s: %w", len(keys), a.relation, err)
+		}
+		corrected += res.Corrected
+		held += len(res.Skipped)
+		a.keepHeld(chunk, res.Skipped)
+	}
+	a.flushes.Add(1)
+	a.corrections.Add(uint64(corrected))
+	a.retries.Add(uint64(held))
+	a.pendingKeys.Store(int64(len(a.buf)))
+
+	a.minLSN, a.minTime = 0, time.Time{}
+	first := true
+	for _, p := range a.buf {
+		if first || p.lsn < a.minLSN {
+			a.minLSN, a.minTime, first = p.lsn, p.time, false
+		}
+	}
+	// Held keys wait one interval; a flush that applied nothing (every key
+	// held) also stops a full buffer from flushing again before then.
+	a.backoff = len(a.buf) > 0 && len(a.buf) >= len(entries)
+	if len(a.buf) > 0 {
+		a.due = time.Now().Add(a.cfg.FlushInterval)
+	}
+	a.advance()
+	a.log.Debug("flushed keys", "keys", len(entries), "corrected", corrected, "held", held,
+		"took", time.Since(begin), "confirmed", a.ConfirmedLSN())
+	return nil
+}
+
+// keepHeld removes the keys of chunk from the buffer except those skipped.
+// A skipped key comes back in the text PostgreSQL prints for it, which may
+// differ from the text the stream gave ("007" for an integer 7, a timestamptz
+// in another time zone); one not found is buffered under that text with the
+// earliest transaction among the keys removed, so confirmed never passes it.
+func (a *Applier) keepHeld(chunk []*pending, skipped []recompute.Key) {
+	keep := make(map[string]bool, len(skipped))
+	for _, k := range skipped {
+		keep[canonical(k)] = true
+	}
+	var earliest *pending // of the keys removed, one of which a misprinted skipped key is
+	for _, p := range chunk {
+		c := canonical(p.key)
+		if keep[c] {
+			delete(keep, c) // found: stays as it is
+			continue
+		}
+		delete(a.buf, c)
+		if earliest == nil || p.lsn < earliest.lsn {
+			earliest = p
+		}
+	}
+	if earliest == nil {
+		earliest = slices.MinFunc(chunk, func(x, y *pending) int { return cmp.Compare(x.lsn, y.lsn) })
+	}
+	for _, k := range skipped {
+		c := canonical(k)
+		if !keep[c] {
+			continue
+		}
+		if p, ok := a.buf[c]; ok {
+			if earliest.lsn < p.lsn {
+				p.lsn, p.time = earliest.lsn, earliest.time
+			}
+		} else {
+			a.buf[c] = &pending{key: k, lsn: earliest.lsn, time: earliest.time}
+		}
+	}
+}
