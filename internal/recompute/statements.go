@@ -31,6 +31,10 @@ type Result struct {
 // lockAndUpdate locks, among the keys in _cdcb_keys, the rows out of parity
 // that nobody else holds, in key order without waiting (SKIP LOCKED), and
 // recomputes them; the final SELECT reports the count and the skipped keys.
+// The UPDATE does not test parity again: the lock's re-check
+// (EvalPlanQual) saw the row's latest version out of parity, and the lock
+// keeps it so. It joins by key, not ctid: a row updated after the
+// statement's snapshot is found through its update chain only that way.
 // keysFilter restricts the table to the candidate keys.
 func (t *Table) lockAndUpdate(keysFilter string) string {
 	tbl := t.Ident()
@@ -44,7 +48,7 @@ _cdcb_locked AS (
 _cdcb_upd AS (
 	UPDATE %[1]s SET %[6]s
 	FROM _cdcb_locked
-	WHERE ROW(%[5]s) = ROW(%[7]s) AND %[4]s
+	WHERE ROW(%[5]s) = ROW(%[7]s)
 	RETURNING 1
 ),
 _cdcb_skipped AS (
@@ -264,4 +268,39 @@ func (t *Table) keyListDesc() string {
 		parts[i] = t.Ident() + "." + pgx.Identifier{k.Name}.Sanitize() + " DESC"
 	}
 	return strings.Join(parts, ", ")
+}
+
+// FindFailingRow looks, among up to limit rows after lo up to hi, for the
+// first row whose recompute fails, and the column whose expression fails.
+// Each try runs in a subtransaction that is rolled back: nothing is written.
+func (t *Table) FindFailingRow(ctx context.Context, conn *pgx.Conn, lo, hi Key, limit int) (Key, string, error) {
+	keys, _ := t.rangeKeys(lo != nil, "")
+	rows, err := conn.Query(ctx, keys+fmt.Sprintf(" SELECT ARRAY[%s] FROM _cdcb_keys ORDER BY %s", t.slots("", "::text"), t.slots("", "")), rangeArgs(lo, hi, limit)...)
+	if err != nil {
+		return nil, "", err
+	}
+	candidates, err := pgx.CollectRows(rows, pgx.RowTo[[]string])
+	if err != nil {
+		return nil, "", err
+	}
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		return nil, "", err
+	}
+	defer tx.Rollback(context.Background())
+	for _, k := range candidates {
+		for _, c := range t.Columns {
+			one := &Table{Schema: t.Schema, Name: t.Name, Key: t.Key, Columns: []Column{c}}
+			sp, err := tx.Begin(ctx)
+			if err != nil {
+				return nil, "", err
+			}
+			_, err = one.Keys(ctx, sp, []Key{k})
+			sp.Rollback(ctx)
+			if err != nil {
+				return k, c.Name, nil
+			}
+		}
+	}
+	return nil, "", nil
 }

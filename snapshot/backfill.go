@@ -1,0 +1,199 @@
+package snapshot
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/big"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
+)
+
+// Range is one worker's share of the keys: after Lo (nil: from the start)
+// up to Hi inclusive; Cursor is the last key done (nil: none yet).
+type Range struct {
+	Lo     recompute.Key `json:"lo"`
+	Hi     recompute.Key `json:"hi"`
+	Cursor recompute.Key `json:"cursor"`
+	Done   bool          `json:"done"`
+}
+
+// integerTypes are the key types a range can be split on by value.
+var integerTypes = map[string]bool{"smallint": true, "integer": true, "bigint": true}
+
+// SplitRanges divides the plan into up to n ranges. Only a single integer
+// key is split (by value); any other key is walked by one worker.
+func SplitRanges(t *recompute.Table, p Plan, n int) []Range {
+	if p.Hi == nil {
+		return []Range{{Done: true}}
+	}
+	if n <= 1 || len(t.Key) != 1 || !integerTypes[t.Key[0].Type] {
+		return []Range{{Hi: p.Hi}}
+	}
+	lo, ok1 := new(big.Int).SetString(p.Lo[0], 10)
+	hi, ok2 := new(big.Int).SetString(p.Hi[0], 10)
+	if !ok1 || !ok2 {
+		return []Range{{Hi: p.Hi}}
+	}
+	span := new(big.Int).Sub(hi, lo)
+	if span.Cmp(big.NewInt(int64(n))) < 0 {
+		return []Range{{Hi: p.Hi}}
+	}
+	step := new(big.Int).Div(span, big.NewInt(int64(n)))
+	var ranges []Range
+	var prev recompute.Key // nil: from the start
+	for i := 0; i < n; i++ {
+		var end recompute.Key
+		if i == n-1 {
+			end = p.Hi
+		} else {
+			b := new(big.Int).Add(lo, new(big.Int).Mul(step, big.NewInt(int64(i+1))))
+			end = recompute.Key{b.String()}
+		}
+		ranges = append(ranges, Range{Lo: prev, Hi: end})
+		prev = end
+	}
+	return ranges
+}
+
+// Checkpoint saves a batch's progress inside the batch's transaction.
+type Checkpoint func(ctx context.Context, tx pgx.Tx, worker int, r Range, res recompute.Result) error
+
+// Backfiller walks ranges in keyset batches.
+type Backfiller struct {
+	Table           *recompute.Table
+	BatchSize       int           // first batch
+	TargetBatchTime time.Duration // 0: BatchSize stays fixed
+	Sleep           time.Duration // between batches
+	Throttle        *Throttle
+	Checkpoint      Checkpoint
+	Log             *slog.Logger
+}
+
+// Batch sizes stay within these bounds when adapting to the target time.
+const (
+	minBatch = 10
+	maxBatch = 100000
+)
+
+// Run walks every range not done, one worker per range, each on its own
+// connection (conns[i] for ranges[i]). When ctx ends, each worker finishes
+// the batch in hand and Run returns nil: the cursors are saved.
+func (b *Backfiller) Run(ctx context.Context, conns []*pgx.Conn, ranges []Range) error {
+	var wg sync.WaitGroup
+	errs := make([]error, len(ranges))
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	for i := range ranges {
+		if ranges[i].Done {
+			continue
+		}
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			if err := b.walk(wctx, conns[i], i, ranges[i]); err != nil {
+				errs[i] = err
+				cancel() // the first failure stops the other workers
+			}
+		}(i)
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+func (b *Backfiller) walk(ctx context.Context, conn *pgx.Conn, worker int, r Range) error {
+	size := b.BatchSize
+	for !r.Done {
+		if err := b.Throttle.Wait(ctx, size); err != nil {
+			return nil // stopped between batches: nothing in hand
+		}
+		took, res, err := b.batch(ctx, conn, worker, &r, size)
+		if err != nil {
+			return err
+		}
+		size = b.nextSize(size, took)
+		if b.Log != nil {
+			b.Log.Debug("backfill batch", "worker", worker, "rows", res.Scanned, "corrected", res.Corrected,
+				"skipped", len(res.Skipped), "took", took, "next_size", size)
+		}
+		if r.Done || ctx.Err() != nil {
+			return nil
+		}
+		if err := sleep(ctx, b.Sleep); err != nil {
+			return nil
+		}
+	}
+	return nil
+}
+
+// batch runs one batch and its checkpoint in one transaction. It runs to
+// its end even when ctx ends (SIGTERM finishes the batch in hand), bounded
+// by its own time-out.
+func (b *Backfiller) batch(ctx context.Context, conn *pgx.Conn, worker int, r *Range, size int) (time.Duration, recompute.Result, error) {
+	bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute+10*b.TargetBatchTime)
+	defer cancel()
+	start := time.Now()
+	tx, err := conn.Begin(bctx)
+	if err != nil {
+		return 0, recompute.Result{}, fmt.Errorf("backfill worker %d: begin: %w", worker, err)
+	}
+	defer tx.Rollback(context.Background())
+	lo := r.Cursor
+	if lo == nil {
+		lo = r.Lo
+	}
+	res, err := b.Table.Range(bctx, tx, lo, r.Hi, size)
+	if err != nil {
+		tx.Rollback(context.Background())
+		return 0, res, b.explain(bctx, conn, lo, r.Hi, size, err)
+	}
+	next := *r
+	if res.Last != nil {
+		next.Cursor = res.Last
+	}
+	next.Done = res.Scanned < int64(size)
+	if err := b.Checkpoint(bctx, tx, worker, next, res); err != nil {
+		return 0, res, fmt.Errorf("backfill worker %d: save cursor: %w", worker, err)
+	}
+	if err := tx.Commit(bctx); err != nil {
+		return 0, res, fmt.Errorf("backfill worker %d: commit batch: %w", worker, err)
+	}
+	*r = next
+	return time.Since(start), res, nil
+}
+
+// nextSize moves the batch size toward the one that takes TargetBatchTime,
+// at most doubling or halving at a time.
+func (b *Backfiller) nextSize(size int, took time.Duration) int {
+	if b.TargetBatchTime <= 0 || took <= 0 {
+		return size
+	}
+	ideal := float64(size) * float64(b.TargetBatchTime) / float64(took)
+	next := min(max(ideal, float64(size)/2), float64(size)*2)
+	return int(min(max(next, minBatch), maxBatch))
+}
+
+// explain turns a failed batch into an error a user can act on: when an
+// expression fails on a row, it names the row's key.
+func (b *Backfiller) explain(ctx context.Context, conn *pgx.Conn, lo, hi recompute.Key, size int, err error) error {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || (pgErr.Code[:2] != "22" && pgErr.Code[:2] != "23") {
+		return fmt.Errorf("backfill batch after key %v: %w", lo, err)
+	}
+	key, col, ferr := b.Table.FindFailingRow(ctx, conn, lo, hi, size)
+	if ferr != nil || key == nil {
+		return fmt.Errorf("backfill batch after key %v: %w", lo, err)
+	}
+	return fmt.Errorf("expression for column %s fails on the row with key %s: %s (SQLSTATE %s); fix the expression (columns.%s) or the row, then run again",
+		col, b.Table.KeyString(key), pgErr.Message, pgErr.Code, col)
+}
+
+// Itoa is for callers that format progress.
+func Itoa(n int64) string { return strconv.FormatInt(n, 10) }
