@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
+	"github.com/cdcbackfill/cdcbackfill/snapshot"
 )
 
 // Phase names, as stored in cdcbackfill.migrations.phase.
@@ -69,23 +70,12 @@ CREATE TABLE IF NOT EXISTS cdcbackfill.retry_keys (
 	PRIMARY KEY (name, key)
 );`
 
-// Plan is what the backfill covers, read once from the slot's snapshot.
+// Plan is what the backfill covers, as saved in the state row.
 type Plan struct {
-	Lo       recompute.Key `json:"lo"`
-	Hi       recompute.Key `json:"hi"`
-	Estimate int64         `json:"estimate"`
+	snapshot.Plan
 	// Recovered is set when the plan was read after the slot existed but
-	// without its snapshot (a crash between the two); see snapshot.ReadPlan.
+	// without its snapshot (a crash between the two); see snapshot.ReadPlanNow.
 	Recovered bool `json:"recovered,omitempty"`
-}
-
-// Range is one worker's share of the key space: (Lo, Hi], with the cursor
-// of the last key done. Lo nil means from the start.
-type Range struct {
-	Lo     recompute.Key `json:"lo"`
-	Hi     recompute.Key `json:"hi"`
-	Cursor recompute.Key `json:"cursor"`
-	Done   bool          `json:"done"`
 }
 
 // Stats are live figures the daemon refreshes for `status` and /status.
@@ -108,7 +98,7 @@ type State struct {
 	RollbackDone      int
 	SlotLSN           *string
 	Plan              *Plan
-	Ranges            []Range
+	Ranges            []snapshot.Range
 	RowsDone          int64
 	RowsTotal         int64
 	SyncEvents        int64

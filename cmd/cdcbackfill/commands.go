@@ -43,7 +43,7 @@ resuming from the state stored in the database (schema cdcbackfill). It exits 0 
 the migration is done, non-zero on a fatal error. SIGTERM or SIGINT finish the batch in
 hand, confirm the slot and exit 0; run again to resume.`,
 		Args: cobra.NoArgs,
-		RunE: notYet,
+		RunE: runE,
 	}
 }
 
@@ -52,7 +52,7 @@ func statusCmd() *cobra.Command {
 		Use:   "status --config FILE [--json] [--watch]",
 		Short: "Phase, progress, rows/s and ETA, slot lag, corrections, mismatches",
 		Args:  cobra.NoArgs,
-		RunE:  notYet,
+		RunE:  statusE,
 	}
 	cmd.Flags().Bool("json", false, "print one JSON object")
 	cmd.Flags().Bool("watch", false, "refresh in place until interrupted")
@@ -69,7 +69,7 @@ func controlCmd(name string) *cobra.Command {
 		Use:   name + " --config FILE",
 		Short: short,
 		Args:  cobra.NoArgs,
-		RunE:  notYet,
+		RunE:  controlE(name),
 	}
 }
 
@@ -78,7 +78,7 @@ func abortCmd() *cobra.Command {
 		Use:   "abort --config FILE [--rollback]",
 		Short: "Stop the migration before contract: drop slot and publication; --rollback also undoes expand",
 		Args:  cobra.NoArgs,
-		RunE:  notYet,
+		RunE:  controlE("abort"),
 	}
 	cmd.Flags().Bool("rollback", false, "run the rollback statements too")
 	return cmd

@@ -1,0 +1,153 @@
+// Package bench measures cdcbackfill against its baselines in one run and
+// prints a table of ratios (make bench). Figures are for the machine they
+// run on; the ratios are what to compare across machines.
+package bench
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/cdcbackfill/cdcbackfill/config"
+	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
+	"github.com/cdcbackfill/cdcbackfill/phases"
+)
+
+func TestMain(m *testing.M) { pgtest.Main(m) }
+
+const benchRows = 200000
+
+func seedDB(b *testing.B) string {
+	dsn := pgtest.NewDatabase(b)
+	conn, err := pgx.Connect(context.Background(), dsn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	for _, sql := range []string{
+		`CREATE TABLE users (id bigint PRIMARY KEY, full_name text, email text)`,
+		fmt.Sprintf(`INSERT INTO users SELECT g, 'first' || g || ' last' || g, 'u' || g || '@example.com' FROM generate_series(1, %d) g`, benchRows),
+		`VACUUM ANALYZE users`,
+		`ALTER TABLE users ADD COLUMN first_name text, ADD COLUMN last_name text`,
+		`CHECKPOINT`,
+	} {
+		if _, err := conn.Exec(context.Background(), sql); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return dsn
+}
+
+// batchTimes collects the duration of each backfill batch from the
+// daemon's debug log.
+type batchTimes struct {
+	mu    sync.Mutex
+	times []time.Duration
+}
+
+func (bt *batchTimes) Enabled(context.Context, slog.Level) bool { return true }
+func (bt *batchTimes) WithAttrs([]slog.Attr) slog.Handler        { return bt }
+func (bt *batchTimes) WithGroup(string) slog.Handler             { return bt }
+func (bt *batchTimes) Handle(_ context.Context, r slog.Record) error {
+	if r.Message != "backfill batch" {
+		return nil
+	}
+	r.Attrs(func(a slog.Attr) bool {
+		if a.Key == "took" {
+			bt.mu.Lock()
+			bt.times = append(bt.times, a.Value.Duration())
+			bt.mu.Unlock()
+		}
+		return true
+	})
+	return nil
+}
+
+func (bt *batchTimes) quantile(q float64) time.Duration {
+	bt.mu.Lock()
+	defer bt.mu.Unlock()
+	if len(bt.times) == 0 {
+		return 0
+	}
+	s := append([]time.Duration(nil), bt.times...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[min(int(q*float64(len(s))), len(s)-1)]
+}
+
+// BenchmarkBackfill compares the backfill at default settings (throttling
+// off) with one UPDATE of the whole table on the same data.
+func BenchmarkBackfill(b *testing.B) {
+	// Baseline: the single UPDATE (the locking way).
+	dsn := seedDB(b)
+	conn, err := pgx.Connect(context.Background(), dsn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	start := time.Now()
+	if _, err := conn.Exec(context.Background(), `UPDATE users SET first_name = split_part(full_name, ' ', 1), last_name = split_part(full_name, ' ', 2)`); err != nil {
+		b.Fatal(err)
+	}
+	single := time.Since(start)
+	conn.Close(context.Background())
+
+	// cdcbackfill at its defaults, throttles off.
+	dsn = seedDB(b)
+	cfg := config.Default()
+	cfg.Name = "bench"
+	cfg.Database.DSN = dsn
+	cfg.Table = "public.users"
+	cfg.Columns = []config.Column{{Name: "first_name", Expr: "split_part(full_name, ' ', 1)"}, {Name: "last_name", Expr: "split_part(full_name, ' ', 2)"}}
+	cfg.Throttle.MaxReplicaLag, cfg.Throttle.MaxSlotLag = 0, 0
+	cfg.HTTP.Listen = ""
+	bt := &batchTimes{}
+	ctx, cancel := context.WithCancel(context.Background())
+	runErr := make(chan error, 1)
+	go func() { runErr <- phases.Run(ctx, cfg, slog.New(bt)) }()
+	pool, err := pgx.Connect(context.Background(), dsn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer pool.Close(context.Background())
+	var took time.Duration
+	deadline := time.Now().Add(10 * time.Minute)
+	for {
+		var ph string
+		var secs *float64
+		err := pool.QueryRow(context.Background(), `SELECT m.phase, (SELECT extract(epoch FROM max(e.at) FILTER (WHERE e.phase = 'sync') - max(e.at) FILTER (WHERE e.phase = 'backfill' AND e.kind = 'slot')))::float8
+			FROM cdcbackfill.migrations m LEFT JOIN cdcbackfill.events e ON e.name = m.name GROUP BY m.phase`).Scan(&ph, &secs)
+		if err == nil && ph == "sync" && secs != nil {
+			took = time.Duration(*secs * float64(time.Second))
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Fatal("backfill did not finish in 10m")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	cancel()
+	if err := <-runErr; err != nil {
+		b.Fatal(err)
+	}
+	var bad int64
+	if err := pool.QueryRow(context.Background(), `SELECT count(*) FROM users WHERE (first_name, last_name) IS DISTINCT FROM (split_part(full_name, ' ', 1), split_part(full_name, ' ', 2))`).Scan(&bad); err != nil || bad != 0 {
+		b.Fatalf("parity after backfill: %d rows differ (%v)", bad, err)
+	}
+
+	singleRate := float64(benchRows) / single.Seconds()
+	rate := float64(benchRows) / took.Seconds()
+	w := os.Stdout
+	fmt.Fprintf(w, "\nbackfill, %d rows, one run (target: ratio >= 0.70; batch p99 < target_batch_time %s)\n", benchRows, cfg.Backfill.TargetBatchTime)
+	fmt.Fprintf(w, "%-34s %12s %12s %8s\n", "", "seconds", "rows/s", "ratio")
+	fmt.Fprintf(w, "%-34s %12.2f %12.0f %8.2f\n", "single UPDATE (baseline)", single.Seconds(), singleRate, 1.0)
+	fmt.Fprintf(w, "%-34s %12.2f %12.0f %8.2f\n", "cdcbackfill backfill (defaults)", took.Seconds(), rate, rate/singleRate)
+	fmt.Fprintf(w, "batch time (row locks held): p50 %s, p99 %s, max %s over %d batches\n",
+		bt.quantile(0.5).Round(time.Millisecond), bt.quantile(0.99).Round(time.Millisecond), bt.quantile(1).Round(time.Millisecond), len(bt.times))
+	b.ReportMetric(rate/singleRate, "ratio")
+}

@@ -1,0 +1,365 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
+)
+
+// daemon is a `cdcbackfill run` in the background.
+type daemon struct {
+	cmd  *exec.Cmd
+	out  *strings.Builder
+	mu   *sync.Mutex
+	done chan struct{}
+	code int
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	b  *strings.Builder
+}
+
+func (w lockedWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
+}
+
+func startDaemon(t *testing.T, config string) *daemon {
+	t.Helper()
+	d := &daemon{out: &strings.Builder{}, mu: &sync.Mutex{}, done: make(chan struct{})}
+	d.cmd = exec.Command(binary, "run", "--config", config)
+	d.cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+	w := lockedWriter{d.mu, d.out}
+	d.cmd.Stdout, d.cmd.Stderr = w, w
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		_ = d.cmd.Wait()
+		d.code = d.cmd.ProcessState.ExitCode()
+		close(d.done)
+	}()
+	t.Cleanup(func() { d.kill() })
+	return d
+}
+
+func (d *daemon) output() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.out.String()
+}
+
+func (d *daemon) kill() {
+	select {
+	case <-d.done:
+	default:
+		_ = d.cmd.Process.Signal(syscall.SIGKILL)
+		<-d.done
+	}
+}
+
+// wait for the daemon to exit, at most timeout.
+func (d *daemon) wait(t *testing.T, timeout time.Duration) int {
+	t.Helper()
+	select {
+	case <-d.done:
+		return d.code
+	case <-time.After(timeout):
+		t.Fatalf("daemon did not exit in %s\n%s", timeout, d.output())
+		return -1
+	}
+}
+
+// waitFor polls cond until it holds, failing the test after timeout.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func query[T any](t *testing.T, pool *pgxpool.Pool, sql string, args ...any) T {
+	t.Helper()
+	var v T
+	if err := pool.QueryRow(context.Background(), sql, args...).Scan(&v); err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+	return v
+}
+
+func phase(t *testing.T, pool *pgxpool.Pool) string {
+	t.Helper()
+	var p string
+	err := pool.QueryRow(context.Background(), `SELECT phase FROM cdcbackfill.migrations WHERE name = 'split_full_name'`).Scan(&p)
+	if err != nil {
+		return ""
+	}
+	return p
+}
+
+// writers is the application: it inserts, updates the source column,
+// updates other columns and deletes, until stopped.
+type writers struct {
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	ops    atomic.Int64
+	errs   atomic.Int64
+	maxID  int64
+}
+
+func startWriters(t *testing.T, pool *pgxpool.Pool, n int, maxID int64) *writers {
+	ctx, cancel := context.WithCancel(context.Background())
+	w := &writers{cancel: cancel, maxID: maxID}
+	var next atomic.Int64
+	next.Store(maxID)
+	for i := 0; i < n; i++ {
+		w.wg.Add(1)
+		go func(seed uint64) {
+			defer w.wg.Done()
+			r := rand.New(rand.NewPCG(seed, 7))
+			for ctx.Err() == nil {
+				id := r.Int64N(next.Load()) + 1
+				var err error
+				switch op := r.IntN(10); {
+				case op < 2:
+					nid := next.Add(1)
+					_, err = pool.Exec(ctx, `INSERT INTO users (id, full_name, email) VALUES ($1, $2, 'new')`, nid, fmt.Sprintf("ins%d new%d", nid, nid))
+				case op < 6:
+					_, err = pool.Exec(ctx, `UPDATE users SET full_name = $2 WHERE id = $1`, id, fmt.Sprintf("upd%d x%d", id, r.IntN(1000)))
+				case op < 8:
+					_, err = pool.Exec(ctx, `UPDATE users SET email = $2 WHERE id = $1`, id, fmt.Sprintf("e%d", r.IntN(1000)))
+				default:
+					_, err = pool.Exec(ctx, `DELETE FROM users WHERE id = $1`, id)
+				}
+				if err != nil && ctx.Err() == nil {
+					w.errs.Add(1)
+					t.Logf("application write failed: %v", err)
+				}
+				w.ops.Add(1)
+				time.Sleep(2 * time.Millisecond) // a steady load, not a flood: the daemon shares 2 cores
+			}
+		}(uint64(i))
+	}
+	return w
+}
+
+func (w *writers) stop() {
+	w.cancel()
+	w.wg.Wait()
+}
+
+// mismatches counts rows whose new columns differ from the expressions,
+// by SQL independent of the daemon.
+func mismatches(t *testing.T, pool *pgxpool.Pool) int64 {
+	return query[int64](t, pool, `SELECT count(*) FROM users
+		WHERE first_name IS DISTINCT FROM split_part(full_name, ' ', 1)
+		   OR last_name IS DISTINCT FROM split_part(full_name, ' ', 2)`)
+}
+
+// caughtUp is true when the slot has confirmed all WAL written so far.
+func caughtUp(t *testing.T, pool *pgxpool.Pool, target string) bool {
+	return query[bool](t, pool, `SELECT confirmed_flush_lsn >= $1::pg_lsn FROM pg_replication_slots WHERE slot_name = 'cdcbackfill_split_full_name'`, target)
+}
+
+func seed(t *testing.T, rows int) (string, *pgxpool.Pool) {
+	dsn := pgtest.NewDatabase(t)
+	exec1(t, dsn, `CREATE TABLE users (id bigint PRIMARY KEY, full_name text, email text)`,
+		fmt.Sprintf(`INSERT INTO users SELECT g, 'first' || g || ' last' || g, 'u' || g FROM generate_series(1, %d) g`, rows),
+		`ANALYZE users`)
+	pool, err := pgxpool.New(context.Background(), dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	return dsn, pool
+}
+
+// TestBackfillAndSyncUnderLoad is the user's story: a 200k-row table, the
+// application writing the whole time; the daemon expands, backfills and
+// keeps the rows in sync from the stream; when the writers stop and the
+// slot catches up, every row is in parity and no trigger ever existed.
+func TestBackfillAndSyncUnderLoad(t *testing.T) {
+	dsn, pool := seed(t, 200000)
+	w := startWriters(t, pool, 4, 200000)
+	defer w.stop()
+	d := startDaemon(t, writeConfig(t, usersConfig(dsn)))
+	waitFor(t, 5*time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
+	if n := query[int64](t, pool, `SELECT count(*) FROM pg_trigger WHERE tgrelid = 'users'::regclass`); n != 0 {
+		t.Errorf("%d triggers on users", n)
+	}
+	w.stop()
+	end := query[string](t, pool, `SELECT pg_current_wal_lsn()::text`)
+	waitFor(t, time.Minute, "slot caught up", func() bool { return caughtUp(t, pool, end) })
+	if n := mismatches(t, pool); n != 0 {
+		t.Fatalf("%d rows out of parity after sync\n%s", n, d.output())
+	}
+	if w.errs.Load() != 0 {
+		t.Errorf("%d application writes failed", w.errs.Load())
+	}
+	done := query[int64](t, pool, `SELECT rows_done FROM cdcbackfill.migrations`)
+	t.Logf("writer ops %d, rows_done %d", w.ops.Load(), done)
+	// Abort cleans up everything the daemon made.
+	r := cli(t, time.Minute, nil, "abort", "--config", writeConfig(t, usersConfig(dsn)))
+	if r.code != 0 {
+		t.Fatalf("abort failed\n%s", r)
+	}
+	if code := d.wait(t, time.Minute); code != 0 {
+		t.Errorf("daemon exit %d after abort\n%s", code, d.output())
+	}
+	if n := query[int64](t, pool, `SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication) + (SELECT count(*) FROM pg_replication_origin)`); n != 0 {
+		t.Errorf("%d slots, publications or origins left after abort", n)
+	}
+}
+
+// TestKillAndResume: SIGKILL in the middle of the backfill; the restarted
+// daemon goes on from the saved cursor, makes no second slot and repeats no
+// DDL.
+func TestKillAndResume(t *testing.T) {
+	dsn, pool := seed(t, 60000)
+	cfg := writeConfig(t, usersConfig(dsn)+"backfill:\n  max_rows_per_second: 15000\n  batch_size: 1000\n")
+	d := startDaemon(t, cfg)
+	waitFor(t, time.Minute, "backfill under way", func() bool {
+		return phase(t, pool) == "backfill" && query[int64](t, pool, `SELECT rows_done FROM cdcbackfill.migrations`) >= 10000
+	})
+	d.kill()
+	before := query[int64](t, pool, `SELECT rows_done FROM cdcbackfill.migrations`)
+	if before >= 60000 {
+		t.Fatalf("backfill finished before the kill (%d rows)", before)
+	}
+	d2 := startDaemon(t, cfg)
+	waitFor(t, 2*time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
+	after := query[int64](t, pool, `SELECT rows_done FROM cdcbackfill.migrations`)
+	if after-before > 60000-before+2000 {
+		t.Errorf("rows_done went from %d to %d: the backfill restarted from zero", before, after)
+	}
+	if n := query[int64](t, pool, `SELECT count(*) FROM pg_replication_slots`); n != 1 {
+		t.Errorf("%d slots, want 1", n)
+	}
+	if n := query[int64](t, pool, `SELECT count(*) FROM cdcbackfill.events WHERE kind = 'ddl'`); n != 1 {
+		t.Errorf("expand DDL ran %d times", n)
+	}
+	if n := mismatches(t, pool); n != 0 {
+		t.Errorf("%d rows out of parity", n)
+	}
+	d2.kill()
+}
+
+// TestExpandWaitsBehindLockWithoutBlockingApp: a session holds ACCESS SHARE
+// in an open transaction; expand retries under lock_timeout, application
+// SELECTs keep answering, and expand completes once the session ends.
+func TestExpandWaitsBehindLockWithoutBlockingApp(t *testing.T) {
+	dsn, pool := seed(t, 1000)
+	holder, err := pgx.Connect(context.Background(), dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer holder.Close(context.Background())
+	exec := func(sql string) {
+		if _, err := holder.Exec(context.Background(), sql); err != nil {
+			t.Fatal(err)
+		}
+	}
+	exec("BEGIN")
+	exec("SELECT count(*) FROM users") // ACCESS SHARE until COMMIT
+	cfg := writeConfig(t, usersConfig(dsn)+"ddl:\n  lock_timeout: 200ms\n  max_retries: 100\n")
+	d := startDaemon(t, cfg)
+	waitFor(t, 30*time.Second, "a DDL retry in the log", func() bool { return strings.Contains(d.output(), "DDL waits for a lock") })
+	var worst time.Duration
+	for i := 0; i < 20; i++ {
+		start := time.Now()
+		if _, err := pool.Exec(context.Background(), "SELECT * FROM users WHERE id = 1"); err != nil {
+			t.Fatal(err)
+		}
+		worst = max(worst, time.Since(start))
+	}
+	if worst > 200*time.Millisecond+300*time.Millisecond {
+		t.Errorf("an application SELECT waited %s behind the DDL (lock_timeout 200ms)", worst)
+	}
+	if p := phase(t, pool); p != "expand" {
+		t.Fatalf("phase %s while the lock is held", p)
+	}
+	exec("COMMIT")
+	waitFor(t, time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
+	if !strings.Contains(d.output(), "blocked_by") || !strings.Contains(d.output(), "SELECT count(*) FROM users") {
+		t.Errorf("the retry log does not name the blocking session\n%s", d.output())
+	}
+}
+
+// TestExpressionFailsOnARow: the error names the key of the row.
+func TestExpressionFailsOnARow(t *testing.T) {
+	dsn, pool := seed(t, 3000)
+	yaml := strings.Replace(usersConfig(dsn), "split_part(full_name, ' ', 2)", "(100 / (id - 1234))::text", 1)
+	d := startDaemon(t, writeConfig(t, yaml))
+	code := d.wait(t, time.Minute)
+	if code == 0 {
+		t.Fatalf("daemon exit 0 on a failing expression\n%s", d.output())
+	}
+	out := d.output()
+	for _, want := range []string{"last_name", "(id)=(1234)", "division by zero"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("error lacks %q\n%s", want, out)
+		}
+	}
+	if e := query[string](t, pool, `SELECT coalesce(error, '') FROM cdcbackfill.migrations`); !strings.Contains(e, "(id)=(1234)") {
+		t.Errorf("state row error %q does not name the row", e)
+	}
+}
+
+// TestRunRefusesBadInputChangingNothing: a table without a primary key.
+func TestRunRefusesBadInputChangingNothing(t *testing.T) {
+	dsn := pgtest.NewDatabase(t)
+	exec1(t, dsn, "CREATE TABLE users (id bigint, full_name text)")
+	d := startDaemon(t, writeConfig(t, usersConfig(dsn)))
+	if code := d.wait(t, 30*time.Second); code != 1 {
+		t.Fatalf("exit %d, want 1\n%s", code, d.output())
+	}
+	if !strings.Contains(d.output(), "has no primary key") {
+		t.Errorf("output lacks the problem\n%s", d.output())
+	}
+	assertUnchanged(t, dsn)
+}
+
+// TestPauseResume: pause stops the batches within a second; resume goes on.
+func TestPauseResume(t *testing.T) {
+	dsn, pool := seed(t, 50000)
+	cfg := writeConfig(t, usersConfig(dsn)+"backfill:\n  max_rows_per_second: 10000\n  batch_size: 500\n")
+	startDaemon(t, cfg)
+	waitFor(t, time.Minute, "backfill under way", func() bool {
+		return phase(t, pool) == "backfill" && query[int64](t, pool, `SELECT rows_done FROM cdcbackfill.migrations`) > 2000
+	})
+	if r := cli(t, 10*time.Second, nil, "pause", "--config", cfg); r.code != 0 {
+		t.Fatalf("pause\n%s", r)
+	}
+	time.Sleep(1500 * time.Millisecond) // the promise under test: within a second
+	a := query[int64](t, pool, `SELECT rows_done FROM cdcbackfill.migrations`)
+	time.Sleep(1 * time.Second)
+	b := query[int64](t, pool, `SELECT rows_done FROM cdcbackfill.migrations`)
+	if b != a {
+		t.Errorf("rows_done moved from %d to %d while paused", a, b)
+	}
+	r := cli(t, 10*time.Second, nil, "status", "--config", cfg)
+	mustContain(t, r, "PAUSED", "backfill")
+	if r := cli(t, 10*time.Second, nil, "resume", "--config", cfg); r.code != 0 {
+		t.Fatalf("resume\n%s", r)
+	}
+	waitFor(t, time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
+}

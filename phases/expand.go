@@ -1,0 +1,50 @@
+package phases
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// expand runs each expand statement not yet done, each once.
+func (d *Daemon) expand(ctx context.Context, st *State) error {
+	runner := d.ddlRunner()
+	for i := st.ExpandDone; i < len(d.cfg.Expand); i++ {
+		stmt := d.cfg.Expand[i]
+		d.log.Info("expand: running DDL", "statement", stmt, "step", i+1, "of", len(d.cfg.Expand))
+		res, err := runner.Run(ctx, d.conn, stmt, func(tx pgx.Tx) error {
+			return d.store.Update(ctx, tx, "expand_done = $2", i+1)
+		})
+		if err != nil {
+			return fmt.Errorf("expand: %w", err)
+		}
+		d.log.Info("expand: DDL done", "statement", stmt, "tries", res.Tries, "lock_wait", res.LockWait)
+		if err := d.store.Event(ctx, d.conn, Expand, "ddl", map[string]any{
+			"statement": stmt, "tries": res.Tries, "lock_wait_ms": res.LockWait.Milliseconds()}); err != nil {
+			return err
+		}
+	}
+	if err := d.table.Refresh(ctx, d.conn); err != nil {
+		return err
+	}
+	if missing := d.table.MissingColumns(); len(missing) > 0 {
+		return fmt.Errorf("expand is done but column(s) %s of %s do not exist: add them in expand", strings.Join(missing, ", "), d.table.Ident())
+	}
+	// The recompute statements can now be prepared: a type that does not fit
+	// its column fails here, before any slot exists.
+	if _, err := d.conn.Prepare(ctx, "", d.table.KeysSQL()); err != nil {
+		return fmt.Errorf("recompute statement for %s does not prepare: %w", d.table.Ident(), err)
+	}
+	return d.store.SetPhase(ctx, d.conn, Expand, Backfill, nil)
+}
+
+func (d *Daemon) ddlRunner() DDLRunner {
+	return DDLRunner{
+		LockTimeout: d.cfg.DDL.LockTimeout,
+		MaxRetries:  d.cfg.DDL.MaxRetries,
+		Table:       d.table.Ident(),
+		Log:         d.log,
+	}
+}

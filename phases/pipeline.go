@@ -1,0 +1,248 @@
+package phases
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+
+	"github.com/cdcbackfill/cdcbackfill/applier"
+	"github.com/cdcbackfill/cdcbackfill/cdc"
+	"github.com/cdcbackfill/cdcbackfill/snapshot"
+)
+
+// pipeline is the stream feeding the applier, from the moment the slot
+// exists until contract. It restarts itself after a connection loss (the
+// server replays from the confirmed position) and stops for good on a
+// permanent error.
+type pipeline struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	mu      sync.Mutex
+	err     error // permanent failure
+	failed  chan struct{}
+	stream  *cdc.Stream
+	applier *applier.Applier
+}
+
+// startPipeline starts the stream and the applier unless they run.
+func (d *Daemon) startPipeline(ctx context.Context) error {
+	if d.pipe != nil {
+		return d.pipe.failure()
+	}
+	pctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	p := &pipeline{cancel: cancel, done: make(chan struct{}), failed: make(chan struct{})}
+	d.pipe = p
+	go func() {
+		defer close(p.done)
+		d.supervise(pctx, p)
+	}()
+	return nil
+}
+
+// supervise runs the stream and applier, restarting both after a
+// transient failure.
+func (d *Daemon) supervise(ctx context.Context, p *pipeline) {
+	backoff := 200 * time.Millisecond
+	for ctx.Err() == nil {
+		err := d.runPipelineOnce(ctx, p)
+		if ctx.Err() != nil {
+			return
+		}
+		if permanentPipelineError(err) {
+			p.mu.Lock()
+			p.err = err
+			p.mu.Unlock()
+			close(p.failed)
+			d.log.Error("sync stream stopped", "err", err)
+			return
+		}
+		d.log.Warn("sync stream interrupted; restarting from the slot's confirmed position", "err", err, "retry_in", backoff)
+		if sleep(ctx, backoff) != nil {
+			return
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+func permanentPipelineError(err error) bool {
+	if errors.Is(err, cdc.ErrSlotLost) || errors.Is(err, cdc.ErrSlotMissing) ||
+		errors.Is(err, cdc.ErrPublicationMissing) || errors.Is(err, cdc.ErrNotAllowed) {
+		return true
+	}
+	s := sqlState(err)
+	return len(s) == 5 && (s[:2] == "22" || s[:2] == "23" || s[:2] == "42")
+}
+
+func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
+	w, err := d.writerConn(ctx, "a", 0)
+	if err != nil {
+		return err
+	}
+	defer w.Close(context.Background())
+	info, err := snapshot.LookupSlot(ctx, w, d.cfg.SlotName())
+	if err != nil {
+		return err
+	}
+	if !info.Exists {
+		return fmt.Errorf("%w: slot %q is gone", cdc.ErrSlotMissing, d.cfg.SlotName())
+	}
+	if info.WALStatus == "lost" {
+		return fmt.Errorf("%w: slot %q (wal_status lost)", cdc.ErrSlotLost, d.cfg.SlotName())
+	}
+	ap := applier.New(w, d.table, applier.Config{
+		FlushInterval: d.cfg.Sync.FlushInterval,
+		MaxBatchKeys:  d.cfg.Sync.MaxBatchKeys,
+		Logger:        d.log,
+	})
+	ap.SetConfirmed(info.ConfirmedLSN)
+	st := cdc.New(cdc.Config{
+		DSN:          d.cfg.Database.DSN,
+		Slot:         d.cfg.SlotName(),
+		Publication:  d.cfg.PublicationName(),
+		OriginPrefix: d.cfg.OriginPrefix(),
+		Logger:       d.log,
+	})
+	p.mu.Lock()
+	p.stream, p.applier = st, ap
+	p.mu.Unlock()
+
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	events := make(chan cdc.Event, 1024)
+	streamErr := make(chan error, 1)
+	go func() {
+		streamErr <- st.Run(rctx, events, ap.ConfirmedLSN)
+		close(events)
+	}()
+	applyErr := ap.Run(rctx, events)
+	cancel()
+	serr := <-streamErr
+	if applyErr != nil {
+		return applyErr
+	}
+	return serr
+}
+
+// failure is the pipeline's permanent error, or nil.
+func (p *pipeline) failure() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.err
+}
+
+// current returns the running stream and applier (nil before the first
+// start).
+func (p *pipeline) current() (*cdc.Stream, *applier.Applier) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stream, p.applier
+}
+
+// guard runs fn with a context that ends when the pipeline fails for
+// good, and returns that failure.
+func (p *pipeline) guard(ctx context.Context, fn func(context.Context) error) error {
+	gctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-p.failed:
+			cancel()
+		case <-gctx.Done():
+		}
+	}()
+	err := fn(gctx)
+	if perr := p.failure(); perr != nil {
+		return fmt.Errorf("sync stream: %w", perr)
+	}
+	return err
+}
+
+// waitApplied blocks until the applier has confirmed lsn.
+func (p *pipeline) waitApplied(ctx context.Context, lsn pglogrepl.LSN) error {
+	for {
+		if err := p.failure(); err != nil {
+			return err
+		}
+		if _, ap := p.current(); ap != nil && ap.ConfirmedLSN() >= lsn {
+			return nil
+		}
+		if err := sleep(ctx, 50*time.Millisecond); err != nil {
+			return err
+		}
+	}
+}
+
+func (p *pipeline) stop() {
+	p.cancel()
+	<-p.done
+}
+
+// writer is a connection for the daemon's own writes, tagged with a
+// replication origin when the role may set one.
+func (d *Daemon) writerConn(ctx context.Context, kind string, i int) (*pgx.Conn, error) {
+	conn, err := Connect(ctx, d.cfg.Database.DSN)
+	if err != nil {
+		return nil, err
+	}
+	name := d.cfg.OriginPrefix() + kind + strconv.Itoa(i)
+	_, err = conn.Exec(ctx, `SELECT pg_replication_origin_create($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)`, name)
+	if err == nil {
+		for try := 0; ; try++ {
+			_, err = conn.Exec(ctx, `SELECT pg_replication_origin_session_setup($1)`, name)
+			// 55006: a session of a daemon that just died still holds it.
+			if sqlState(err) != "55006" || try == 50 {
+				break
+			}
+			if sleep(ctx, 200*time.Millisecond) != nil {
+				break
+			}
+		}
+	}
+	if err != nil {
+		if sqlState(err) != "42501" {
+			conn.Close(context.Background())
+			return nil, fmt.Errorf("set replication origin %q: %w", name, err)
+		}
+		d.originOnce.Do(func() {
+			d.log.Warn("the role may not set a replication origin: the daemon's own writes come back through the stream, where re-applying them changes no row and writes no WAL; to skip them, GRANT EXECUTE ON FUNCTION pg_replication_origin_session_setup(text), pg_replication_origin_create(text) TO <role>",
+				"err", err)
+		})
+	}
+	return conn, nil
+}
+
+// writerConns opens n writer connections of one kind.
+func (d *Daemon) writerConns(ctx context.Context, n int, kind string) ([]*pgx.Conn, error) {
+	conns := make([]*pgx.Conn, 0, n)
+	for i := 0; i < n; i++ {
+		c, err := d.writerConn(ctx, kind, i)
+		if err != nil {
+			closeAll(conns)
+			return nil, err
+		}
+		conns = append(conns, c)
+	}
+	return conns, nil
+}
+
+func closeAll(conns []*pgx.Conn) {
+	for _, c := range conns {
+		c.Close(context.Background())
+	}
+}
+
+// dropOrigins removes the daemon's replication origins.
+func dropOrigins(ctx context.Context, conn *pgx.Conn, prefix string) error {
+	_, err := conn.Exec(ctx, `SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE starts_with(roname, $1)`, prefix)
+	if err != nil && sqlState(err) != "42501" {
+		return fmt.Errorf("drop replication origins %s*: %w", prefix, err)
+	}
+	return nil
+}
