@@ -106,6 +106,7 @@ func (t *Table) Keys(ctx context.Context, q Querier, keys []Key) (Result, error)
 	if err != nil {
 		return Result{}, err
 	}
+	defer rows.Close()
 	var res Result
 	for rows.Next() {
 		var skipped []string
@@ -188,6 +189,7 @@ func (t *Table) Range(ctx context.Context, q Querier, lo, hi Key, limit int) (Re
 	if err != nil {
 		return Result{}, err
 	}
+	defer rows.Close()
 	var res Result
 	for rows.Next() {
 		var skipped []string
@@ -218,6 +220,7 @@ func (t *Table) Check(ctx context.Context, q Querier, lo, hi Key, limit int) (Re
 	if err != nil {
 		return Result{}, err
 	}
+	defer rows.Close()
 	var res Result
 	for rows.Next() {
 		var bad []string
