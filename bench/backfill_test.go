@@ -53,8 +53,8 @@ type batchTimes struct {
 }
 
 func (bt *batchTimes) Enabled(context.Context, slog.Level) bool { return true }
-func (bt *batchTimes) WithAttrs([]slog.Attr) slog.Handler        { return bt }
-func (bt *batchTimes) WithGroup(string) slog.Handler             { return bt }
+func (bt *batchTimes) WithAttrs([]slog.Attr) slog.Handler       { return bt }
+func (bt *batchTimes) WithGroup(string) slog.Handler            { return bt }
 func (bt *batchTimes) Handle(_ context.Context, r slog.Record) error {
 	if r.Message != "backfill batch" {
 		return nil

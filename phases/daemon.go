@@ -54,16 +54,35 @@ type live struct {
 	savedEvents    uint64  // stream events already added to the state row
 	savedFixes     uint64  // corrections already added to the state row
 	ap             *applier.Applier
-	apEvents       uint64  // the current applier's events already counted
-	apFixes        uint64  // the current applier's corrections already counted
+	apEvents       uint64 // the current applier's events already counted
+	apFixes        uint64 // the current applier's corrections already counted
 }
 
 // Run is `cdcbackfill run`: it returns nil when the migration is done (or
-// ctx ends: state is saved, run again to resume), or the fatal error.
+// ctx ends: state is saved, run again to resume), or the fatal error. Once
+// the daemon has led, losing the database (a server restart, a terminated
+// session) is not fatal: it starts over from the state row, as a restarted
+// process would.
 func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if log == nil {
 		log = slog.Default()
 	}
+	backoff := 500 * time.Millisecond
+	for {
+		led := false
+		err := runOnce(ctx, cfg, log, &led)
+		if err == nil || ctx.Err() != nil || !led || !isConnLoss(err) {
+			return err
+		}
+		log.Warn("lost the database; starting over from the state row", "migration", cfg.Name, "err", err, "retry_in", backoff)
+		if sleep(ctx, backoff) != nil {
+			return nil
+		}
+		backoff = min(backoff*2, 10*time.Second)
+	}
+}
+
+func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *bool) error {
 	d := &Daemon{cfg: cfg, log: log.With("migration", cfg.Name), store: Store{Name: cfg.Name}}
 	d.approved.Store("")
 
@@ -104,6 +123,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		return err
 	}
 	defer lock.Close(context.Background())
+	*led = true
 
 	if err := d.store.Create(ctx, conn); err != nil {
 		return err
