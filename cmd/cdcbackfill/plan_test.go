@@ -194,3 +194,41 @@ func TestNotBuiltYetSaysSo(t *testing.T) {
 	}
 	mustContain(t, r, "not built yet")
 }
+
+// TestPlanServerSettings: wal_level not logical, and no replication slot
+// free. Both need a server restart, so they share one test and restore the
+// server's settings at the end.
+func TestPlanServerSettings(t *testing.T) {
+	srv := pgtest.Shared(t)
+	if srv.Kind() == "env" {
+		t.Skip("needs to restart the server; CDCBACKFILL_TEST_DSN points at one this test must not restart")
+	}
+	ctx := context.Background()
+	dsn := pgtest.NewDatabase(t)
+	exec1(t, dsn, seedUsers)
+	restartWith := func(settings ...string) {
+		t.Helper()
+		exec1(t, srv.DSN(), settings...)
+		if err := srv.Restart(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	defer restartWith("ALTER SYSTEM RESET wal_level", "ALTER SYSTEM RESET max_replication_slots")
+	cfg := writeConfig(t, usersConfig(dsn))
+
+	restartWith("ALTER SYSTEM SET wal_level = replica")
+	r := cli(t, 30*time.Second, nil, "plan", "--config", cfg)
+	if r.code != 1 {
+		t.Fatalf("want exit 1\n%s", r)
+	}
+	mustContain(t, r, `FAIL  wal_level: wal_level is "replica", logical replication needs "logical"`, "ALTER SYSTEM SET wal_level = logical")
+
+	restartWith("ALTER SYSTEM SET wal_level = logical", "ALTER SYSTEM SET max_replication_slots = 1")
+	exec1(t, dsn, "SELECT pg_create_logical_replication_slot('someone_else', 'pgoutput')")
+	r = cli(t, 30*time.Second, nil, "plan", "--config", cfg)
+	exec1(t, dsn, "SELECT pg_drop_replication_slot('someone_else')")
+	if r.code != 1 {
+		t.Fatalf("want exit 1\n%s", r)
+	}
+	mustContain(t, r, "FAIL  replication slot: no replication slot is free", "raise max_replication_slots")
+}

@@ -99,6 +99,19 @@ func startLocal(ctx context.Context, logf func(string, ...any)) (_ *localServer,
 	if err != nil {
 		return nil, fmt.Errorf("initdb: %w: %s", err, out)
 	}
+	// Logical decoding settings go in postgresql.conf, not on the command
+	// line, so a test can change them with ALTER SYSTEM and a restart.
+	conf, err := os.OpenFile(filepath.Join(l.dataDir, "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open postgresql.conf: %w", err)
+	}
+	_, err = conf.WriteString("\nwal_level = logical\nmax_replication_slots = 20\n")
+	if cerr := conf.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, fmt.Errorf("write postgresql.conf: %w", err)
+	}
 	// initdb -A trust writes the same, but do not depend on it.
 	const hba = "local all all trust\n" +
 		"local replication all trust\n" +
@@ -153,8 +166,6 @@ func (l *localServer) start(ctx context.Context) error {
 		"-c", "listen_addresses=127.0.0.1",
 		"-p", strconv.Itoa(l.port),
 		"-c", "unix_socket_directories="+l.root,
-		"-c", "wal_level=logical",
-		"-c", "max_replication_slots=20",
 		"-c", "max_wal_senders=20",
 		"-c", "fsync=off",
 		"-c", "synchronous_commit=off",
