@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -37,11 +38,15 @@ type Config struct {
 
 // Stats are the applier's counters since New.
 type Stats struct {
-	Events       uint64        // events received, of any kind and relation
-	Corrections  uint64        // rows whose new columns were written
-	Flushes      uint64        // recompute rounds over the buffer
-	Retries      uint64        // keys found held by another transaction, kept for the next flush (one per key per flush)
-	ConfirmedLSN pglogrepl.LSN // as ConfirmedLSN
+	Events      uint64 // events received, of any kind and relation
+	Corrections uint64 // rows whose new columns were written
+	Flushes     uint64 // recompute rounds over the buffer
+	Retries     uint64 // keys found held by another transaction, kept for the next flush (one per key per flush)
+	// VisibilityWaits counts flushes that found a transaction of their keys
+	// committed in WAL but still running (not yet visible to a snapshot) and
+	// waited for it before recomputing.
+	VisibilityWaits uint64
+	ConfirmedLSN    pglogrepl.LSN // as ConfirmedLSN
 	// LastCommitTime is the commit time of the last transaction fully
 	// applied when nothing waits, else of the oldest transaction with keys
 	// still waiting: time.Since(LastCommitTime) is how old the oldest
@@ -65,6 +70,7 @@ type Applier struct {
 	corrections atomic.Uint64
 	flushes     atomic.Uint64
 	retries     atomic.Uint64
+	visWaits    atomic.Uint64
 	commitTime  atomic.Int64 // unix nanoseconds, 0 for none
 	pendingKeys atomic.Int64
 	running     atomic.Bool
@@ -75,10 +81,11 @@ type Applier struct {
 
 	// Owned by the Run goroutine.
 	buf        map[string]*pending
-	minLSN     pglogrepl.LSN // smallest lsn in buf, when buf is not empty
-	minTime    time.Time     // commit time that goes with minLSN
-	inFlight   bool          // a Begin was seen without its Commit
-	txLSN      pglogrepl.LSN // FinalLSN of the transaction in flight
+	xids       map[uint32]struct{} // transactions that put keys in buf since the last flush's visibility check
+	minLSN     pglogrepl.LSN       // smallest lsn in buf, when buf is not empty
+	minTime    time.Time           // commit time that goes with minLSN
+	inFlight   bool                // a Begin was seen without its Commit
+	txLSN      pglogrepl.LSN       // FinalLSN of the transaction in flight
 	txTime     time.Time
 	lastEnd    pglogrepl.LSN // highest Commit or Idle EndLSN seen
 	lastCommit time.Time     // commit time of the last Commit seen
@@ -119,6 +126,7 @@ func New(conn *pgx.Conn, table *recompute.Table, cfg Config) *Applier {
 		stopped:  make(chan struct{}),
 		advanced: make(chan struct{}),
 		buf:      make(map[string]*pending, cfg.MaxBatchKeys),
+		xids:     make(map[uint32]struct{}),
 	}
 }
 
@@ -133,12 +141,13 @@ func (a *Applier) ConfirmedLSN() pglogrepl.LSN { return pglogrepl.LSN(a.confirme
 // Stats returns the counters.
 func (a *Applier) Stats() Stats {
 	st := Stats{
-		Events:       a.events.Load(),
-		Corrections:  a.corrections.Load(),
-		Flushes:      a.flushes.Load(),
-		Retries:      a.retries.Load(),
-		ConfirmedLSN: a.ConfirmedLSN(),
-		PendingKeys:  int(a.pendingKeys.Load()),
+		Events:          a.events.Load(),
+		Corrections:     a.corrections.Load(),
+		Flushes:         a.flushes.Load(),
+		Retries:         a.retries.Load(),
+		VisibilityWaits: a.visWaits.Load(),
+		ConfirmedLSN:    a.ConfirmedLSN(),
+		PendingKeys:     int(a.pendingKeys.Load()),
 	}
 	if ns := a.commitTime.Load(); ns != 0 {
 		st.LastCommitTime = time.Unix(0, ns)
@@ -209,7 +218,9 @@ func (a *Applier) run(ctx context.Context, in <-chan cdc.Event) error {
 	var armed time.Time // the due the timer is set for, zero when stopped
 
 	for {
-		full := len(a.buf) >= a.cfg.MaxBatchKeys
+		// Many transactions on few keys fill the xid set, not the buffer: it
+		// is bounded by the same size (a flush empties it).
+		full := len(a.buf) >= a.cfg.MaxBatchKeys || len(a.xids) >= a.cfg.MaxBatchKeys
 		if full && !a.backoff {
 			if err := a.flush(ctx); err != nil {
 				return err
@@ -274,6 +285,9 @@ func (a *Applier) handle(ctx context.Context, ev cdc.Event) error {
 			t = a.txTime
 		}
 		a.add(key, ev.FinalLSN, t)
+		if ev.Xid != 0 {
+			a.xids[ev.Xid] = struct{}{}
+		}
 		return nil // the buffer only grew: confirmed cannot move
 	case cdc.Commit:
 		a.inFlight = false
@@ -373,6 +387,9 @@ func (a *Applier) advance() {
 // flush recomputes every buffered key; held keys stay for the next flush.
 func (a *Applier) flush(ctx context.Context) error {
 	begin := time.Now()
+	if err := a.awaitVisible(ctx); err != nil {
+		return fmt.Errorf("apply keys: %w", err)
+	}
 	entries := make([]*pending, 0, len(a.buf))
 	for _, p := range a.buf {
 		entries = append(entries, p)
@@ -454,4 +471,128 @@ func (a *Applier) keepHeld(chunk []*pending, skipped []recompute.Key) {
 			a.buf[c] = &pending{key: k, lsn: earliest.lsn, time: earliest.time}
 		}
 	}
+}
+
+// awaitVisible waits until every transaction that put keys in the buffer
+// since the last check is visible to a new snapshot, then forgets them.
+//
+// The walsender sends a transaction as soon as its commit record is flushed,
+// which may be before the committing backend has left the proc array: for
+// microseconds normally, for the whole wait for a synchronous standby when
+// synchronous replication is on. A recompute statement whose snapshot is
+// taken in that window still sees the row as it was before the transaction
+// (an inserted row not at all), finds it in parity or missing, and the key
+// would count as applied, the slot confirmed past a change never applied.
+// Once a transaction is no longer running in one snapshot it is visible to
+// every later one, so the recompute statements that follow (later
+// statements on the same connection) see its changes.
+func (a *Applier) awaitVisible(ctx context.Context) error {
+	if len(a.xids) == 0 {
+		return nil
+	}
+	xids := make([]uint32, 0, len(a.xids))
+	for x := range a.xids {
+		xids = append(xids, x)
+	}
+	if _, err := a.waitVisible(ctx, xids); err != nil {
+		return err
+	}
+	clear(a.xids)
+	return nil
+}
+
+// Poll intervals of waitVisible: the wait is normally microseconds, but may
+// last as long as a synchronous standby takes to answer.
+const (
+	visibilityPollMin = 2 * time.Millisecond
+	visibilityPollMax = 50 * time.Millisecond
+	visibilityWarnAt  = time.Second
+)
+
+// snapshotSQL takes a new snapshot (each statement outside a transaction gets
+// its own under READ COMMITTED) and returns it as "xmin:xmax:xip,...". The
+// xids are compared in Go: the stream gives 32-bit xids and the snapshot
+// 64-bit ones with the epoch, whose low 32 bits are the xid.
+const snapshotSQL = `SELECT pg_current_snapshot()::text`
+
+// waitVisible polls new snapshots on the applier's connection, between
+// statements, until none of xids is running in one. waited reports whether
+// any was running at the first look; such a wait is counted in
+// VisibilityWaits when it starts, so a long one shows while it lasts.
+func (a *Applier) waitVisible(ctx context.Context, xids []uint32) (waited bool, err error) {
+	start := time.Now()
+	poll := visibilityPollMin
+	warned := false
+	for {
+		var snap string
+		if err := a.conn.QueryRow(ctx, snapshotSQL).Scan(&snap); err != nil {
+			return waited, fmt.Errorf("take a snapshot to check that %d transactions are visible: %w", len(xids), err)
+		}
+		running, err := stillRunning(snap, xids)
+		if err != nil {
+			return waited, err
+		}
+		if len(running) == 0 {
+			if warned {
+				a.log.Info("transactions visible; applying", "waited", time.Since(start))
+			}
+			return waited, nil
+		}
+		if !waited {
+			waited = true
+			a.visWaits.Add(1)
+		}
+		xids = running
+		if !warned && time.Since(start) >= visibilityWarnAt {
+			warned = true
+			a.log.Warn("waiting for transactions committed in WAL to become visible (a synchronous standby not answering?)",
+				"xids", running, "waited", time.Since(start))
+		}
+		t := time.NewTimer(poll)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return waited, ctx.Err()
+		case <-t.C:
+		}
+		poll = min(2*poll, visibilityPollMax)
+	}
+}
+
+// stillRunning returns the xids that the snapshot snap, the text form of a
+// pg_snapshot ("xmin:xmax:xip,xip,..."), counts as running: those listed in
+// xip, and those at or after xmax. The second part matters: a snapshot's xip
+// lists only running transactions below xmax (one past the latest completed
+// xid), so a transaction with a higher xid that is still running is not in
+// it. The xids are 32 bits and wrap around; a transaction the stream sent is
+// committed in WAL after the slot's catalog_xmin, which holds back
+// datfrozenxid, so wraparound protection keeps it within 2^31 of xmax and the
+// signed difference of the low 32 bits orders it correctly.
+func stillRunning(snap string, xids []uint32) ([]uint32, error) {
+	bad := func() error { return fmt.Errorf("parse snapshot %q: want xmin:xmax:xip,...", snap) }
+	parts := strings.Split(snap, ":")
+	if len(parts) != 3 {
+		return nil, bad()
+	}
+	xmax, err := strconv.ParseUint(parts[1], 10, 64)
+	if err != nil {
+		return nil, bad()
+	}
+	xip := map[uint32]bool{}
+	if parts[2] != "" {
+		for _, f := range strings.Split(parts[2], ",") {
+			x, err := strconv.ParseUint(f, 10, 64)
+			if err != nil {
+				return nil, bad()
+			}
+			xip[uint32(x)] = true
+		}
+	}
+	var running []uint32
+	for _, x := range xids {
+		if xip[x] || int32(x-uint32(xmax)) >= 0 {
+			running = append(running, x)
+		}
+	}
+	return running, nil
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -617,5 +618,163 @@ func TestStreamKeepsParity(t *testing.T) {
 				t.Errorf("stream: %v; applier: %v", streamErr, applyErr)
 			}
 		})
+	}
+}
+
+func TestStillRunning(t *testing.T) {
+	const epoch = uint64(1) << 32
+	for _, tc := range []struct {
+		name string
+		snap string
+		xids []uint32
+		want []uint32
+	}{
+		{"none running", "100:100:", []uint32{50, 99}, nil},
+		{"listed in xip", "90:100:90,95", []uint32{89, 90, 94, 95, 99}, []uint32{90, 95}},
+		{"at or after xmax: not listed but running", "100:100:", []uint32{100, 101, 5000}, []uint32{100, 101, 5000}},
+		{"xip and xmax with an epoch", fmt.Sprint(epoch+3, ":", epoch+10, ":", epoch+3, ",", epoch+7),
+			[]uint32{2, 3, 5, 7, 9, 10, 11}, []uint32{3, 7, 10, 11}},
+		{"xids across the wraparound", fmt.Sprint(epoch-10, ":", epoch+5, ":", epoch-4),
+			[]uint32{4294967286, 4294967292, 4294967295, 4, 5, 6}, []uint32{4294967292, 5, 6}},
+	} {
+		got, err := applier.StillRunning(tc.snap, tc.xids)
+		if err != nil {
+			t.Errorf("%s: %v", tc.name, err)
+			continue
+		}
+		if !slices.Equal(got, tc.want) {
+			t.Errorf("%s: stillRunning(%q, %v) = %v, want %v", tc.name, tc.snap, tc.xids, got, tc.want)
+		}
+	}
+	for _, bad := range []string{"", "1:2", "1:x:", "1:2:3,y"} {
+		if _, err := applier.StillRunning(bad, []uint32{1}); err == nil {
+			t.Errorf("stillRunning(%q) did not fail", bad)
+		}
+	}
+}
+
+// openTxn starts a transaction on a connection of its own that has an xid and
+// keeps it open; it returns the connection and the xid's low 32 bits, the
+// xid the stream reports.
+func openTxn(t *testing.T, dsn string) (*pgx.Conn, uint32) {
+	t.Helper()
+	conn := connect(t, dsn)
+	execOn(t, conn, "BEGIN")
+	var txid int64
+	if err := conn.QueryRow(context.Background(), "SELECT txid_current()").Scan(&txid); err != nil {
+		t.Fatal(err)
+	}
+	return conn, uint32(txid)
+}
+
+// TestWaitVisibleBlocksWhileRunning stands in for the window in which a
+// transaction is committed in WAL (and sent by the walsender) but still in
+// the proc array: to a snapshot an open transaction looks the same.
+func TestWaitVisibleBlocksWhileRunning(t *testing.T) {
+	f := newUsers(t, 1)
+	a := applier.New(connect(t, f.dsn), f.table, testConfig(t))
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+
+	var finishedXid int64 // of a transaction of its own, ended when the statement returns
+	if err := f.db.QueryRow(ctx, "SELECT txid_current()").Scan(&finishedXid); err != nil {
+		t.Fatal(err)
+	}
+
+	// Nothing running: returns at once.
+	began := time.Now()
+	if waited, err := a.WaitVisible(ctx, []uint32{uint32(finishedXid)}); err != nil || waited {
+		t.Fatalf("WaitVisible(ended xid) = %v, %v; want false, nil", waited, err)
+	}
+	t.Logf("no wait took %s", time.Since(began))
+
+	holder, xid := openTxn(t, f.dsn)
+	type result struct {
+		waited bool
+		err    error
+	}
+	done := make(chan result, 1)
+	go func() {
+		waited, err := a.WaitVisible(ctx, []uint32{uint32(finishedXid), xid})
+		done <- result{waited, err}
+	}()
+	select {
+	case r := <-done:
+		t.Fatalf("WaitVisible returned %+v while transaction %d is open", r, xid)
+	case <-time.After(300 * time.Millisecond):
+	}
+	if st := a.Stats(); st.VisibilityWaits != 1 {
+		t.Errorf("VisibilityWaits = %d while waiting, want 1", st.VisibilityWaits)
+	}
+	committed := time.Now()
+	execOn(t, holder, "COMMIT")
+	select {
+	case r := <-done:
+		if r.err != nil || !r.waited {
+			t.Fatalf("WaitVisible = %+v, want waited and no error", r)
+		}
+		t.Logf("returned %s after the commit", time.Since(committed))
+	case <-time.After(waitTimeout):
+		t.Fatal("WaitVisible did not return after the commit")
+	}
+
+	// A cancelled context ends the wait.
+	holder, xid = openTxn(t, f.dsn)
+	cctx, ccancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer ccancel()
+	if _, err := a.WaitVisible(cctx, []uint32{xid}); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("WaitVisible with an ending context = %v, want deadline exceeded", err)
+	}
+	execOn(t, holder, "ROLLBACK")
+}
+
+// TestWaitsForTransactionToBeVisible is the bug the wait fixes, end to end:
+// a row inserted by a transaction the stream has sent but no snapshot sees
+// yet would be found missing, counted as applied, and confirmed past.
+func TestWaitsForTransactionToBeVisible(t *testing.T) {
+	f := newUsers(t, 10)
+	f.exec(`UPDATE users SET first_name = split_part(full_name, ' ', 1), last_name = split_part(full_name, ' ', 2)`)
+	// Not yet visible: an insert (missing to the recompute's snapshot) and
+	// an update of a row in parity (its old version is in parity).
+	writer, xid := openTxn(t, f.dsn)
+	execOn(t, writer, "INSERT INTO users (id, full_name) VALUES (11, 'Ada Lovelace')")
+	execOn(t, writer, "UPDATE users SET full_name = 'Grace Hopper' WHERE id = 3")
+
+	cfg := testConfig(t)
+	r := f.start(cfg, 0x100)
+	evs := txn(0x1000, 0x1100, 11, 3)
+	for i := range evs {
+		evs[i].Xid = xid
+	}
+	r.send(evs...)
+	time.Sleep(10 * cfg.FlushInterval)
+	if got := r.a.ConfirmedLSN(); got >= 0x1100 {
+		t.Fatalf("confirmed %s past a transaction no snapshot sees", got)
+	}
+	if st := r.a.Stats(); st.VisibilityWaits != 1 || st.Flushes != 0 || st.PendingKeys != 2 {
+		t.Errorf("while waiting: %+v; want one visibility wait, no flush, 2 keys pending", st)
+	}
+
+	execOn(t, writer, "COMMIT")
+	r.waitApplied(0x1100)
+	if n := f.outOfParity(); n != 0 {
+		t.Errorf("%d rows out of parity", n)
+	}
+	if st := r.a.Stats(); st.Corrections != 2 || st.VisibilityWaits != 1 {
+		t.Errorf("after the commit: %+v; want 2 corrections, 1 visibility wait", st)
+	}
+
+	// Visible transactions cost one snapshot and no wait.
+	evs = txn(0x2000, 0x2100, 4)
+	for i := range evs {
+		evs[i].Xid = xid
+	}
+	r.send(evs...)
+	r.waitApplied(0x2100)
+	if st := r.a.Stats(); st.VisibilityWaits != 1 {
+		t.Errorf("VisibilityWaits = %d after a visible transaction, want still 1", st.VisibilityWaits)
+	}
+	if err := r.close(); err != nil {
+		t.Fatal(err)
 	}
 }

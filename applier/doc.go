@@ -10,6 +10,15 @@
 //     with the FinalLSN of the earliest transaction that put it there, and
 //     flushed by one recompute.Table.Keys statement: the new columns are
 //     recomputed from the row as it is now, which is at or after that change.
+//   - "The row as it is now" needs the change to be visible: the walsender
+//     sends a transaction once its commit record is flushed, possibly before
+//     the committing backend leaves the proc array (for the whole wait for a
+//     synchronous standby), and a snapshot taken then still sees the old row
+//     (an inserted row not at all). So the applier keeps the xids (Event.Xid)
+//     of the transactions that put keys in the buffer, at most MaxBatchKeys of
+//     them, and before each flush polls a new snapshot on its own connection
+//     until none of them is running; only then do the recompute statements
+//     run, and their later snapshots see every one of those transactions.
 //   - Keys another transaction holds come back skipped and stay in the buffer
 //     with their FinalLSN, to be retried; they hold the confirmed position.
 //   - The confirmed position is the end of the last Commit (or Idle position)

@@ -75,7 +75,7 @@ func (d *txnDecoder) decode(walData []byte, emit func(Event) error) (decoded, er
 
 	case *pglogrepl.BeginMessage:
 		d.inTxn, d.skip, d.beginSent, d.deletes = true, false, false, 0
-		d.begin = Event{Kind: Begin, FinalLSN: m.FinalLSN, CommitTime: m.CommitTime}
+		d.begin = Event{Kind: Begin, FinalLSN: m.FinalLSN, CommitTime: m.CommitTime, Xid: m.Xid}
 
 	case *pglogrepl.OriginMessage:
 		if d.inTxn && d.originPrefix != "" && strings.HasPrefix(m.Name, d.originPrefix) {
@@ -111,6 +111,7 @@ func (d *txnDecoder) decode(walData []byte, emit func(Event) error) (decoded, er
 			EndLSN:     m.TransactionEndLSN,
 			CommitTime: m.CommitTime,
 			Deletes:    d.deletes,
+			Xid:        d.begin.Xid,
 		})
 
 	default:
@@ -163,6 +164,7 @@ func (d *txnDecoder) change(relID uint32, newTuple, oldTuple *pglogrepl.TupleDat
 		Relation:   rel.name,
 		KeyColumns: rel.keyCols,
 		Key:        key,
+		Xid:        d.begin.Xid,
 	})
 }
 

@@ -15,6 +15,10 @@
 //   - Only key columns are copied out of WAL. The consumer recomputes rows from
 //     their current version, so TOAST "unchanged" markers and row values in WAL
 //     never matter.
+//   - Every Begin, Change and Commit carries the transaction's xid: the
+//     walsender may send a transaction before it is visible to snapshots
+//     (its backend still in the proc array, e.g. waiting for a synchronous
+//     standby), so a consumer reading rows waits for the xid first.
 //   - Transactions whose Origin starts with Config.OriginPrefix (the daemon's
 //     own writes) are skipped client-side, by the Origin message, because the
 //     server-side origin option does not exist before PostgreSQL 16 and would

@@ -55,6 +55,13 @@ type Event struct {
 	KeyColumns []string      // Change: replica identity key columns in relation column order; shared, do not modify
 	Key        []string      // Change: text values of KeyColumns (pgoutput text format), same order
 	Deletes    int           // Commit: number of delete/truncate messages in the transaction (for counters)
+	// Xid is the transaction's top-level id (Begin, Change and Commit; 0 for
+	// Idle and Reset). The walsender sends a transaction once its commit
+	// record is flushed, which can be before the committing backend leaves
+	// the proc array (for the whole wait for a synchronous standby): until
+	// then no snapshot sees its changes. A consumer that reads rows in SQL
+	// waits until Xid is no longer running before it trusts what it reads.
+	Xid uint32
 }
 
 // Config says which slot to read and how.

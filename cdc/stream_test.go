@@ -328,10 +328,63 @@ func TestInsertUpdateDelete(t *testing.T) {
 		lastCommit = commit.CommitLSN
 	}
 
+	// The counters move just after the Commit is handed over.
+	waitFor(t, "the last transaction counted", func() bool { return c.stream.Stats().Transactions >= uint64(len(steps)+1) })
 	st := c.stream.Stats()
 	if st.Transactions != uint64(len(steps)+1) || st.SkippedTransactions != 0 || st.ReceivedLSN < lastCommit ||
 		st.LastCommitTime.IsZero() {
 		t.Errorf("Stats = %+v", st)
+	}
+}
+
+// TestEventsCarryXid checks that Begin, every Change (a subtransaction's
+// included) and Commit carry the writing transaction's top-level id, the one
+// the applier waits on before it trusts a snapshot.
+func TestEventsCarryXid(t *testing.T) {
+	f := newFixture(t)
+	c := f.start(f.config())
+	ctx, cancel := context.WithTimeout(context.Background(), eventTimeout)
+	defer cancel()
+
+	var prev uint32
+	for i, tc := range []struct {
+		stmts   []string
+		changes int
+	}{
+		{[]string{"INSERT INTO t VALUES (1, 'a', 'b'), (2, 'a', 'b')", "UPDATE t SET a = 'x' WHERE id = 1"}, 3},
+		{[]string{"SAVEPOINT s", "INSERT INTO t VALUES (3, 'a', 'b')", "RELEASE SAVEPOINT s", "UPDATE t SET b = 'y' WHERE id = 2"}, 2},
+	} {
+		tx, err := f.db.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var txid int64
+		if err := tx.QueryRow(ctx, "SELECT txid_current()").Scan(&txid); err != nil {
+			t.Fatal(err)
+		}
+		for _, sql := range tc.stmts {
+			if _, err := tx.Exec(ctx, sql); err != nil {
+				t.Fatalf("%s: %v", sql, err)
+			}
+		}
+		if err := tx.Commit(ctx); err != nil {
+			t.Fatal(err)
+		}
+		want := uint32(txid) // txid_current is the xid with its epoch: the low 32 bits are the xid
+		evs := c.txn()
+		checkTxn(t, evs)
+		if n := len(keysOf(evs)); n != tc.changes {
+			t.Errorf("transaction %d: %d changes, want %d", i, n, tc.changes)
+		}
+		for _, ev := range evs {
+			if ev.Xid != want {
+				t.Errorf("transaction %d: %v has Xid %d, want %d (txid_current %d)", i, ev.Kind, ev.Xid, want, txid)
+			}
+		}
+		if want == prev {
+			t.Errorf("transaction %d has the same xid %d as the one before", i, want)
+		}
+		prev = want
 	}
 }
 
@@ -393,6 +446,8 @@ func TestSkipsOwnOrigin(t *testing.T) {
 	if !slices.Equal(keys, []string{"2", "3"}) {
 		t.Errorf("keys %q, want [2 3]: only the daemon's own transaction is skipped", keys)
 	}
+	// The counters move just after the Commit is handed over.
+	waitFor(t, "both transactions counted", func() bool { return c.stream.Stats().Transactions >= 2 })
 	if st := c.stream.Stats(); st.SkippedTransactions != 1 || st.Transactions != 2 {
 		t.Errorf("Skipped %d Transactions %d, want 1 and 2", st.SkippedTransactions, st.Transactions)
 	}
