@@ -85,4 +85,5 @@ func (c *Config) PublicationName() string { return "cdcbackfill_" + c.Name }
 
 // OriginPrefix prefixes the replication origins of the daemon's writers, so
 // the stream can tell the daemon's own transactions from the application's.
-func (c *Config) OriginPrefix() string { return "cdcbackfill_" + c.Name + "_" }
+// The '.' cannot occur in a name, so no migration's prefix is another's.
+func (c *Config) OriginPrefix() string { return "cdcbackfill_" + c.Name + "." }

@@ -112,7 +112,10 @@ func (b *Backfiller) walk(ctx context.Context, conn *pgx.Conn, worker int, r Ran
 	size := b.BatchSize
 	for !r.Done {
 		if err := b.Throttle.Wait(ctx, size); err != nil {
-			return nil // stopped between batches: nothing in hand
+			if ctx.Err() != nil {
+				return nil // stopped between batches: nothing in hand
+			}
+			return fmt.Errorf("backfill worker %d: throttle: %w", worker, err)
 		}
 		took, res, err := b.batch(ctx, conn, worker, &r, size)
 		if err != nil {

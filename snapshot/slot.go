@@ -48,7 +48,9 @@ func EnsurePublication(ctx context.Context, q recompute.Querier, name string, t 
 	if exists {
 		return nil
 	}
-	if _, err := q.Exec(ctx, "CREATE PUBLICATION "+pgx.Identifier{name}.Sanitize()+" FOR TABLE "+t.Ident()); err != nil {
+	// publish_via_partition_root: a partitioned table's changes then name
+	// the table itself, not its partitions, so none is passed over.
+	if _, err := q.Exec(ctx, "CREATE PUBLICATION "+pgx.Identifier{name}.Sanitize()+" FOR TABLE "+t.Ident()+" WITH (publish_via_partition_root = true)"); err != nil {
 		return fmt.Errorf("create publication %q for %s: %w", name, t.Ident(), err)
 	}
 	return nil
@@ -185,7 +187,17 @@ func ReadPlan(ctx context.Context, conn *pgx.Conn, snapshotName string, t *recom
 	if err != nil {
 		return Plan{}, err
 	}
-	return Plan{Lo: lo, Hi: hi, Estimate: n}, tx.Commit(ctx)
+	if err := tx.Commit(ctx); err != nil {
+		return Plan{}, err
+	}
+	if n == 0 && hi != nil {
+		// Never analyzed: count, but outside the snapshot, which would
+		// hold back vacuum for as long as the count takes.
+		if n, err = t.Count(ctx, conn); err != nil {
+			return Plan{}, err
+		}
+	}
+	return Plan{Lo: lo, Hi: hi, Estimate: n}, nil
 }
 
 // ReadPlanNow reads the plan without the snapshot, for a slot that exists
@@ -194,6 +206,9 @@ func ReadPlan(ctx context.Context, conn *pgx.Conn, snapshotName string, t *recom
 // has not changed since: such a row still exists, with its key.
 func ReadPlanNow(ctx context.Context, q recompute.Querier, t *recompute.Table) (Plan, error) {
 	lo, hi, n, err := t.Bounds(ctx, q)
+	if err == nil && n == 0 && hi != nil {
+		n, err = t.Count(ctx, q)
+	}
 	return Plan{Lo: lo, Hi: hi, Estimate: n}, err
 }
 

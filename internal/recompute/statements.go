@@ -30,6 +30,8 @@ type Result struct {
 
 // lockAndUpdate locks, among the keys in _cdcb_keys, the rows out of parity
 // that nobody else holds, in key order without waiting (SKIP LOCKED), and
+// with NO KEY UPDATE (the key never changes), so the application's foreign
+// key checks (KEY SHARE) neither wait for a batch nor make it skip rows;
 // recomputes them; the final SELECT reports the count and the skipped keys.
 // The UPDATE does not test parity again: the lock's re-check
 // (EvalPlanQual) saw the row's latest version out of parity, and the lock
@@ -43,7 +45,7 @@ _cdcb_locked AS (
 	SELECT %[2]s FROM %[1]s
 	WHERE %[3]s AND %[4]s
 	ORDER BY %[5]s
-	FOR UPDATE SKIP LOCKED
+	FOR NO KEY UPDATE SKIP LOCKED
 ),
 _cdcb_upd AS (
 	UPDATE %[1]s SET %[6]s
@@ -248,13 +250,17 @@ func (t *Table) Bounds(ctx context.Context, q Querier) (lo, hi Key, estimate int
 	if err != nil {
 		return nil, nil, 0, fmt.Errorf("estimate rows of %s: %w", t.Ident(), err)
 	}
-	if estimate == 0 && hi != nil {
-		// Never analyzed: count, the table is small or the user waits once.
-		if err = q.QueryRow(ctx, "SELECT count(*) FROM "+t.Ident()).Scan(&estimate); err != nil {
-			return nil, nil, 0, fmt.Errorf("count rows of %s: %w", t.Ident(), err)
-		}
-	}
 	return lo, hi, estimate, nil
+}
+
+// Count counts the rows, for a table never analyzed (no estimate). It is
+// never run inside a long-lived snapshot: on a big table it takes a while.
+func (t *Table) Count(ctx context.Context, q Querier) (int64, error) {
+	var n int64
+	if err := q.QueryRow(ctx, "SELECT count(*) FROM "+t.Ident()).Scan(&n); err != nil {
+		return 0, fmt.Errorf("count rows of %s: %w", t.Ident(), err)
+	}
+	return n, nil
 }
 
 func (t *Table) textKeys() string {
