@@ -54,7 +54,7 @@ func (d *Daemon) backfill(ctx context.Context, st *State) error {
 	}
 	d.log.Info("backfill: walking the key range", "rows_total", st.RowsTotal, "rows_done", st.RowsDone, "workers", len(st.Ranges))
 	pgConns := conns
-	if err := d.pipe.guard(ctx, func(ctx context.Context) error { return b.Run(ctx, pgConns, st.Ranges) }); err != nil {
+	if err := d.pipe.Load().guard(ctx, func(ctx context.Context) error { return b.Run(ctx, pgConns, st.Ranges) }); err != nil {
 		return err
 	}
 	if ctx.Err() != nil {

@@ -37,8 +37,8 @@ type Daemon struct {
 	pool       *pgxpool.Pool // reads from several goroutines (throttle)
 	originOnce sync.Once
 
-	pipe      *pipeline
-	watchConn *pgx.Conn // the watcher's connection (publishes live figures)
+	pipe      atomic.Pointer[pipeline] // read by the watcher too
+	watchConn *pgx.Conn                // the watcher's connection (publishes live figures)
 
 	live live // figures for status, published by the watcher
 }
@@ -142,13 +142,13 @@ func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *boo
 	err = d.phases(wctx)
 	if cause := context.Cause(wctx); errors.Is(cause, ErrAborted) {
 		err = d.performAbort(context.WithoutCancel(ctx))
-	} else if errors.Is(cause, errLostLeadership) {
-		err = cause
+	} else if err == nil && cause != nil && !errors.Is(cause, context.Canceled) {
+		err = cause // the watcher failed (lost leadership, no connection)
 	}
 	cancel(nil)
 	<-watchDone
-	if d.pipe != nil {
-		d.pipe.stop()
+	if p := d.pipe.Swap(nil); p != nil {
+		p.stop()
 	}
 	if err != nil && ctx.Err() == nil {
 		_ = d.store.Update(context.Background(), conn, "error = $2", err.Error())

@@ -75,7 +75,7 @@ func (d DDLRunner) try(ctx context.Context, conn *pgx.Conn, stmt string, record 
 		return err
 	}
 	defer tx.Rollback(context.Background())
-	if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", d.LockTimeout.Milliseconds())); err != nil {
+	if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", d.lockTimeoutMS())); err != nil {
 		return err
 	}
 	if _, err := tx.Exec(ctx, stmt); err != nil {
@@ -95,7 +95,7 @@ func (d DDLRunner) try(ctx context.Context, conn *pgx.Conn, stmt string, record 
 // cannot be atomic with it: such statements (CONCURRENTLY) are the ones
 // written to be rerun safely with IF NOT EXISTS.
 func (d DDLRunner) outsideTx(ctx context.Context, conn *pgx.Conn, stmt string, record func(pgx.Tx) error) error {
-	if _, err := conn.Exec(ctx, fmt.Sprintf("SET lock_timeout = %d", d.LockTimeout.Milliseconds())); err != nil {
+	if _, err := conn.Exec(ctx, fmt.Sprintf("SET lock_timeout = %d", d.lockTimeoutMS())); err != nil {
 		return err
 	}
 	_, err := conn.Exec(ctx, stmt)
@@ -144,3 +144,7 @@ func sleep(ctx context.Context, d time.Duration) error {
 		return nil
 	}
 }
+
+// lockTimeoutMS is at least 1: lock_timeout = 0 would mean no time-out,
+// the one value that could queue the application behind the DDL for good.
+func (d DDLRunner) lockTimeoutMS() int64 { return max(d.LockTimeout.Milliseconds(), 1) }

@@ -2,33 +2,97 @@ package phases
 
 import (
 	"context"
-	"errors"
 	"fmt"
+	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
 )
 
-// errNotBuilt marks phases this version does not carry out yet.
-var errNotBuilt = errors.New("not built yet in this version")
-
-// verify is not built yet: sync never leaves for it (see sync).
-func (d *Daemon) verify(ctx context.Context, st *State) error {
-	return fmt.Errorf("phase verify: %w; the migration stays correct in sync: run `cdcbackfill abort` to end it", errNotBuilt)
+// contract waits for approval (manual) or goes on (auto), then runs the
+// contract DDL, each statement once, and drops slot, publication and
+// origins. The stream stops before the DDL: the expressions read the
+// column the DDL drops. It first catches up, so nothing the application
+// wrote before the DDL is left unapplied.
+func (d *Daemon) contract(ctx context.Context, st *State) error {
+	if st.ContractDone == 0 {
+		if err := d.startPipeline(ctx); err != nil {
+			return err
+		}
+		if d.cfg.ContractPolicy.Mode == "manual" && d.approved.Load() != Contract {
+			d.log.Info("contract: parity holds; waiting for approval (cdcbackfill approve)")
+			for d.approved.Load() != Contract {
+				if err := d.pipe.Load().failure(); err != nil {
+					return fmt.Errorf("sync stream: %w", err)
+				}
+				if err := sleep(ctx, 200*time.Millisecond); err != nil {
+					return nil
+				}
+			}
+		}
+		var end string
+		if err := d.conn.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&end); err != nil {
+			return err
+		}
+		lsn, err := pglogrepl.ParseLSN(end)
+		if err != nil {
+			return err
+		}
+		if err := d.pipe.Load().waitApplied(ctx, lsn); err != nil {
+			return fmt.Errorf("contract: catch up the stream: %w", err)
+		}
+	}
+	if p := d.pipe.Swap(nil); p != nil {
+		p.stop()
+	}
+	runner := d.ddlRunner()
+	for i := st.ContractDone; i < len(d.cfg.Contract); i++ {
+		stmt := d.cfg.Contract[i]
+		d.log.Info("contract: running DDL", "statement", stmt, "step", i+1, "of", len(d.cfg.Contract))
+		res, err := runner.Run(ctx, d.conn, stmt, func(tx pgx.Tx) error {
+			return d.store.Update(ctx, tx, "contract_done = $2", i+1)
+		})
+		if err != nil {
+			return fmt.Errorf("contract: %w", err)
+		}
+		d.log.Info("contract: DDL done", "statement", stmt, "tries", res.Tries, "lock_wait", res.LockWait)
+		if err := d.store.Event(ctx, d.conn, Contract, "ddl", map[string]any{
+			"statement": stmt, "tries": res.Tries, "lock_wait_ms": res.LockWait.Milliseconds()}); err != nil {
+			return err
+		}
+	}
+	if err := d.dropReplication(ctx); err != nil {
+		return err
+	}
+	d.log.Info("migration done: contract DDL ran; slot, publication and origins dropped")
+	return d.store.SetPhase(ctx, d.conn, Contract, Done, nil)
 }
 
-func (d *Daemon) contract(ctx context.Context, st *State) error {
-	return fmt.Errorf("phase contract: %w", errNotBuilt)
+// dropReplication removes everything the daemon made for the stream.
+func (d *Daemon) dropReplication(ctx context.Context) error {
+	if err := snapshot.DropSlot(ctx, d.conn, d.cfg.SlotName()); err != nil {
+		return err
+	}
+	if err := snapshot.DropPublication(ctx, d.conn, d.cfg.PublicationName()); err != nil {
+		return err
+	}
+	if err := dropOrigins(ctx, d.conn, d.cfg.OriginPrefix()); err != nil {
+		return err
+	}
+	if _, err := d.conn.Exec(ctx, `DELETE FROM cdcbackfill.retry_keys WHERE name = $1`, d.cfg.Name); err != nil {
+		return fmt.Errorf("forget skipped keys: %w", err)
+	}
+	return nil
 }
 
 // performAbort ends the migration before contract: the stream stops, the
 // slot, publication and origins are dropped, and with rollback the
 // rollback statements run (each once).
 func (d *Daemon) performAbort(ctx context.Context) error {
-	if d.pipe != nil {
-		d.pipe.stop()
-		d.pipe = nil
+	if p := d.pipe.Swap(nil); p != nil {
+		p.stop()
 	}
 	return abortNow(ctx, d.conn, d.store, d.cfgAbort())
 }

@@ -183,6 +183,9 @@ func Inspect(ctx context.Context, cfg *config.Config) (*Report, error) {
 		if err != nil {
 			return nil, err
 		}
+		if rows == 0 && hi != nil {
+			rows = countBriefly(ctx, conn, t)
+		}
 		r.Lo, r.Hi, r.Rows = lo, hi, rows
 	}
 	return r, nil
@@ -334,7 +337,11 @@ func (r *Report) Print(w io.Writer, cfg *config.Config) {
 	for i, k := range r.Table.Key {
 		keys[i] = k.Name
 	}
-	fmt.Fprintf(w, "  key: (%s); about %d rows", strings.Join(keys, ", "), r.Rows)
+	if r.Rows < 0 {
+		fmt.Fprintf(w, "  key: (%s); rows unknown (never analyzed: ANALYZE %s)", strings.Join(keys, ", "), r.Table.Ident())
+	} else {
+		fmt.Fprintf(w, "  key: (%s); about %d rows", strings.Join(keys, ", "), r.Rows)
+	}
 	if r.Lo != nil {
 		fmt.Fprintf(w, ", keys %s to %s", strings.Join(r.Lo, ","), strings.Join(r.Hi, ","))
 	}
@@ -359,4 +366,21 @@ func printList(w io.Writer, stmts []string) {
 	for _, s := range stmts {
 		fmt.Fprintf(w, "       %s\n", s)
 	}
+}
+
+// countBriefly counts a table that was never analyzed, giving up after a
+// few seconds (-1: unknown) so plan stays quick on a big table.
+func countBriefly(ctx context.Context, conn *pgx.Conn, t *recompute.Table) int64 {
+	n := int64(-1)
+	_ = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SET LOCAL statement_timeout = '5s'"); err != nil {
+			return err
+		}
+		c, err := t.Count(ctx, tx)
+		if err == nil {
+			n = c
+		}
+		return err
+	})
+	return n
 }

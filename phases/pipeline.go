@@ -33,12 +33,12 @@ type pipeline struct {
 
 // startPipeline starts the stream and the applier unless they run.
 func (d *Daemon) startPipeline(ctx context.Context) error {
-	if d.pipe != nil {
-		return d.pipe.failure()
+	if d.pipe.Load() != nil {
+		return d.pipe.Load().failure()
 	}
 	pctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	p := &pipeline{cancel: cancel, done: make(chan struct{}), failed: make(chan struct{})}
-	d.pipe = p
+	d.pipe.Store(p)
 	go func() {
 		defer close(p.done)
 		d.supervise(pctx, p)

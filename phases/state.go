@@ -64,6 +64,9 @@ CREATE TABLE IF NOT EXISTS cdcbackfill.events (
 	kind text NOT NULL,
 	detail jsonb NOT NULL DEFAULT '{}'
 );
+ALTER TABLE cdcbackfill.migrations
+	ADD COLUMN IF NOT EXISTS verify_pass_started timestamptz,
+	ADD COLUMN IF NOT EXISTS clean_pass_started timestamptz;
 CREATE TABLE IF NOT EXISTS cdcbackfill.retry_keys (
 	name text NOT NULL,
 	key text[] NOT NULL,
@@ -118,6 +121,10 @@ type State struct {
 	CreatedAt         time.Time
 	UpdatedAt         time.Time
 	PhaseStartedAt    time.Time
+	// VerifyPassStarted is when the verify pass in hand began;
+	// CleanPassStarted when the last pass without a mismatch began.
+	VerifyPassStarted *time.Time
+	CleanPassStarted  *time.Time
 }
 
 // ErrNoMigration is returned when no state row exists for the name.
@@ -140,7 +147,7 @@ const selectState = `SELECT name, phase, expand_done, contract_done, rollback_do
 	plan, ranges, rows_done, rows_total, sync_events, corrections, last_correction_at,
 	verify_cursor, verify_rows_checked, verify_mismatches, mismatch_samples, clean_since,
 	paused, approved_phase, abort_requested, rollback_requested, stats, error,
-	created_at, updated_at, phase_started_at
+	created_at, updated_at, phase_started_at, verify_pass_started, clean_pass_started
 FROM cdcbackfill.migrations WHERE name = $1`
 
 // Load reads the state row; ErrNoMigration when there is none.
@@ -151,7 +158,8 @@ func (s Store) Load(ctx context.Context, q recompute.Querier) (*State, error) {
 		&st.RollbackDone, &st.SlotLSN, &st.Plan, &ranges, &st.RowsDone, &st.RowsTotal, &st.SyncEvents,
 		&st.Corrections, &st.LastCorrectionAt, &st.VerifyCursor, &st.VerifyRowsChecked, &st.VerifyMismatches,
 		&st.MismatchSamples, &st.CleanSince, &st.Paused, &st.ApprovedPhase, &st.AbortRequested,
-		&st.RollbackRequested, &st.Stats, &st.Error, &st.CreatedAt, &st.UpdatedAt, &st.PhaseStartedAt)
+		&st.RollbackRequested, &st.Stats, &st.Error, &st.CreatedAt, &st.UpdatedAt, &st.PhaseStartedAt,
+		&st.VerifyPassStarted, &st.CleanPassStarted)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fmt.Errorf("%w: %q", ErrNoMigration, s.Name)
 	}

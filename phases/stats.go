@@ -27,10 +27,11 @@ func (d *Daemon) totalCorrections() uint64 {
 // pendingEvents and pendingFixes are the current applier's counts not yet
 // folded into saved*; called with live.mu held.
 func (d *Daemon) pendingEvents() uint64 {
-	if d.pipe == nil {
+	p := d.pipe.Load()
+	if p == nil {
 		return 0
 	}
-	_, ap := d.pipe.current()
+	_, ap := p.current()
 	if ap == nil {
 		return 0
 	}
@@ -39,10 +40,11 @@ func (d *Daemon) pendingEvents() uint64 {
 }
 
 func (d *Daemon) pendingFixes() uint64 {
-	if d.pipe == nil {
+	p := d.pipe.Load()
+	if p == nil {
 		return 0
 	}
-	_, ap := d.pipe.current()
+	_, ap := p.current()
 	if ap == nil {
 		return 0
 	}
@@ -87,8 +89,8 @@ func (d *Daemon) publishStatsOn(ctx context.Context, conn *pgx.Conn, st *State) 
 	d.live.savedEvents += newEvents
 	d.live.savedFixes += newFixes
 	var lastCommit time.Time
-	if d.pipe != nil {
-		if _, ap := d.pipe.current(); ap != nil {
+	if p := d.pipe.Load(); p != nil {
+		if _, ap := p.current(); ap != nil {
 			lastCommit = ap.Stats().LastCommitTime
 		}
 	}

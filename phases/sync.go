@@ -14,25 +14,21 @@ func (d *Daemon) sync(ctx context.Context, st *State) error {
 	}
 	d.log.Info("sync: the stream keeps the new columns in sync; waiting for dual-write", "detect", d.cfg.DualWrite.Detect)
 	q := quietWatch{period: d.cfg.DualWrite.QuietPeriod}
-	saidNotBuilt := false
-	return d.pipe.guard(ctx, func(ctx context.Context) error {
+	return d.pipe.Load().guard(ctx, func(ctx context.Context) error {
 		for {
 			if err := sleep(ctx, 200*time.Millisecond); err != nil {
 				return nil
 			}
 			switch d.cfg.DualWrite.Detect {
 			case "manual":
-				if d.approved.Load() == Sync && !saidNotBuilt {
-					// verify is not built yet: leaving sync would stop the
-					// stream; stay, keep the table in sync, and say so.
-					d.log.Warn("sync: dual-write approved, but verify and contract are not built in this version; staying in sync (cdcbackfill abort ends the migration)")
-					saidNotBuilt = true
+				if d.approved.Load() == Sync {
+					return d.store.SetPhase(ctx, d.conn, Sync, Verify, map[string]any{"by": "approve"})
 				}
 			case "auto":
-				if q.quiet(time.Now(), d.totalEvents(), d.totalCorrections()) && !saidNotBuilt {
-					d.log.Warn("sync: dual-write detected (no corrections for the quiet period), but verify and contract are not built in this version; staying in sync",
+				if q.quiet(time.Now(), d.totalEvents(), d.totalCorrections()) {
+					d.log.Info("sync: dual-write detected: the application's changes needed no correction for the quiet period",
 						"quiet_period", d.cfg.DualWrite.QuietPeriod)
-					saidNotBuilt = true
+					return d.store.SetPhase(ctx, d.conn, Sync, Verify, map[string]any{"by": "quiet period", "quiet_period": d.cfg.DualWrite.QuietPeriod.String()})
 				}
 			}
 		}

@@ -74,7 +74,23 @@ func addKeyFlags(fs *pflag.FlagSet) {
 			fs.String(key, "", "config key "+key)
 		}
 		_ = fs.MarkHidden(key)
+		_ = fs.SetAnnotation(key, configKey, []string{"true"})
 	}
+}
+
+// configKey marks the flags that are config keys, so a command's own flag
+// of the same name (abort --rollback) is never read as one.
+const configKey = "cdcbackfill-config-key"
+
+// keyFlags is the set of config-key flags the user set on this command.
+func keyFlags(cmd *cobra.Command) *pflag.FlagSet {
+	fs := pflag.NewFlagSet("config keys", pflag.ContinueOnError)
+	cmd.Flags().VisitAll(func(f *pflag.Flag) {
+		if _, ok := f.Annotations[configKey]; ok {
+			fs.AddFlag(f)
+		}
+	})
+	return fs
 }
 
 // loadConfig reads --config plus environment and flags.
@@ -83,7 +99,7 @@ func loadConfig(cmd *cobra.Command) (*config.Config, error) {
 	if path == "" && os.Getenv("CDCBACKFILL_NAME") == "" {
 		return nil, errors.New("no configuration: pass --config FILE (or set CDCBACKFILL_NAME, CDCBACKFILL_DATABASE_DSN, ... in the environment)")
 	}
-	return config.Load(path, cmd.Flags())
+	return config.Load(path, keyFlags(cmd))
 }
 
 // notYet marks a command whose engine is not built yet.
