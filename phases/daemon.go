@@ -38,6 +38,7 @@ type Daemon struct {
 	originOnce sync.Once
 
 	pipe      atomic.Pointer[pipeline] // read by the watcher too
+	obs       *observer
 	watchConn *pgx.Conn                // the watcher's connection (publishes live figures)
 
 	live live // figures for status, published by the watcher
@@ -67,10 +68,15 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if log == nil {
 		log = slog.Default()
 	}
+	obs, stopServing, err := serve(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer stopServing()
 	backoff := 500 * time.Millisecond
 	for {
 		led := false
-		err := runOnce(ctx, cfg, log, &led)
+		err := runOnce(ctx, cfg, log, &led, obs)
 		if err == nil || ctx.Err() != nil || !led || !isConnLoss(err) {
 			return err
 		}
@@ -82,8 +88,9 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	}
 }
 
-func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *bool) error {
-	d := &Daemon{cfg: cfg, log: log.With("migration", cfg.Name), store: Store{Name: cfg.Name}}
+func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *bool, obs *observer) error {
+	d := &Daemon{cfg: cfg, log: log.With("migration", cfg.Name), store: Store{Name: cfg.Name}, obs: obs}
+	defer obs.leader.Store(false)
 	d.approved.Store("")
 
 	conn, err := Connect(ctx, cfg.Database.DSN)
@@ -124,6 +131,8 @@ func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *boo
 	}
 	defer lock.Close(context.Background())
 	*led = true
+	obs.leader.Store(true)
+	obs.progressed()
 
 	if err := d.store.Create(ctx, conn); err != nil {
 		return err
@@ -192,11 +201,13 @@ func (d *Daemon) lead(ctx context.Context) (*pgx.Conn, error) {
 			return nil, fmt.Errorf("take leader lock: %w", err)
 		}
 		if got {
+			d.obs.standby.Store(false)
 			if said {
 				d.log.Info("standby: the leader is gone; taking over")
 			}
 			return conn, nil
 		}
+		d.obs.standby.Store(true)
 		if !said {
 			d.log.Info("standby: another daemon runs this migration; waiting to take over")
 			said = true
@@ -283,6 +294,7 @@ func (d *Daemon) watch(ctx context.Context, stop context.CancelCauseFunc, lock *
 			continue
 		}
 		d.setControl(st)
+		d.obs.progressed()
 		if st.AbortRequested && st.Phase != Contract && st.Phase != Done && st.Phase != Aborted {
 			stop(ErrAborted)
 			return

@@ -46,5 +46,6 @@ func (d *Daemon) ddlRunner() DDLRunner {
 		MaxRetries:  d.cfg.DDL.MaxRetries,
 		Table:       d.table.Ident(),
 		Log:         d.log,
+		OnRetry:     func() { d.obs.ddlRetries.Add(1) },
 	}
 }

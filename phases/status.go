@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/cdcbackfill/cdcbackfill/config"
+	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
 )
 
@@ -47,11 +48,17 @@ func Status(ctx context.Context, cfg *config.Config) (*StatusReport, error) {
 		return nil, err
 	}
 	defer conn.Close(context.Background())
+	r, err := statusOn(ctx, conn, cfg)
+	if errors.Is(err, ErrNoMigration) {
+		return nil, errors.New(err.Error() + "; it has not been started (cdcbackfill run)")
+	}
+	return r, err
+}
+
+// statusOn builds the status from the state row and the live slot.
+func statusOn(ctx context.Context, conn recompute.Querier, cfg *config.Config) (*StatusReport, error) {
 	st, err := Store{Name: cfg.Name}.Load(ctx, conn)
 	if err != nil {
-		if errors.Is(err, ErrNoMigration) {
-			return nil, errors.New(err.Error() + "; it has not been started (cdcbackfill run)")
-		}
 		return nil, err
 	}
 	r := &StatusReport{Name: st.Name, Phase: st.Phase, Paused: st.Paused, Error: st.Error,
