@@ -39,7 +39,7 @@ type Daemon struct {
 
 	pipe      atomic.Pointer[pipeline] // read by the watcher too
 	obs       *observer
-	watchConn *pgx.Conn                // the watcher's connection (publishes live figures)
+	watchConn *pgx.Conn // the watcher's connection (publishes live figures)
 
 	live live // figures for status, published by the watcher
 }
