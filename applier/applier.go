@@ -24,16 +24,38 @@ import (
 const (
 	DefaultFlushInterval = 50 * time.Millisecond
 	DefaultMaxBatchKeys  = 5000
+	DefaultStopTimeout   = 10 * time.Second
 )
 
 // ErrStopped is returned by WaitApplied once Run has returned.
 var ErrStopped = errors.New("applier stopped")
 
+// ErrForeignRelation is what Run's error wraps when the stream delivers a
+// change of a table other than the migrated one. The publication holds only
+// that table, so the publication or the table was changed under the daemon;
+// reconnecting delivers the same change again, so it is not worth a retry.
+var ErrForeignRelation = errors.New("change of a table other than the migrated one")
+
+// foreignRelationError names the relation; it is ErrForeignRelation.
+type foreignRelationError struct{ relation, table string }
+
+func (e *foreignRelationError) Error() string {
+	return fmt.Sprintf("stream delivered changes of %s, which is not the migrated table %s: "+
+		"the publication was changed (or the table renamed or replaced); the slot stays before that "+
+		"transaction: make the publication hold only %s again, or abort the migration", e.relation, e.table, e.table)
+}
+
+func (e *foreignRelationError) Unwrap() error { return ErrForeignRelation }
+
 // Config says how keys are batched.
 type Config struct {
 	FlushInterval time.Duration // longest a key waits in the buffer; also the back-off when every key is held
 	MaxBatchKeys  int           // buffer size and keys per statement
-	Logger        *slog.Logger  // may be nil
+	// StopTimeout is how long Run may go on after its context ends, to
+	// finish the statement in hand and flush the buffer once more; default
+	// 10s. Keys still unapplied then are replayed after a restart.
+	StopTimeout time.Duration
+	Logger      *slog.Logger // may be nil
 }
 
 // Stats are the applier's counters since New.
@@ -111,6 +133,9 @@ func New(conn *pgx.Conn, table *recompute.Table, cfg Config) *Applier {
 	}
 	if cfg.MaxBatchKeys <= 0 {
 		cfg.MaxBatchKeys = DefaultMaxBatchKeys
+	}
+	if cfg.StopTimeout <= 0 {
+		cfg.StopTimeout = DefaultStopTimeout
 	}
 	log := cfg.Logger
 	if log == nil {
@@ -191,18 +216,30 @@ func (a *Applier) raiseConfirmed(lsn pglogrepl.LSN) {
 	a.advanced = make(chan struct{})
 }
 
-// Run applies the events of in until in is closed (then flushes what is
-// buffered once more) or ctx ends, and returns nil then. It returns the first
-// error of a recompute statement, wrapped as "apply keys: ...", or of a
-// Change it cannot map to the table's key. Run may be called once.
+// Run applies the events of in until in is closed or ctx ends, and returns
+// nil then. Either way it first finishes the batch in hand and flushes what
+// is buffered once more, so ConfirmedLSN covers it when Run returns: the
+// recompute statements do not run on ctx but on a context that ends
+// StopTimeout after ctx does, and Run reads no more input once ctx has
+// ended. It returns the first error of a recompute statement, wrapped as
+// "apply keys: ...", of a Change it cannot map to the table's key, or
+// ErrForeignRelation for a Change of another table. A statement cut off by
+// StopTimeout is not an error: its keys replay. Run may be called once.
+//
+// Cancel ctx before the stream's context and wait for Run to return before
+// cancelling the stream (see the package documentation).
 func (a *Applier) Run(ctx context.Context, in <-chan cdc.Event) error {
 	if !a.running.CompareAndSwap(false, true) {
 		return errors.New("applier: Run called twice")
 	}
 	defer close(a.stopped)
-	err := a.run(ctx, in)
-	if err != nil && ctx.Err() != nil {
-		// The statement in hand was cancelled: a shutdown, not a failure.
+	wctx, release := a.workContext(ctx)
+	defer release()
+	err := a.run(ctx, wctx, in)
+	if err != nil && wctx.Err() != nil {
+		// StopTimeout cut off the statement in hand: a shutdown, not a failure.
+		a.log.Warn("stop timeout reached before the buffer was applied; its keys replay after a restart",
+			"stop_timeout", a.cfg.StopTimeout, "pending_keys", len(a.buf), "confirmed", a.ConfirmedLSN(), "err", err)
 		return nil
 	}
 	if err != nil {
@@ -211,7 +248,35 @@ func (a *Applier) Run(ctx context.Context, in <-chan cdc.Event) error {
 	return err
 }
 
-func (a *Applier) run(ctx context.Context, in <-chan cdc.Event) error {
+// workContext returns the context of the recompute statements: it has ctx's
+// values and ends StopTimeout after ctx ends, or when release is called.
+func (a *Applier) workContext(ctx context.Context) (wctx context.Context, release func()) {
+	wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	stop := context.AfterFunc(ctx, func() { time.AfterFunc(a.cfg.StopTimeout, cancel) })
+	return wctx, func() {
+		stop()
+		cancel()
+	}
+}
+
+// finish is the last flush after ctx ended: whatever the buffer holds is
+// applied on wctx, so the confirmed position reflects the batch in hand.
+func (a *Applier) finish(wctx context.Context) error {
+	if len(a.buf) == 0 {
+		return nil
+	}
+	began, keys := time.Now(), len(a.buf)
+	if err := a.flush(wctx); err != nil {
+		return err
+	}
+	a.log.Info("stopping: applied the buffered keys", "keys", keys, "held", len(a.buf),
+		"took", time.Since(began), "confirmed", a.ConfirmedLSN())
+	return nil
+}
+
+// run is Run's loop. It stops reading input when ctx ends; statements run on
+// wctx (see workContext).
+func (a *Applier) run(ctx, wctx context.Context, in <-chan cdc.Event) error {
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	defer timer.Stop()
@@ -220,9 +285,12 @@ func (a *Applier) run(ctx context.Context, in <-chan cdc.Event) error {
 	for {
 		// Many transactions on few keys fill the xid set, not the buffer: it
 		// is bounded by the same size (a flush empties it).
+		if ctx.Err() != nil {
+			return a.finish(wctx)
+		}
 		full := len(a.buf) >= a.cfg.MaxBatchKeys || len(a.xids) >= a.cfg.MaxBatchKeys
 		if full && !a.backoff {
-			if err := a.flush(ctx); err != nil {
+			if err := a.flush(wctx); err != nil {
 				return err
 			}
 			continue
@@ -246,20 +314,20 @@ func (a *Applier) run(ctx context.Context, in <-chan cdc.Event) error {
 
 		select {
 		case <-ctx.Done():
-			return nil
+			return a.finish(wctx)
 		case <-timerC:
 			armed = time.Time{}
-			if err := a.flush(ctx); err != nil {
+			if err := a.flush(wctx); err != nil {
 				return err
 			}
 		case ev, ok := <-input:
 			if !ok {
 				if len(a.buf) > 0 {
-					return a.flush(ctx)
+					return a.flush(wctx)
 				}
 				return nil
 			}
-			if err := a.handle(ctx, ev); err != nil {
+			if err := a.handle(wctx, ev); err != nil {
 				return err
 			}
 		}
@@ -274,7 +342,10 @@ func (a *Applier) handle(ctx context.Context, ev cdc.Event) error {
 		a.inFlight, a.txLSN, a.txTime = true, ev.FinalLSN, ev.CommitTime
 	case cdc.Change:
 		if ev.Relation != a.relation {
-			return nil
+			// Ignoring it would confirm past a change of a table the
+			// publication should not hold: stop before confirming anything
+			// of this transaction (it is in flight, which holds confirmed).
+			return &foreignRelationError{relation: ev.Relation, table: a.relation}
 		}
 		key, err := a.tableKey(ev)
 		if err != nil {

@@ -276,10 +276,6 @@ func TestAppliesChangedKeys(t *testing.T) {
 		ids2 = append(ids2, i, i) // coalesced
 	}
 	r.send(txn(0x1000, 0x1100, ids1...)...)
-	// Another table's change, with keys that would not map: ignored.
-	r.send(cdc.Event{Kind: cdc.Begin, FinalLSN: 0x1200},
-		cdc.Event{Kind: cdc.Change, FinalLSN: 0x1200, Relation: "public.other", KeyColumns: []string{"x"}, Key: []string{"1"}},
-		cdc.Event{Kind: cdc.Commit, CommitLSN: 0x1200, EndLSN: 0x1300})
 	r.send(txn(0x2000, 0x2100, ids2...)...)
 	r.waitApplied(0x2100)
 
@@ -293,7 +289,7 @@ func TestAppliesChangedKeys(t *testing.T) {
 	if st.ConfirmedLSN != 0x2100 || r.a.ConfirmedLSN() != 0x2100 {
 		t.Errorf("confirmed %s / %s, want the last Commit's EndLSN 0/2100", st.ConfirmedLSN, r.a.ConfirmedLSN())
 	}
-	if st.PendingKeys != 0 || st.Flushes == 0 || st.Events != uint64(2*(len(ids1)+2)+3) {
+	if st.PendingKeys != 0 || st.Flushes == 0 || st.Events != uint64(len(ids1)+2+len(ids2)+2) {
 		t.Errorf("stats %+v", st)
 	}
 
@@ -546,13 +542,16 @@ func TestStreamKeepsParity(t *testing.T) {
 				DSN: f.dsn, Slot: slot, Publication: "cdcb_pub", OriginPrefix: "cdcbackfill_",
 				StandbyInterval: 100 * time.Millisecond, Logger: cfg.Logger,
 			})
+			// A context each, stopped in the documented order.
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
+			sctx, scancel := context.WithCancel(context.Background())
+			defer scancel()
 			events := make(chan cdc.Event, 1024)
-			var wg sync.WaitGroup
+			var streamWG, applyWG sync.WaitGroup
 			var streamErr, applyErr error
-			wg.Go(func() { streamErr = stream.Run(ctx, events, a.ConfirmedLSN) })
-			wg.Go(func() { applyErr = a.Run(ctx, events) })
+			streamWG.Go(func() { streamErr = stream.Run(sctx, events, a.ConfirmedLSN) })
+			applyWG.Go(func() { applyErr = a.Run(ctx, events) })
 
 			// The application: four writers for a few seconds. A statement is
 			// never cancelled: one cut off by its client may still commit after
@@ -613,9 +612,16 @@ func TestStreamKeepsParity(t *testing.T) {
 				t.Errorf("stats %+v, want corrections and confirmed >= %s", st, end)
 			}
 			cancel()
-			wg.Wait()
+			applyWG.Wait()
+			final := a.ConfirmedLSN()
+			scancel()
+			streamWG.Wait()
 			if streamErr != nil || applyErr != nil {
 				t.Errorf("stream: %v; applier: %v", streamErr, applyErr)
+			}
+			// The stream's last status carried the applier's final position.
+			if got := f.lsn("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", slot); got != final {
+				t.Errorf("slot confirmed at %s after the stop, want the applier's final %s", got, final)
 			}
 		})
 	}
@@ -776,5 +782,187 @@ func TestWaitsForTransactionToBeVisible(t *testing.T) {
 	}
 	if err := r.close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestForeignRelationStopsRun(t *testing.T) {
+	f := newUsers(t, 10)
+	r := f.start(testConfig(t), 0x100)
+	r.send(txn(0x1000, 0x1100, 1, 2)...)
+	r.waitApplied(0x1100)
+
+	// A change of a table the publication should not hold, in a transaction
+	// that also changed users.
+	foreign := txn(0x1200, 0x1300, 3)
+	foreign = append(foreign[:2], cdc.Event{Kind: cdc.Change, FinalLSN: 0x1200, Relation: "public.other",
+		KeyColumns: []string{"x"}, Key: []string{"1"}}, foreign[2])
+	for _, ev := range foreign {
+		select {
+		case r.events <- ev:
+		case <-time.After(waitTimeout):
+			t.Fatal("applier does not read its input")
+		}
+	}
+	var err error
+	select {
+	case err = <-r.done:
+		r.done <- nil // checked here, not by the cleanup
+	case <-time.After(waitTimeout):
+		t.Fatal("Run did not stop on a change of another table")
+	}
+	if !errors.Is(err, applier.ErrForeignRelation) || !strings.Contains(err.Error(), "public.other") ||
+		!strings.Contains(err.Error(), "not the migrated table public.users") ||
+		!strings.Contains(err.Error(), "publication was changed") {
+		t.Fatalf("Run = %v, want ErrForeignRelation naming public.other and public.users", err)
+	}
+	t.Logf("Run = %v", err)
+	// At most the transaction's commit LSN: the server sends it again.
+	if got := r.a.ConfirmedLSN(); got > 0x1200 {
+		t.Errorf("confirmed %s, past the start of the transaction with the foreign change", got)
+	}
+	if n := f.count("SELECT count(*) FROM users WHERE id = 3 AND first_name IS NOT NULL"); n != 0 {
+		t.Error("row 3 of the stopped transaction was applied")
+	}
+}
+
+// TestStopAppliesBufferedKeys: a SIGTERM finishes the batch in hand. Keys
+// the flush interval has not come for yet are applied before Run returns,
+// and ConfirmedLSN covers them.
+func TestStopAppliesBufferedKeys(t *testing.T) {
+	f := newUsers(t, 100)
+	cfg := testConfig(t)
+	cfg.FlushInterval = time.Hour // only the stop flushes
+	r := f.start(cfg, 0x100)
+	var ids []int
+	for i := 1; i <= 50; i++ {
+		ids = append(ids, i)
+	}
+	evs := txn(0x1000, 0x1100, ids...)
+	r.send(evs...)
+	waitFor(t, "the events to be read", func() bool { return r.a.Stats().Events == uint64(len(evs)) })
+	if st := r.a.Stats(); st.PendingKeys != 50 || st.ConfirmedLSN != 0x1000 {
+		t.Fatalf("before the stop: %+v, want 50 keys pending, confirmed 0/1000", st)
+	}
+
+	began := time.Now()
+	if err := r.stop(); err != nil {
+		t.Fatalf("Run after cancel: %v", err)
+	}
+	t.Logf("stopped in %s", time.Since(began))
+	if got := r.a.ConfirmedLSN(); got != 0x1100 {
+		t.Errorf("confirmed %s after the stop, want 0/1100", got)
+	}
+	if n := f.count("SELECT count(*) FROM users WHERE id <= 50 AND first_name IS NULL"); n != 0 {
+		t.Errorf("%d buffered rows not applied by the stop", n)
+	}
+	if n := f.outOfParity(); n != 50 {
+		t.Errorf("%d rows out of parity, want 50 (those never sent)", n)
+	}
+}
+
+// TestStopFinishesStatementInHand: a stop during a flush lets that flush
+// finish (here it waits for a transaction to become visible) within
+// StopTimeout; past StopTimeout Run gives up, returns nil and confirms
+// nothing it did not apply.
+func TestStopFinishesStatementInHand(t *testing.T) {
+	for _, finishes := range []bool{true, false} {
+		t.Run(fmt.Sprintf("finishes=%v", finishes), func(t *testing.T) {
+			f := newUsers(t, 10)
+			writer, xid := openTxn(t, f.dsn)
+			execOn(t, writer, "INSERT INTO users (id, full_name) VALUES (11, 'Ada Lovelace')")
+			cfg := testConfig(t)
+			cfg.StopTimeout = 2 * time.Second
+			r := f.start(cfg, 0x100)
+			evs := txn(0x1000, 0x1100, 11, 2)
+			for i := range evs {
+				evs[i].Xid = xid
+			}
+			r.send(evs...)
+			waitFor(t, "the flush to wait for the transaction", func() bool { return r.a.Stats().VisibilityWaits == 1 })
+
+			began := time.Now()
+			r.cancel()
+			select {
+			case err := <-r.done:
+				r.done <- err
+				t.Fatalf("Run returned %v at the stop, with the flush in hand", err)
+			case <-time.After(300 * time.Millisecond):
+			}
+			if finishes {
+				execOn(t, writer, "COMMIT")
+			}
+			err := r.stop()
+			took := time.Since(began)
+			t.Logf("Run returned %v %s after the cancel", err, took)
+			if err != nil {
+				t.Fatalf("Run after cancel: %v", err)
+			}
+			got := r.a.ConfirmedLSN()
+			if finishes {
+				if got != 0x1100 || f.outOfParity() != 9 { // 11 rows, 2 applied
+					t.Errorf("confirmed %s, %d rows out of parity; want 0/1100 and rows 11, 2 applied", got, f.outOfParity())
+				}
+				return
+			}
+			if took < cfg.StopTimeout || took > cfg.StopTimeout+5*time.Second {
+				t.Errorf("Run returned %s after the cancel, want about StopTimeout %s", took, cfg.StopTimeout)
+			}
+			if got != 0x1000 {
+				t.Errorf("confirmed %s after a stop that applied nothing, want 0/1000", got)
+			}
+			execOn(t, writer, "ROLLBACK")
+		})
+	}
+}
+
+// TestIdleConfirmsPastUnpublishedWrites is what verify and contract wait
+// for: with the application idle, a write to a table outside the
+// publication (the stream sends nothing for it) is confirmed past within a
+// few seconds, with the stream's default standby interval.
+func TestIdleConfirmsPastUnpublishedWrites(t *testing.T) {
+	f := newUsers(t, 10)
+	f.exec("CREATE TABLE other (id bigint)")
+	slot := "cdcb_" + strconv.FormatUint(rand.Uint64(), 36)
+	f.exec(`CREATE PUBLICATION cdcb_pub FOR TABLE users`)
+	start := f.lsn(`SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')`, slot)
+	cfg := testConfig(t)
+	a := applier.New(connect(t, f.dsn), f.table, cfg)
+	a.SetConfirmed(start)
+	stream := cdc.New(cdc.Config{DSN: f.dsn, Slot: slot, Publication: "cdcb_pub", Logger: cfg.Logger})
+	actx, acancel := context.WithCancel(context.Background())
+	defer acancel()
+	sctx, scancel := context.WithCancel(context.Background())
+	defer scancel()
+	events := make(chan cdc.Event, 1024)
+	streamErr, applyErr := make(chan error, 1), make(chan error, 1)
+	go func() { streamErr <- stream.Run(sctx, events, a.ConfirmedLSN) }()
+	go func() { applyErr <- a.Run(actx, events) }()
+	waitFor(t, "the stream to start", func() bool { return stream.Stats().Keepalives > 0 })
+	time.Sleep(time.Second)
+
+	for i := range 3 {
+		f.exec("INSERT INTO other VALUES ($1)", i)
+		target := f.lsn("SELECT pg_current_wal_insert_lsn()::text")
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		began := time.Now()
+		err := a.WaitApplied(ctx, target)
+		cancel()
+		if err != nil {
+			t.Fatalf("write %d: %v", i, err)
+		}
+		t.Logf("write %d: confirmed passed %s after %s", i, target, time.Since(began))
+		time.Sleep(time.Duration(i) * 700 * time.Millisecond)
+	}
+	if st := stream.Stats(); st.Events == 0 || st.Transactions != 0 {
+		t.Errorf("stream stats %+v: want Idle events only", st)
+	}
+
+	acancel()
+	if err := <-applyErr; err != nil {
+		t.Errorf("applier: %v", err)
+	}
+	scancel()
+	if err := <-streamErr; err != nil {
+		t.Errorf("stream: %v", err)
 	}
 }

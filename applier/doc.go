@@ -30,9 +30,36 @@
 //     transaction is committed: protocol 1 sends it at commit), and input is
 //     not read while it is full, so memory stays bounded whatever a
 //     transaction's size.
+//   - The publication holds only the migrated table (its partitions publish
+//     as the root), so a Change of any other relation means the publication
+//     or the table changed under the daemon. Run stops with
+//     ErrForeignRelation, naming the relation, with that transaction in
+//     flight: ignoring it would confirm past changes the daemon never saw
+//     for its table.
 //
 // The applier owns the write connection it is given and never retries an
 // error: a failed statement (a lost connection as much as an expression that
 // fails on a row) ends Run, and the conductor restarts the pipeline, which
 // replays from the confirmed position.
+//
+// Stopping (SIGTERM) finishes the batch in hand. When Run's context ends it
+// reads no more events, lets the statement in hand finish, flushes the
+// buffer once more and returns nil, ConfirmedLSN then covering every key
+// applied. Its statements run on a context of their own that ends
+// Config.StopTimeout (10s) after Run's does, which bounds the stop; keys not
+// applied by then hold the confirmed position and replay. The stream reads
+// ConfirmedLSN for its standby status, so the conductor stops the two in
+// this order, with a context each:
+//
+//  1. cancel the applier's context;
+//  2. wait until Applier.Run has returned (ConfirmedLSN is final);
+//  3. cancel the stream's context and wait for cdc.Stream.Run, whose last
+//     standby status carries that final position; then close the events
+//     channel.
+//
+// Cancelling both at once races: the stream may send its last status before
+// the applier's last flush raises the position, and the slot restarts
+// further back than it needs to (safe, but the work replays). When the
+// stream fails first, closing the events channel after its Run returns ends
+// Applier.Run the same way, with a last flush.
 package applier

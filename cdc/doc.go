@@ -25,8 +25,32 @@
 //     also drop application writes replicated in from elsewhere.
 //   - A lost connection emits Reset: the consumer drops the transaction in
 //     flight, which the server sends again from the confirmed position.
+//   - Every standby status (each StandbyInterval, 1s by default) asks the
+//     server for a reply, and the walsender answers with a keepalive carrying
+//     how far it has read WAL; when no transaction is in flight it becomes an
+//     Idle event. So a consumer with nothing to apply still learns within an
+//     interval that WAL it gets no message for (other tables, the daemon's own
+//     writes) has gone by, and a caller waiting for a position read from
+//     pg_current_wal_insert_lsn() is not left waiting for the walsender's own
+//     keepalive.
 //
 // One goroutine, the one inside Run, owns the replication connection; it also
 // sends standby status while blocked on the consumer so the walsender does
 // not time out.
+//
+// Shutdown order. The stream's last standby status must carry the
+// consumer's last confirmed position, so the two are stopped in turn, not by
+// one shared context:
+//
+//  1. cancel the consumer's context (the applier finishes the batch in hand
+//     and raises its confirmed position a last time);
+//  2. wait until the consumer has returned (applier.Applier.Run);
+//  3. cancel the stream's context and wait for Run: it sends a last status
+//     with confirmed(), now final, and returns nil.
+//
+// Between 1 and 3 Run may be blocked on out, which nobody reads any more: it
+// keeps sending status meanwhile (the walsender does not time out) and
+// returns promptly once its context ends. Run never closes out; the caller
+// closes it after Run returns, which also stops a consumer still reading when
+// Run fails on its own.
 package cdc

@@ -66,11 +66,15 @@ type Event struct {
 
 // Config says which slot to read and how.
 type Config struct {
-	DSN             string        // normal DSN; the package adds replication=database itself
-	Slot            string        // an existing pgoutput slot
-	Publication     string        // the publication of the migrated table
-	OriginPrefix    string        // transactions whose Origin name starts with this are skipped (the daemon's own writes); "" skips none
-	StandbyInterval time.Duration // standby status update period; default 10s
+	DSN          string // normal DSN; the package adds replication=database itself
+	Slot         string // an existing pgoutput slot
+	Publication  string // the publication of the migrated table
+	OriginPrefix string // transactions whose Origin name starts with this are skipped (the daemon's own writes); "" skips none
+	// StandbyInterval is the standby status update period; default 1s. Each
+	// periodic update asks the server for a reply, a keepalive carrying how
+	// far it has sent WAL, so an idle consumer hears of WAL it needs nothing
+	// from (other tables, the daemon's own writes) within one interval.
+	StandbyInterval time.Duration
 	ReconnectMin    time.Duration // first reconnect delay; default 100ms
 	ReconnectMax    time.Duration // reconnect delay cap; default 5s
 	Logger          *slog.Logger  // may be nil
@@ -82,6 +86,7 @@ type Stats struct {
 	Transactions        uint64 // Commit events sent
 	SkippedTransactions uint64 // transactions of the daemon's own origin
 	Reconnects          uint64 // connection attempts after a failure
+	Keepalives          uint64 // keepalive messages received from the server
 	ReceivedLSN         pglogrepl.LSN
 	LastCommitTime      time.Time // commit time of the last transaction received, skipped or not
 }
@@ -96,14 +101,19 @@ type Stream struct {
 	transactions atomic.Uint64
 	skipped      atomic.Uint64
 	reconnects   atomic.Uint64
+	keepalives   atomic.Uint64
 	received     atomic.Uint64
 	lastCommit   atomic.Int64 // unix nanoseconds; 0 for none
 }
 
+// DefaultStandbyInterval is the standby status period when Config leaves it
+// zero: one small message and its answer per second.
+const DefaultStandbyInterval = time.Second
+
 // New returns a Stream for cfg with its defaults filled in.
 func New(cfg Config) *Stream {
 	if cfg.StandbyInterval <= 0 {
-		cfg.StandbyInterval = 10 * time.Second
+		cfg.StandbyInterval = DefaultStandbyInterval
 	}
 	if cfg.ReconnectMin <= 0 {
 		cfg.ReconnectMin = 100 * time.Millisecond
@@ -127,6 +137,7 @@ func (s *Stream) Stats() Stats {
 		Transactions:        s.transactions.Load(),
 		SkippedTransactions: s.skipped.Load(),
 		Reconnects:          s.reconnects.Load(),
+		Keepalives:          s.keepalives.Load(),
 		ReceivedLSN:         pglogrepl.LSN(s.received.Load()),
 	}
 	if ns := s.lastCommit.Load(); ns != 0 {
@@ -146,11 +157,17 @@ func (s *Stream) noteReceived(lsn pglogrepl.LSN) {
 
 // Run streams the slot from its confirmed position and sends Events to out,
 // blocking while out is full. Standby status reports confirmed() for the
-// write, flush and apply positions, every StandbyInterval and whenever the
+// write, flush and apply positions, every StandbyInterval (asking the server
+// for a keepalive in reply, which becomes an Idle event) and whenever the
 // server asks. A lost connection emits Reset and is re-established with
-// backoff. Run returns nil when ctx ends, after a last standby status, or an
-// error no reconnect can fix (ErrSlotLost, ErrSlotMissing,
-// ErrPublicationMissing, ErrNotAllowed, ...).
+// backoff. Run returns nil when ctx ends, after a last standby status with
+// confirmed(), or an error no reconnect can fix (ErrSlotLost, ErrSlotMissing,
+// ErrPublicationMissing, ErrNotAllowed, ...). Run does not close out.
+//
+// Stop the consumer first and ctx second (see the package documentation):
+// Run keeps the walsender fed while blocked on a consumer that no longer
+// reads, returns promptly once ctx ends even then, and its last status then
+// carries the consumer's final confirmed().
 func (s *Stream) Run(ctx context.Context, out chan<- Event, confirmed func() pglogrepl.LSN) error {
 	if s.cfg.Slot == "" || s.cfg.Publication == "" {
 		return errors.New("cdc: Config.Slot and Config.Publication are required")
@@ -189,6 +206,9 @@ func (s *Stream) Run(ctx context.Context, out chan<- Event, confirmed func() pgl
 		delay = min(2*delay, s.cfg.ReconnectMax)
 	}
 }
+
+// finalStatusTimeout bounds the write of the last standby status.
+const finalStatusTimeout = 5 * time.Second
 
 // jitter spreads d over [d/2, d] so many daemons do not reconnect in step.
 func jitter(d time.Duration) time.Duration {
@@ -262,8 +282,11 @@ func (s *Stream) session(ctx context.Context, connCfg *pgconn.Config, out chan<-
 		err = ss.stream()
 	}
 	if ctx.Err() != nil {
-		// Shutting down: tell the server how far the consumer got.
-		if serr := ss.sendStatus(); serr != nil {
+		// Shutting down: tell the server how far the consumer got. The
+		// connection is closed next, so a deadline on it costs nothing and
+		// keeps a server that reads nothing from holding up the stop.
+		_ = conn.Conn().SetWriteDeadline(time.Now().Add(finalStatusTimeout))
+		if serr := ss.sendStatus(false); serr != nil {
 			s.log.Warn("final standby status not sent", "err", serr)
 		}
 		return true, nil
@@ -276,7 +299,7 @@ func (ss *session) stream() error {
 	defer rd.stop()
 	for {
 		if !time.Now().Before(ss.nextStatus) {
-			if err := ss.sendStatus(); err != nil {
+			if err := ss.sendStatus(true); err != nil {
 				return err
 			}
 		}
@@ -316,8 +339,10 @@ func (ss *session) handle(data []byte) error {
 		if err != nil {
 			return permanent(fmt.Errorf("decode keepalive: %w", err))
 		}
+		ss.s.keepalives.Add(1)
 		if pkm.ReplyRequested {
-			if err := ss.sendStatus(); err != nil {
+			// The server answers with requestReply off: no ping-pong.
+			if err := ss.sendStatus(true); err != nil {
 				return err
 			}
 		}
@@ -363,7 +388,8 @@ func (ss *session) emit(ev Event) error {
 	for {
 		wait := time.Until(ss.nextStatus)
 		if wait <= 0 {
-			if err := ss.sendStatus(); err != nil {
+			// No reply asked: nothing reads it while the consumer is busy.
+			if err := ss.sendStatus(false); err != nil {
 				return err
 			}
 			continue
@@ -384,12 +410,23 @@ func (ss *session) emit(ev Event) error {
 
 // sendStatus reports confirmed() as written, flushed and applied: the server
 // may then recycle WAL up to it, so it is never more than the consumer says.
-func (ss *session) sendStatus() error {
+//
+// With reply, the walsender answers at once with a keepalive carrying sentPtr,
+// how far it has read WAL (ProcessStandbyReplyMessage: replyRequested →
+// WalSndKeepalive). When it has caught up that is the flush position, past
+// WAL that produced no message, and handle turns it into an Idle event: a
+// consumer waiting for a position it read from pg_current_wal_insert_lsn()
+// gets there within a StandbyInterval rather than whenever the walsender
+// pings by itself.
+func (ss *session) sendStatus(reply bool) error {
 	pos := ss.confirmed()
-	err := pglogrepl.SendStandbyStatusUpdate(ss.ctx, ss.conn, pglogrepl.StandbyStatusUpdate{
+	// The final status goes out after ctx has ended: the send must not
+	// depend on it (session bounds that one with a write deadline).
+	err := pglogrepl.SendStandbyStatusUpdate(context.WithoutCancel(ss.ctx), ss.conn, pglogrepl.StandbyStatusUpdate{
 		WALWritePosition: pos,
 		WALFlushPosition: pos,
 		WALApplyPosition: pos,
+		ReplyRequested:   reply,
 	})
 	ss.nextStatus = time.Now().Add(ss.s.cfg.StandbyInterval)
 	if err != nil {

@@ -749,3 +749,111 @@ func invalidateSlot(f *fixture) {
 		return status == "lost"
 	})
 }
+
+// confirmLikeApplier reads c's events until the test ends and confirms what
+// an applier with nothing to apply would: each Commit's and Idle's EndLSN.
+func (c *consumer) confirmLikeApplier() {
+	done := make(chan struct{})
+	c.t.Cleanup(func() { close(done) })
+	go func() {
+		for {
+			select {
+			case ev := <-c.events:
+				if (ev.Kind == cdc.Commit || ev.Kind == cdc.Idle) && uint64(ev.EndLSN) > c.confirmed.Load() {
+					c.confirmed.Store(uint64(ev.EndLSN))
+				}
+			case <-done:
+				return
+			}
+		}
+	}()
+}
+
+// TestIdleConfirmsPastUnpublishedWrites is how verify and contract wait:
+// they read pg_current_wal_insert_lsn() and wait for the consumer to confirm
+// past it. With the application idle and the only new WAL from a table
+// outside the publication, nothing is sent but keepalives; the periodic
+// standby status asks the walsender for one, so confirmed moves on within
+// about a StandbyInterval (default 1s) rather than wal_sender_timeout/2.
+func TestIdleConfirmsPastUnpublishedWrites(t *testing.T) {
+	f := newFixture(t, "CREATE TABLE t (id bigint PRIMARY KEY)", "CREATE TABLE other (id bigint)")
+	cfg := f.config()
+	cfg.StandbyInterval = 0 // the default
+	c := f.start(cfg)
+	idle := c.until("Idle", func(ev cdc.Event) bool { return ev.Kind == cdc.Idle })
+	c.confirmed.Store(uint64(idle.EndLSN))
+	c.confirmLikeApplier()
+	time.Sleep(500 * time.Millisecond) // let the walsender settle into its wait
+
+	for i := range 3 {
+		f.exec("INSERT INTO other VALUES ($1)", i)
+		target := f.lsn("SELECT pg_current_wal_insert_lsn()::text")
+		began := time.Now()
+		waitFor(t, "confirmed to pass the insert position", func() bool {
+			return pglogrepl.LSN(c.confirmed.Load()) >= target
+		})
+		took := time.Since(began)
+		t.Logf("write %d: confirmed passed %s after %s", i, target, took)
+		if took > 3*time.Second {
+			t.Errorf("write %d: confirmed passed %s only after %s, want within 3s", i, target, took)
+		}
+		time.Sleep(time.Duration(i) * 700 * time.Millisecond)
+	}
+}
+
+// TestStandbyStatusAsksForKeepalive checks the mechanism behind idle
+// confirms: every periodic standby status is answered by a keepalive, even
+// with no WAL at all and everything sent confirmed (the walsender then has
+// no reason of its own to send one before wal_sender_timeout/2).
+func TestStandbyStatusAsksForKeepalive(t *testing.T) {
+	f := newFixture(t)
+	cfg := f.config()
+	cfg.StandbyInterval = 200 * time.Millisecond
+	c := f.start(cfg)
+	idle := c.until("Idle", func(ev cdc.Event) bool { return ev.Kind == cdc.Idle })
+	c.confirmed.Store(uint64(idle.EndLSN))
+	c.confirmLikeApplier()
+	time.Sleep(300 * time.Millisecond)
+
+	before := c.stream.Stats().Keepalives
+	const period = 2 * time.Second
+	time.Sleep(period)
+	got := c.stream.Stats().Keepalives - before
+	t.Logf("%d keepalives in %s with a status every %s", got, period, cfg.StandbyInterval)
+	if want := uint64(period / cfg.StandbyInterval / 2); got < want {
+		t.Errorf("%d keepalives in %s, want at least %d: the server does not answer status updates", got, period, want)
+	}
+}
+
+// TestStopsWhileBlockedOnConsumer is the shutdown order: the consumer stops
+// reading first (out fills up and Run blocks on it), sets its final
+// confirmed position, and only then is the stream's context cancelled. Run
+// must return promptly and its last status must carry that position.
+func TestStopsWhileBlockedOnConsumer(t *testing.T) {
+	f := newFixture(t)
+	cfg := f.config()
+	cfg.StandbyInterval = time.Hour // only the final status can carry the position
+	c := f.start(cfg)
+
+	f.exec("INSERT INTO t VALUES (0)")
+	first := checkTxn(t, c.txn())
+	// The consumer reads nothing more: more rows than out holds.
+	f.exec("INSERT INTO t SELECT i FROM generate_series(1, 100) i")
+	waitFor(t, "the stream to block on its consumer", func() bool { return len(c.events) == cap(c.events) })
+	time.Sleep(100 * time.Millisecond)
+
+	c.confirmed.Store(uint64(first.EndLSN)) // the consumer's final position
+	began := time.Now()
+	if err := c.stop(); err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(began)
+	t.Logf("Run returned %s after cancel", took)
+	if took > 2*time.Second {
+		t.Errorf("Run took %s to return after cancel while blocked on its consumer", took)
+	}
+	waitFor(t, "confirmed_flush_lsn to reach the final position", func() bool { return f.confirmedFlush() >= first.EndLSN })
+	if got := f.confirmedFlush(); got != first.EndLSN {
+		t.Errorf("confirmed_flush_lsn %s, want exactly the consumer's final %s", got, first.EndLSN)
+	}
+}
