@@ -3,6 +3,7 @@ package main
 import (
 	"github.com/spf13/cobra"
 
+	"github.com/cdcbackfill/cdcbackfill/internal/demo"
 	"github.com/cdcbackfill/cdcbackfill/phases"
 )
 
@@ -88,8 +89,24 @@ func demoCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "demo",
 		Short: "The whole story on an embedded local PostgreSQL, no set-up",
-		Args:  cobra.NoArgs,
-		RunE:  notYet,
+		Long: `demo starts a PostgreSQL of its own (a Docker container, or the server binaries
+installed on this machine, from a temporary directory), seeds users with --rows rows,
+starts an application that renames, signs up and deletes users at about 200
+transactions/s, and runs the daemon in-process on the running example: full_name split
+into first_name and last_name, with dual-write detected and the contract run by
+themselves. The application dual-writes once the migration reaches sync, and writes
+only the new columns once full_name is gone.
+
+It shows the phases and the backfill's progress, then a summary: time per phase,
+backfill rows/s, stream corrections, peak slot lag, each DDL's lock wait, the
+application's transactions and failures, and parity checked by SQL against what the
+application wrote. The server is stopped at the end, also on Ctrl-C. Exit 0 when the
+migration reached done and parity holds.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			rows, _ := cmd.Flags().GetInt("rows")
+			return demo.Run(cmd.Context(), demo.Options{Rows: rows, Out: cmd.OutOrStdout()})
+		},
 	}
 	cmd.Flags().Int("rows", 200000, "rows in the demo table")
 	return cmd

@@ -187,14 +187,6 @@ func TestBadConfig(t *testing.T) {
 	}
 }
 
-func TestNotBuiltYetSaysSo(t *testing.T) {
-	r := cli(t, 10*time.Second, nil, "demo")
-	if r.code == 0 {
-		t.Fatalf("demo should fail until built\n%s", r)
-	}
-	mustContain(t, r, "not built yet")
-}
-
 // TestPlanServerSettings: wal_level not logical, and no replication slot
 // free. Both need a server restart, so they share one test and restore the
 // server's settings at the end.
