@@ -619,10 +619,11 @@ func TestStreamKeepsParity(t *testing.T) {
 			if streamErr != nil || applyErr != nil {
 				t.Errorf("stream: %v; applier: %v", streamErr, applyErr)
 			}
-			// The stream's last status carried the applier's final position.
-			if got := f.lsn("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", slot); got != final {
-				t.Errorf("slot confirmed at %s after the stop, want the applier's final %s", got, final)
-			}
+			// The stream's last status carried the applier's final position
+			// (the walsender applies it shortly after the stream returns).
+			waitFor(t, "slot confirmed at the applier's final "+final.String(), func() bool {
+				return f.lsn("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", slot) == final
+			})
 		})
 	}
 }
