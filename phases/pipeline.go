@@ -73,7 +73,8 @@ func (d *Daemon) supervise(ctx context.Context, p *pipeline) {
 
 func permanentPipelineError(err error) bool {
 	if errors.Is(err, cdc.ErrSlotLost) || errors.Is(err, cdc.ErrSlotMissing) ||
-		errors.Is(err, cdc.ErrPublicationMissing) || errors.Is(err, cdc.ErrNotAllowed) {
+		errors.Is(err, cdc.ErrPublicationMissing) || errors.Is(err, cdc.ErrNotAllowed) ||
+		errors.Is(err, applier.ErrForeignRelation) {
 		return true
 	}
 	s := sqlState(err)
@@ -113,16 +114,30 @@ func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 	p.stream, p.applier = st, ap
 	p.mu.Unlock()
 
-	rctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	// Shutdown order (see cdc and applier docs): the applier stops first and
+	// flushes what it holds; only then does the stream stop, so its final
+	// standby status carries the applier's final position.
+	base := context.WithoutCancel(ctx)
+	actx, acancel := context.WithCancel(base)
+	sctx, scancel := context.WithCancel(base)
+	defer acancel()
+	defer scancel()
+	go func() {
+		select {
+		case <-ctx.Done():
+		case <-sctx.Done():
+		}
+		acancel()
+	}()
 	events := make(chan cdc.Event, 1024)
 	streamErr := make(chan error, 1)
 	go func() {
-		streamErr <- st.Run(rctx, events, ap.ConfirmedLSN)
-		close(events)
+		err := st.Run(sctx, events, ap.ConfirmedLSN)
+		streamErr <- err
+		acancel() // the stream failed for good: nothing more to apply
 	}()
-	applyErr := ap.Run(rctx, events)
-	cancel()
+	applyErr := ap.Run(actx, events)
+	scancel()
 	serr := <-streamErr
 	if applyErr != nil {
 		return applyErr

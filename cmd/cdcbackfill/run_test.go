@@ -423,3 +423,54 @@ func TestSyncSurvivesFaults(t *testing.T) {
 		t.Errorf("slot holds back %d bytes of WAL after catching up", held)
 	}
 }
+
+// TestBackfillPassesOverHeldRows: rows the application holds (locked, not
+// changed, so the stream will never bring them) are passed over without
+// waiting, kept, and backfilled once released.
+func TestBackfillPassesOverHeldRows(t *testing.T) {
+	dsn, pool := seed(t, 20000)
+	d := startDaemon(t, writeConfig(t, usersConfig(dsn)+"backfill:\n  max_rows_per_second: 4000\n  batch_size: 500\n  target_batch_time: 0s\n"))
+	defer func() {
+		if t.Failed() {
+			_ = d.cmd.Process.Signal(syscall.SIGQUIT)
+			time.Sleep(time.Second)
+			t.Log(d.output())
+		}
+	}()
+	// Lock ahead of the cursor once the slot exists (slot creation waits
+	// for transactions that hold row locks).
+	waitFor(t, time.Minute, "backfill under way", func() bool {
+		return phase(t, pool) == "backfill" && query[int64](t, pool, `SELECT rows_done FROM cdcbackfill.migrations`) > 0
+	})
+	holder, err := pgx.Connect(context.Background(), dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer holder.Close(context.Background())
+	for _, sql := range []string{"BEGIN", "SELECT * FROM users WHERE id IN (15000, 19000) FOR UPDATE"} {
+		if _, err := holder.Exec(context.Background(), sql); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, time.Minute, "the held rows kept to retry", func() bool {
+		var n int64
+		_ = pool.QueryRow(context.Background(), `SELECT count(*) FROM cdcbackfill.retry_keys`).Scan(&n)
+		return n == 2
+	})
+	waitFor(t, time.Minute, "the cursor past the held rows", func() bool {
+		return query[int64](t, pool, `SELECT rows_done FROM cdcbackfill.migrations`) >= 20000
+	})
+	if p := phase(t, pool); p != "backfill" {
+		t.Fatalf("phase %s while rows are held", p)
+	}
+	if n := mismatches(t, pool); n != 2 {
+		t.Errorf("%d rows out of parity while two are held, want 2", n)
+	}
+	if _, err := holder.Exec(context.Background(), "COMMIT"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
+	if n := mismatches(t, pool); n != 0 {
+		t.Errorf("%d rows out of parity after the held rows were released", n)
+	}
+}
