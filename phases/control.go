@@ -6,7 +6,10 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/cdcbackfill/cdcbackfill/config"
+	"github.com/cdcbackfill/cdcbackfill/snapshot"
 )
 
 // Control carries out an operator's command through the state row, so any
@@ -53,6 +56,8 @@ func Control(ctx context.Context, cfg *config.Config, action string, rollback bo
 		return fmt.Sprintf("migration %q: %s approved", cfg.Name, st.Phase), nil
 	case "abort":
 		return abort(ctx, cfg, store, st, rollback)
+	case "recover":
+		return recoverSlot(ctx, conn, cfg, store, st)
 	}
 	return "", fmt.Errorf("unknown action %q", action)
 }
@@ -104,4 +109,48 @@ func abort(ctx context.Context, cfg *config.Config, store Store, st *State, roll
 		}
 	}
 	return "", fmt.Errorf("abort requested, but the running daemon has not finished it within 2m; see its log")
+}
+
+// recoverSlot is the way out of a lost slot (invalidated by the server, or
+// dropped by hand): changes since its confirmed position are gone, so the
+// migration starts its backfill again with a new slot and a fresh plan.
+// Every row that exists is then recomputed from the table as it is, and
+// every later change comes through the new slot: the correctness argument
+// holds from the new consistent point. The expand DDL is not repeated.
+func recoverSlot(ctx context.Context, conn *pgx.Conn, cfg *config.Config, store Store, st *State) (string, error) {
+	if st.Phase != Backfill && st.Phase != Sync && st.Phase != Verify {
+		return "", fmt.Errorf("recover: migration %q is in phase %s; recover applies in backfill, sync or verify", cfg.Name, st.Phase)
+	}
+	info, err := snapshot.LookupSlot(ctx, conn, cfg.SlotName())
+	if err != nil {
+		return "", err
+	}
+	if info.Exists && info.WALStatus != "lost" {
+		return "", fmt.Errorf("recover: slot %s is fine (wal_status %s); nothing to recover", cfg.SlotName(), info.WALStatus)
+	}
+	var free bool
+	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock(hashtextextended('cdcbackfill:' || $1, 0))`, cfg.Name).Scan(&free); err != nil {
+		return "", err
+	}
+	if !free {
+		return "", fmt.Errorf("recover: a daemon still runs migration %q; stop it first", cfg.Name)
+	}
+	if err := snapshot.DropSlot(ctx, conn, cfg.SlotName()); err != nil {
+		return "", err
+	}
+	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		if err := store.Update(ctx, tx, `phase = 'backfill', phase_started_at = now(), plan = NULL, ranges = NULL,
+			slot_lsn = NULL, rows_done = 0, rows_total = 0, verify_cursor = NULL, clean_since = NULL,
+			verify_pass_started = NULL, clean_pass_started = NULL, approved_phase = NULL, error = NULL`); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `DELETE FROM cdcbackfill.retry_keys WHERE name = $1`, cfg.Name); err != nil {
+			return err
+		}
+		return store.Event(ctx, tx, Backfill, "recover", map[string]any{"from": st.Phase, "slot_wal_status": info.WALStatus})
+	})
+	if err != nil {
+		return "", fmt.Errorf("recover: %w", err)
+	}
+	return fmt.Sprintf("migration %q: lost slot dropped; `cdcbackfill run` now backfills again with a new slot (from phase %s)", cfg.Name, st.Phase), nil
 }

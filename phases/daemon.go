@@ -37,9 +37,8 @@ type Daemon struct {
 	pool       *pgxpool.Pool // reads from several goroutines (throttle)
 	originOnce sync.Once
 
-	pipe      atomic.Pointer[pipeline] // read by the watcher too
-	obs       *observer
-	watchConn *pgx.Conn // the watcher's connection (publishes live figures)
+	pipe atomic.Pointer[pipeline] // read by the watcher too
+	obs  *observer
 
 	live live // figures for status, published by the watcher
 }
@@ -273,7 +272,6 @@ func (d *Daemon) watch(ctx context.Context, stop context.CancelCauseFunc, lock *
 		return
 	}
 	defer conn.Close(context.Background())
-	d.watchConn = conn
 	tick := time.NewTicker(500 * time.Millisecond)
 	defer tick.Stop()
 	for {

@@ -56,6 +56,9 @@ func (d *Daemon) supervise(ctx context.Context, p *pipeline) {
 			return
 		}
 		if permanentPipelineError(err) {
+			if errors.Is(err, cdc.ErrSlotLost) {
+				err = fmt.Errorf("%w; to recover, stop the daemon and run `cdcbackfill recover --config FILE`: it drops the lost slot, and `run` then backfills again with a new slot from the table's first key (every row is recomputed from the table as it is: nothing the application wrote is lost)", err)
+			}
 			p.mu.Lock()
 			p.err = err
 			p.mu.Unlock()

@@ -65,6 +65,7 @@ func controlCmd(name string) *cobra.Command {
 		"pause":   "Pause the backfill and verify batches (the stream keeps the table in sync)",
 		"resume":  "Resume after pause",
 		"approve": "Approve the step the migration waits for: dual-write (sync) or contract",
+		"recover": "After the server invalidated the slot (wal_status lost): drop it and backfill again with a new one",
 	}[name]
 	return &cobra.Command{
 		Use:   name + " --config FILE",

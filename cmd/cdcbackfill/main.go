@@ -59,7 +59,7 @@ named after the key (e.g. --database.dsn, --backfill.batch_size).`,
 	root.PersistentFlags().String("config", "", "path of the migration's YAML config")
 	addKeyFlags(root.PersistentFlags())
 	root.AddCommand(runCmd(), planCmd(), statusCmd(), controlCmd("pause"), controlCmd("resume"),
-		controlCmd("approve"), abortCmd(), demoCmd())
+		controlCmd("approve"), controlCmd("recover"), abortCmd(), demoCmd())
 	return root
 }
 
@@ -100,9 +100,4 @@ func loadConfig(cmd *cobra.Command) (*config.Config, error) {
 		return nil, errors.New("no configuration: pass --config FILE (or set CDCBACKFILL_NAME, CDCBACKFILL_DATABASE_DSN, ... in the environment)")
 	}
 	return config.Load(path, keyFlags(cmd))
-}
-
-// notYet marks a command whose engine is not built yet.
-func notYet(cmd *cobra.Command, _ []string) error {
-	return fmt.Errorf("%s: not built yet in this version", cmd.Name())
 }

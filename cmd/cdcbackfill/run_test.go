@@ -474,3 +474,53 @@ func TestBackfillPassesOverHeldRows(t *testing.T) {
 		t.Errorf("%d rows out of parity after the held rows were released", n)
 	}
 }
+
+// TestSlotLostSaysSoAndRecovers: while the daemon is gone the server
+// invalidates its slot (max_slot_wal_keep_size); the restarted daemon says
+// so and how to recover, never going on silently; `recover` and `run`
+// bring the table back to parity with a new slot.
+func TestSlotLostSaysSoAndRecovers(t *testing.T) {
+	srv := pgtest.Shared(t)
+	if srv.Kind() == "env" {
+		t.Skip("changes a server setting")
+	}
+	dsn, pool := seed(t, 20000)
+	cfg := writeConfig(t, usersConfig(dsn))
+	d := startDaemon(t, cfg)
+	waitFor(t, time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
+	d.kill()
+
+	exec1(t, srv.DSN(), "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'", "SELECT pg_reload_conf()")
+	defer exec1(t, srv.DSN(), "ALTER SYSTEM RESET max_slot_wal_keep_size", "SELECT pg_reload_conf()")
+	waitFor(t, time.Minute, "the slot to be lost", func() bool {
+		exec1(t, dsn, "UPDATE users SET full_name = 'lost ' || id WHERE id % 10 = 0", "SELECT pg_switch_wal()", "CHECKPOINT")
+		return query[string](t, pool, `SELECT wal_status FROM pg_replication_slots`) == "lost"
+	})
+	r := cli(t, 10*time.Second, nil, "status", "--json", "--config", cfg)
+	mustContain(t, r, `"slot_wal_status":"lost"`)
+
+	d = startDaemon(t, cfg)
+	if code := d.wait(t, time.Minute); code == 0 {
+		t.Fatalf("the daemon went on with a lost slot\n%s", d.output())
+	}
+	for _, want := range []string{"invalidated", "cdcbackfill recover --config"} {
+		if !strings.Contains(d.output(), want) {
+			t.Errorf("output lacks %q\n%s", want, d.output())
+		}
+	}
+	r = cli(t, 30*time.Second, nil, "recover", "--config", cfg)
+	if r.code != 0 {
+		t.Fatalf("recover\n%s", r)
+	}
+	exec1(t, srv.DSN(), "ALTER SYSTEM RESET max_slot_wal_keep_size", "SELECT pg_reload_conf()")
+	startDaemon(t, cfg)
+	waitFor(t, time.Minute, "phase sync again", func() bool { return phase(t, pool) == "sync" })
+	end := query[string](t, pool, `SELECT pg_current_wal_insert_lsn()::text`)
+	waitFor(t, time.Minute, "slot caught up", func() bool { return caughtUp(t, pool, end) })
+	if n := mismatches(t, pool); n != 0 {
+		t.Errorf("%d rows out of parity after recover", n)
+	}
+	if n := query[int64](t, pool, `SELECT count(*) FROM cdcbackfill.events WHERE kind = 'ddl'`); n != 1 {
+		t.Errorf("expand DDL ran %d times", n)
+	}
+}
