@@ -325,18 +325,33 @@ func TestExpressionFailsOnARow(t *testing.T) {
 	}
 }
 
-// TestRunRefusesBadInputChangingNothing: a table without a primary key.
+// TestRunRefusesBadInputChangingNothing: run checks what plan checks
+// before it touches anything.
 func TestRunRefusesBadInputChangingNothing(t *testing.T) {
-	dsn := pgtest.NewDatabase(t)
-	exec1(t, dsn, "CREATE TABLE users (id bigint, full_name text)")
-	d := startDaemon(t, writeConfig(t, usersConfig(dsn)))
-	if code := d.wait(t, 30*time.Second); code != 1 {
-		t.Fatalf("exit %d, want 1\n%s", code, d.output())
+	cases := []struct{ name, setup, after, want string }{
+		{"table without a primary key", "CREATE TABLE users (id bigint, full_name text)", "", "has no primary key"},
+		{"slot name taken", seedUsers, "SELECT pg_create_logical_replication_slot('cdcbackfill_split_full_name', 'pgoutput')", "already exists and is not this migration's"},
 	}
-	if !strings.Contains(d.output(), "has no primary key") {
-		t.Errorf("output lacks the problem\n%s", d.output())
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dsn := pgtest.NewDatabase(t)
+			exec1(t, dsn, c.setup)
+			if c.after != "" {
+				exec1(t, dsn, c.after)
+			}
+			d := startDaemon(t, writeConfig(t, usersConfig(dsn)))
+			if code := d.wait(t, 30*time.Second); code != 1 {
+				t.Fatalf("exit %d, want 1\n%s", code, d.output())
+			}
+			if !strings.Contains(d.output(), c.want) {
+				t.Errorf("output lacks %q\n%s", c.want, d.output())
+			}
+			if c.after != "" {
+				exec1(t, dsn, "SELECT pg_drop_replication_slot('cdcbackfill_split_full_name')")
+			}
+			assertUnchanged(t, dsn)
+		})
 	}
-	assertUnchanged(t, dsn)
 }
 
 // TestPauseResume: pause stops the batches within a second; resume goes on.

@@ -150,15 +150,28 @@ func (t *Table) rangeKeys(withLow bool, extra string) (sql, low string) {
 // lastSlots selects the highest key of _cdcb_keys, its columns cast by
 // suffix; an aggregate where the key has one column (no sort).
 func (t *Table) lastSlots(suffix string) string {
-	if len(t.Key) == 1 {
+	if t.maxable() {
 		return "(SELECT max(_cdcb_k0)" + suffix + " FROM _cdcb_keys)"
 	}
 	return fmt.Sprintf("(SELECT %s FROM _cdcb_keys ORDER BY %s LIMIT 1)", t.slots("", suffix), t.descSlots())
 }
 
+// maxable is true for a one-column key of a type with a max() aggregate
+// (uuid has none before PostgreSQL 16).
+func (t *Table) maxable() bool {
+	if len(t.Key) != 1 {
+		return false
+	}
+	switch t.Key[0].Type {
+	case "smallint", "integer", "bigint", "numeric", "text", "date":
+		return true
+	}
+	return strings.HasPrefix(t.Key[0].Type, "character varying") || strings.HasPrefix(t.Key[0].Type, "timestamp")
+}
+
 // lastKey is the highest key of _cdcb_keys as a text[].
 func (t *Table) lastKey() string {
-	if len(t.Key) == 1 {
+	if t.maxable() {
 		// HAVING: no row (NULL) for an empty batch, not ARRAY[NULL].
 		return "(SELECT ARRAY[max(_cdcb_k0)::text] FROM _cdcb_keys HAVING count(*) > 0)"
 	}
