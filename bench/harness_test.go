@@ -1,0 +1,779 @@
+package bench
+
+// Helpers of the sync and memory benchmarks: the daemon as a separate
+// process (so its RSS is its own), pgbench as the application, and waits on
+// conditions with deadlines.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
+)
+
+// parityQuery counts the rows whose new columns differ from their
+// expressions, written independently of the daemon's own statements.
+const parityQuery = `SELECT count(*) FROM users
+	WHERE (first_name, last_name) IS DISTINCT FROM (split_part(full_name, ' ', 1), split_part(full_name, ' ', 2))`
+
+// seedUsers creates users with ids 1..rows+1 (the last one is the probe
+// row, which the pgbench script never touches) in a fresh database and
+// returns its DSN. With filled, it adds first_name/last_name and fills them
+// with one UPDATE, so the table has the layout the daemon's backfill leaves
+// (every row updated once, then vacuumed).
+func seedUsers(b *testing.B, rows int, filled bool) string {
+	b.Helper()
+	dsn := pgtest.NewDatabase(b)
+	stmts := []string{
+		`CREATE TABLE users (id bigint PRIMARY KEY, full_name text, email text)`,
+		fmt.Sprintf(`INSERT INTO users SELECT g, 'first' || g || ' last' || g, 'u' || g || '@example.com' FROM generate_series(1, %d) g`, rows+1),
+		`VACUUM ANALYZE users`,
+	}
+	if filled {
+		stmts = append(stmts,
+			`ALTER TABLE users ADD COLUMN first_name text, ADD COLUMN last_name text`,
+			`UPDATE users SET first_name = split_part(full_name, ' ', 1), last_name = split_part(full_name, ' ', 2)`,
+			`VACUUM ANALYZE users`)
+	}
+	execSQL(b, dsn, append(stmts, `CHECKPOINT`)...)
+	return dsn
+}
+
+func execSQL(b *testing.B, dsn string, stmts ...string) {
+	b.Helper()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	for _, sql := range stmts {
+		if _, err := conn.Exec(ctx, sql); err != nil {
+			b.Fatalf("%s: %v", sql, err)
+		}
+	}
+}
+
+func checkParity(b *testing.B, dsn string) int64 {
+	b.Helper()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var bad int64
+	if err := conn.QueryRow(ctx, parityQuery).Scan(&bad); err != nil {
+		b.Fatal(err)
+	}
+	return bad
+}
+
+// daemonBinary builds cmd/cdcbackfill into a temporary directory (fast from
+// the build cache after `make build`), falling back to bin/cdcbackfill.
+func daemonBinary(b *testing.B) string {
+	b.Helper()
+	out := filepath.Join(b.TempDir(), "cdcbackfill")
+	cmd := exec.Command("go", "build", "-o", out, "github.com/cdcbackfill/cdcbackfill/cmd/cdcbackfill")
+	msg, err := cmd.CombinedOutput()
+	if err == nil {
+		return out
+	}
+	if fallback, ferr := filepath.Abs("../bin/cdcbackfill"); ferr == nil {
+		if _, serr := os.Stat(fallback); serr == nil {
+			b.Logf("go build failed (%v: %s); using %s", err, msg, fallback)
+			return fallback
+		}
+	}
+	b.Fatalf("build cdcbackfill: %v: %s", err, msg)
+	return ""
+}
+
+// daemon is `cdcbackfill run` as a child process.
+type daemon struct {
+	bin, cfgPath, logPath string
+	name, dsn             string
+	cmd                   *exec.Cmd
+	done                  chan struct{} // closed when the process has exited
+	waitErr               error
+}
+
+// daemonConfig is config.Default() plus the running example; dual-write
+// detection and contract are manual, so the daemon stays in sync.
+const daemonConfig = `name: %s
+database:
+  dsn: %q
+table: public.users
+expand:
+  - ALTER TABLE users ADD COLUMN first_name text, ADD COLUMN last_name text
+columns:
+  first_name: split_part(full_name, ' ', 1)
+  last_name: split_part(full_name, ' ', 2)
+contract:
+  - ALTER TABLE users DROP COLUMN full_name
+rollback:
+  - ALTER TABLE users DROP COLUMN first_name, DROP COLUMN last_name
+dual_write:
+  detect: manual
+contract_policy:
+  mode: manual
+http:
+  listen: ""
+log:
+  level: info
+`
+
+// newDaemon writes the config of migration name on dsn and starts the
+// daemon.
+func newDaemon(b *testing.B, bin, dsn, name string) *daemon {
+	b.Helper()
+	dir := b.TempDir()
+	d := &daemon{bin: bin, name: name, dsn: dsn, cfgPath: filepath.Join(dir, "config.yaml"), logPath: filepath.Join(dir, "daemon.log")}
+	if err := os.WriteFile(d.cfgPath, fmt.Appendf(nil, daemonConfig, name, dsn), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { d.stop(b) })
+	d.start(b)
+	return d
+}
+
+// start runs `cdcbackfill run` (again: it resumes from the state row).
+func (d *daemon) start(b *testing.B) {
+	b.Helper()
+	logFile, err := os.OpenFile(d.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		b.Fatal(err)
+	}
+	d.cmd = exec.Command(d.bin, "run", "--config", d.cfgPath)
+	d.cmd.Stdout, d.cmd.Stderr = logFile, logFile
+	// Dies with the benchmark binary.
+	d.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := d.cmd.Start(); err != nil {
+		logFile.Close()
+		b.Fatal(err)
+	}
+	done := make(chan struct{})
+	d.done = done
+	cmd := d.cmd
+	go func() {
+		d.waitErr = cmd.Wait()
+		logFile.Close()
+		close(done)
+	}()
+}
+
+// stop sends SIGTERM (finish the batch, confirm, exit) and waits; SIGKILL
+// after 30s.
+func (d *daemon) stop(b *testing.B) {
+	if d.cmd == nil {
+		return
+	}
+	select {
+	case <-d.done:
+		return
+	default:
+	}
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.done:
+	case <-time.After(30 * time.Second):
+		b.Logf("daemon did not stop within 30s of SIGTERM; killing pid %d", d.cmd.Process.Pid)
+		_ = d.cmd.Process.Kill()
+		<-d.done
+	}
+}
+
+// abort stops the daemon and aborts the migration with the CLI (drops slot
+// and publication); the database is dropped at cleanup anyway.
+func (d *daemon) abort(b *testing.B) {
+	d.stop(b)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, d.bin, "abort", "--config", d.cfgPath).CombinedOutput(); err != nil {
+		b.Logf("cdcbackfill abort: %v: %s", err, out)
+	}
+}
+
+func (d *daemon) slot() string { return "cdcbackfill_" + d.name }
+
+func (d *daemon) logTail() string {
+	data, _ := os.ReadFile(d.logPath)
+	if len(data) > 3000 {
+		data = data[len(data)-3000:]
+	}
+	return string(data)
+}
+
+// procStatus reads a kB field (VmHWM, VmRSS) of /proc/<pid>/status in bytes.
+func (d *daemon) procStatus(field string) (int64, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.cmd.Process.Pid))
+	if err != nil {
+		return 0, err
+	}
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), field+":"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			return kb * 1024, err
+		}
+	}
+	return 0, fmt.Errorf("no %s in /proc/%d/status", field, d.cmd.Process.Pid)
+}
+
+// waitPhase waits until the migration's phase is want, failing early when
+// the daemon exits or records an error.
+func (d *daemon) waitPhase(b *testing.B, want string, timeout time.Duration) {
+	b.Helper()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, d.dsn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	deadline := time.Now().Add(timeout)
+	for {
+		var phase string
+		var lastErr *string
+		err := conn.QueryRow(ctx, `SELECT phase, error FROM cdcbackfill.migrations WHERE name = $1`, d.name).Scan(&phase, &lastErr)
+		if err == nil && phase == want {
+			return
+		}
+		if lastErr != nil && *lastErr != "" {
+			b.Fatalf("daemon error in phase %s: %s\nlog:\n%s", phase, *lastErr, d.logTail())
+		}
+		select {
+		case <-d.done:
+			b.Fatalf("daemon exited (%v) before phase %s\nlog:\n%s", d.waitErr, want, d.logTail())
+		case <-time.After(100 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("phase %s not reached in %s (now %q, %v)\nlog:\n%s", want, timeout, phase, err, d.logTail())
+		}
+	}
+}
+
+// waitStreaming waits until a daemon reads the slot again, then until it
+// has caught up.
+func (d *daemon) waitStreaming(b *testing.B, timeout time.Duration) {
+	b.Helper()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, d.dsn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	deadline := time.Now().Add(timeout)
+	for {
+		var active bool
+		if err := conn.QueryRow(ctx, `SELECT active FROM pg_replication_slots WHERE slot_name = $1`, d.slot()).Scan(&active); err != nil {
+			b.Fatalf("read slot %s: %v", d.slot(), err)
+		}
+		if active {
+			break
+		}
+		select {
+		case <-d.done:
+			b.Fatalf("daemon exited (%v)\nlog:\n%s", d.waitErr, d.logTail())
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("slot %s not read by a daemon within %s\nlog:\n%s", d.slot(), timeout, d.logTail())
+		}
+	}
+	waitCaughtUp(b, d.dsn, d.slot(), time.Until(deadline))
+}
+
+// waitCaughtUp waits until the slot's confirmed_flush_lsn has passed the
+// WAL insert position read now (not pg_current_wal_lsn(): with
+// synchronous_commit off the write position can trail commits), and
+// returns how long that took.
+func waitCaughtUp(b *testing.B, dsn, slot string, timeout time.Duration) time.Duration {
+	b.Helper()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	start := time.Now()
+	var target int64
+	if err := conn.QueryRow(ctx, `SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::int8`).Scan(&target); err != nil {
+		b.Fatal(err)
+	}
+	for {
+		var confirmed int64
+		if err := conn.QueryRow(ctx, `SELECT pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::int8 FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&confirmed); err != nil {
+			b.Fatalf("read slot %s: %v", slot, err)
+		}
+		if confirmed >= target {
+			return time.Since(start)
+		}
+		if time.Since(start) > timeout {
+			b.Fatalf("slot %s did not catch up in %s (%d bytes behind)", slot, timeout, target-confirmed)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// pgbench is the application load.
+type pgbench struct {
+	path   string // the binary
+	script string // file
+	dsn    string
+	rows   int
+
+	postmaster int // for the server's CPU time; 0 when unknown
+}
+
+// findPgbench looks in the local server's binaries, then PATH, then
+// /usr/lib/postgresql/*/bin (highest version).
+func findPgbench(b *testing.B) string {
+	b.Helper()
+	if dir := pgtest.Shared(b).BinDir(); dir != "" {
+		if p := filepath.Join(dir, "pgbench"); isExec(p) {
+			return p
+		}
+	}
+	if p, err := exec.LookPath("pgbench"); err == nil {
+		return p
+	}
+	matches, _ := filepath.Glob("/usr/lib/postgresql/*/bin/pgbench")
+	sort.Slice(matches, func(i, j int) bool { return versionOf(matches[i]) > versionOf(matches[j]) })
+	if len(matches) > 0 {
+		return matches[0]
+	}
+	return ""
+}
+
+func versionOf(p string) int {
+	v, _ := strconv.Atoi(filepath.Base(filepath.Dir(filepath.Dir(p))))
+	return v
+}
+
+func isExec(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0
+}
+
+// updateScript is the application transaction: update the source column of
+// a random row.
+const updateScript = `\set id random(1, :rows)
+UPDATE users SET full_name = 'a' || :id || ' b' || random() WHERE id = :id;
+`
+
+func newPgbench(b *testing.B, path, dsn string, rows int) *pgbench {
+	b.Helper()
+	script := filepath.Join(b.TempDir(), "update.sql")
+	if err := os.WriteFile(script, []byte(updateScript), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	return &pgbench{path: path, script: script, dsn: dsn, rows: rows, postmaster: postmasterPID(b, dsn)}
+}
+
+// loadResult is one pgbench run.
+type loadResult struct {
+	tps       float64
+	processed int64
+	failed    int64
+	latencies []float64 // ms per transaction, from the per-transaction log; nil without one
+
+	loadCPU, serverCPU, daemonCPU time.Duration // used during the run by pgbench, the server, the daemon
+	wall                          time.Duration // of the pgbench process
+	hostBusy                      time.Duration // CPU used on the whole host meanwhile, from /proc/stat
+}
+
+var (
+	tpsRE       = regexp.MustCompile(`(?m)^tps = ([0-9.]+)`)
+	processedRE = regexp.MustCompile(`number of transactions actually processed: (\d+)`)
+	failedRE    = regexp.MustCompile(`number of failed transactions: (\d+)`)
+)
+
+// run runs pgbench with 4 clients on 2 threads for dur; rate > 0 fixes the
+// arrival rate (-R); withLog writes per-transaction logs and collects the
+// latencies. Under -R, pgbench's per-transaction time counts from the
+// scheduled start, so a stall shows up in the latency of every transaction
+// it delays (no coordinated omission).
+func (p *pgbench) run(b *testing.B, rate float64, dur time.Duration, withLog bool, d *daemon) loadResult {
+	b.Helper()
+	args := []string{"-n", "-M", "prepared", "-f", p.script, "-D", fmt.Sprintf("rows=%d", p.rows),
+		"-c", "4", "-j", "2", "-T", strconv.Itoa(int(dur.Seconds()))}
+	if rate > 0 {
+		args = append(args, "-R", strconv.FormatFloat(rate, 'f', 0, 64))
+	}
+	logDir := b.TempDir()
+	if withLog {
+		args = append(args, "-l", "--log-prefix="+filepath.Join(logDir, "tx"))
+	}
+	args = append(args, p.dsn)
+	ctx, cancel := context.WithTimeout(context.Background(), dur+2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, p.path, args...)
+	cmd.Dir = logDir
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	server0, daemon0, host0, start := serverCPU(p.postmaster), d.cpu(), hostBusy(), time.Now()
+	err := cmd.Run()
+	var r loadResult
+	r.wall, r.hostBusy = time.Since(start), hostBusy()-host0
+	r.serverCPU, r.daemonCPU = serverCPU(p.postmaster)-server0, d.cpu()-daemon0
+	if cmd.ProcessState != nil {
+		r.loadCPU = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+	}
+	if err != nil {
+		b.Fatalf("pgbench %s: %v\n%s\n%s", strings.Join(args, " "), err, stdout.String(), stderr.String())
+	}
+	m := tpsRE.FindStringSubmatch(stdout.String())
+	if m == nil {
+		b.Fatalf("pgbench printed no tps:\n%s\n%s", stdout.String(), stderr.String())
+	}
+	r.tps, _ = strconv.ParseFloat(m[1], 64)
+	if m := processedRE.FindStringSubmatch(stdout.String()); m != nil {
+		r.processed, _ = strconv.ParseInt(m[1], 10, 64)
+	}
+	if m := failedRE.FindStringSubmatch(stdout.String()); m != nil {
+		r.failed, _ = strconv.ParseInt(m[1], 10, 64)
+	}
+	if withLog {
+		files, _ := filepath.Glob(filepath.Join(logDir, "tx.*"))
+		if len(files) == 0 {
+			b.Fatalf("pgbench wrote no transaction log in %s", logDir)
+		}
+		for _, f := range files {
+			lat, err := readTxLog(f)
+			if err != nil {
+				b.Fatal(err)
+			}
+			r.latencies = append(r.latencies, lat...)
+		}
+		sort.Float64s(r.latencies)
+	}
+	return r
+}
+
+// readTxLog reads a pgbench per-transaction log: client_id transaction_no
+// time script_no time_epoch time_us [schedule_lag]; time is in µs.
+func readTxLog(path string) ([]float64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var lat []float64
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 3 {
+			continue
+		}
+		us, err := strconv.ParseFloat(fields[2], 64)
+		if err != nil {
+			continue // "failed" / "skipped": counted from the summary
+		}
+		lat = append(lat, us/1000)
+	}
+	return lat, sc.Err()
+}
+
+// pctl is the q quantile of sorted values, nearest rank.
+func pctl(sorted []float64, q float64) float64 {
+	if len(sorted) == 0 {
+		return math.NaN()
+	}
+	i := int(math.Ceil(q*float64(len(sorted)))) - 1
+	return sorted[max(0, min(i, len(sorted)-1))]
+}
+
+// lagStats is what a lagSampler saw over one load.
+type lagStats struct {
+	maxBytes     int64         // pg_current_wal_insert_lsn() - confirmed_flush_lsn
+	maxSent      time.Duration // how long until the walsender's sent_lsn passed it (decoding, server side)
+	maxConfirmed time.Duration // how long until confirmed_flush_lsn passed the insert position read at t
+	maxApply     time.Duration // probe committed -> the new columns show it
+	unresolved   int           // samples still pending at the drain deadline (their age counts in the maxima)
+	samples      int
+	polls        int // 50ms polls while loading
+	lockWaits    int // pgbench backends seen waiting on a lock, summed over polls
+}
+
+// lockWaitShare is the share of the 4 clients' time spent waiting on a lock
+// (row locks of the applier's statements, or of each other), by sampling.
+func (l lagStats) lockWaitShare() float64 {
+	if l.polls == 0 {
+		return 0
+	}
+	return float64(l.lockWaits) / float64(4*l.polls)
+}
+
+// lagSampler samples the slot every 200ms while the load runs: lag in
+// bytes, and the insert position to time until confirmed_flush_lsn passes
+// it. It also updates a probe row (one the load never touches) at each
+// sample and times until the new columns show that update: the apply lag
+// the application sees, independent of when the daemon reports its
+// position to the server.
+type lagSampler struct {
+	stop chan struct{}
+	done chan struct{}
+	res  lagStats
+	err  error
+}
+
+const probeTick = 50 * time.Millisecond // polling; samples and probes every 4th tick
+
+// lockWaitQuery counts the pgbench backends waiting on a lock.
+const lockWaitQuery = `SELECT count(*)::int FROM pg_stat_activity
+	WHERE datname = current_database() AND application_name = 'pgbench' AND wait_event_type = 'Lock'`
+
+// With slot "", it only counts lock waits, for a setup with no migration.
+func startLagSampler(dsn, slot string, probeID int, drain time.Duration) (*lagSampler, error) {
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		return nil, err
+	}
+	probe, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		conn.Close(ctx)
+		return nil, err
+	}
+	s := &lagSampler{stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(s.done)
+		defer conn.Close(ctx)
+		defer probe.Close(ctx)
+		s.err = s.loop(ctx, conn, probe, slot, probeID, drain)
+	}()
+	return s, nil
+}
+
+// finish tells the sampler the load has ended and waits until every sample
+// is resolved or the drain deadline passed.
+func (s *lagSampler) finish() (lagStats, error) {
+	close(s.stop)
+	<-s.done
+	return s.res, s.err
+}
+
+func (s *lagSampler) loop(ctx context.Context, conn, probe *pgx.Conn, slot string, probeID int, drain time.Duration) error {
+	type pending struct {
+		at  time.Time
+		lsn int64 // insert position, or probe sequence number
+	}
+	var lsns, sent, probes []pending
+	tick := time.NewTicker(probeTick)
+	defer tick.Stop()
+	stop := s.stop
+	loading := true
+	var deadline time.Time
+	seq := int64(0)
+	for n := 0; ; n++ {
+		select {
+		case <-stop:
+			stop, loading = nil, false
+			deadline = time.Now().Add(drain)
+		case <-tick.C:
+		}
+		if slot == "" { // no migration: lock waits only
+			if !loading {
+				return nil
+			}
+			var lockWaits int
+			if err := conn.QueryRow(ctx, lockWaitQuery).Scan(&lockWaits); err != nil {
+				return fmt.Errorf("sample lock waits: %w", err)
+			}
+			s.res.polls++
+			s.res.lockWaits += lockWaits
+			continue
+		}
+		var insert, confirmed int64
+		var sentLSN *int64
+		var first *string
+		var lockWaits int
+		if err := conn.QueryRow(ctx, `SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::int8,
+				pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::int8,
+				(SELECT pg_wal_lsn_diff(sent_lsn, '0/0')::int8 FROM pg_stat_replication WHERE pid = active_pid),
+				(SELECT first_name FROM users WHERE id = $2),
+				(`+lockWaitQuery+`)
+			FROM pg_replication_slots WHERE slot_name = $1`, slot, probeID).Scan(&insert, &confirmed, &sentLSN, &first, &lockWaits); err != nil {
+			return fmt.Errorf("sample slot %s: %w", slot, err)
+		}
+		now := time.Now()
+		for len(lsns) > 0 && confirmed >= lsns[0].lsn {
+			s.res.maxConfirmed = max(s.res.maxConfirmed, now.Sub(lsns[0].at))
+			lsns = lsns[1:]
+		}
+		for len(sent) > 0 && sentLSN != nil && *sentLSN >= sent[0].lsn {
+			s.res.maxSent = max(s.res.maxSent, now.Sub(sent[0].at))
+			sent = sent[1:]
+		}
+		applied := int64(0)
+		if first != nil {
+			if v, ok := strings.CutPrefix(*first, "probe"); ok {
+				applied, _ = strconv.ParseInt(v, 10, 64)
+			}
+		}
+		for len(probes) > 0 && applied >= probes[0].lsn {
+			s.res.maxApply = max(s.res.maxApply, now.Sub(probes[0].at))
+			probes = probes[1:]
+		}
+		if loading {
+			s.res.maxBytes = max(s.res.maxBytes, insert-confirmed)
+			s.res.polls++
+			s.res.lockWaits += lockWaits
+		}
+		// Every 200ms while loading. Not once more at the end: a position
+		// read when the WAL stops may be passed only by the next record
+		// written and flushed, seconds later on an idle server.
+		if loading && n%4 == 0 {
+			s.res.samples++
+			lsns = append(lsns, pending{now, insert})
+			sent = append(sent, pending{now, insert})
+			seq++
+			if _, err := probe.Exec(ctx, `UPDATE users SET full_name = $1 WHERE id = $2`, fmt.Sprintf("probe%d p%d", seq, seq), probeID); err != nil {
+				return fmt.Errorf("probe update: %w", err)
+			}
+			probes = append(probes, pending{time.Now(), seq})
+		}
+		if !loading && len(lsns) == 0 && len(sent) == 0 && len(probes) == 0 {
+			return nil
+		}
+		if !loading && now.After(deadline) {
+			s.res.unresolved = len(lsns) + len(sent) + len(probes)
+			if len(lsns) > 0 {
+				s.res.maxConfirmed = max(s.res.maxConfirmed, now.Sub(lsns[0].at))
+			}
+			if len(sent) > 0 {
+				s.res.maxSent = max(s.res.maxSent, now.Sub(sent[0].at))
+			}
+			if len(probes) > 0 {
+				s.res.maxApply = max(s.res.maxApply, now.Sub(probes[0].at))
+			}
+			return nil
+		}
+	}
+}
+
+var errNoPgbench = errors.New("no pgbench: install the PostgreSQL server or client binaries (postgresql-contrib on older Debian)")
+
+// userHZ is the clock tick of /proc/<pid>/stat times (USER_HZ, 100 on
+// every Linux ABI Go supports).
+const userHZ = 100
+
+// procStat reads ppid, own CPU (utime+stime) and reaped children's CPU
+// (cutime+cstime) of pid.
+func procStat(pid int) (ppid int, self, children time.Duration, err error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	i := bytes.LastIndexByte(data, ')')
+	if i < 0 {
+		return 0, 0, 0, fmt.Errorf("/proc/%d/stat: no comm", pid)
+	}
+	f := strings.Fields(string(data[i+1:]))
+	if len(f) < 15 {
+		return 0, 0, 0, fmt.Errorf("/proc/%d/stat: short", pid)
+	}
+	n := func(s string) int64 { v, _ := strconv.ParseInt(s, 10, 64); return v }
+	tick := func(v int64) time.Duration { return time.Duration(v) * time.Second / userHZ }
+	return int(n(f[1])), tick(n(f[11]) + n(f[12])), tick(n(f[13]) + n(f[14])), nil
+}
+
+// hostBusy is the CPU time all processes of the host have used since
+// boot: /proc/stat's cpu line less idle and iowait.
+func hostBusy() time.Duration {
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0
+	}
+	line, _, _ := strings.Cut(string(data), "\n")
+	f := strings.Fields(line)
+	if len(f) < 6 || f[0] != "cpu" {
+		return 0
+	}
+	var busy int64
+	for i, v := range f[1:] {
+		n, _ := strconv.ParseInt(v, 10, 64)
+		if i == 3 || i == 4 || i >= 8 { // idle, iowait; guest times are already in user
+			continue
+		}
+		busy += n
+	}
+	return time.Duration(busy) * time.Second / userHZ
+}
+
+// serverCPU is the CPU time used so far by a postmaster and its children:
+// the live ones, and the exited ones the postmaster has reaped. The
+// difference of two readings is what the whole server used in between.
+func serverCPU(postmaster int) time.Duration {
+	if postmaster == 0 {
+		return 0
+	}
+	_, self, reaped, err := procStat(postmaster)
+	if err != nil {
+		return 0
+	}
+	total := self + reaped
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if ppid, own, _, err := procStat(pid); err == nil && ppid == postmaster {
+			total += own
+		}
+	}
+	return total
+}
+
+// postmasterPID finds the local server's postmaster as the parent of a
+// backend; 0 when the server is not a process of this host.
+func postmasterPID(b *testing.B, dsn string) int {
+	b.Helper()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var backend int
+	if err := conn.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&backend); err != nil {
+		b.Fatal(err)
+	}
+	ppid, _, _, err := procStat(backend)
+	if err != nil {
+		return 0
+	}
+	if comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", ppid)); err != nil || !strings.HasPrefix(string(comm), "postgres") {
+		return 0
+	}
+	return ppid
+}
+
+// cpu returns the daemon's CPU time so far (0 when not running).
+func (d *daemon) cpu() time.Duration {
+	if d == nil || d.cmd == nil || d.cmd.Process == nil {
+		return 0
+	}
+	_, self, _, err := procStat(d.cmd.Process.Pid)
+	if err != nil {
+		return 0
+	}
+	return self
+}
