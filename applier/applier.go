@@ -75,7 +75,14 @@ type Stats struct {
 	// unapplied change is. Zero before the first transaction.
 	LastCommitTime time.Time
 	PendingKeys    int // keys in the buffer
+	// RecentCorrections are a few of the last keys whose new columns the
+	// applier had to write, newest first: where the application does not
+	// (yet) dual-write as the expressions say.
+	RecentCorrections []string
 }
+
+// maxRecent bounds Stats.RecentCorrections.
+const maxRecent = 10
 
 // Applier applies the keys of one table. Run it once; the other methods are
 // safe for concurrent use.
@@ -100,6 +107,7 @@ type Applier struct {
 
 	mu       sync.Mutex
 	advanced chan struct{} // closed and replaced whenever confirmed moves
+	recent   []string      // RecentCorrections, under mu
 
 	// Owned by the Run goroutine.
 	buf        map[string]*pending
@@ -177,6 +185,9 @@ func (a *Applier) Stats() Stats {
 	if ns := a.commitTime.Load(); ns != 0 {
 		st.LastCommitTime = time.Unix(0, ns)
 	}
+	a.mu.Lock()
+	st.RecentCorrections = slices.Clone(a.recent)
+	a.mu.Unlock()
 	return st
 }
 
@@ -478,6 +489,12 @@ func (a *Applier) flush(ctx context.Context) error {
 		}
 		corrected += res.Corrected
 		held += len(res.Skipped)
+		if len(res.Samples) > 0 {
+			a.mu.Lock()
+			a.recent = append(slices.Clone(res.Samples), a.recent...)
+			a.recent = a.recent[:min(len(a.recent), maxRecent)]
+			a.mu.Unlock()
+		}
 		a.keepHeld(chunk, res.Skipped)
 	}
 	a.flushes.Add(1)

@@ -88,8 +88,10 @@ type Stats struct {
 	LagBytes       int64   `json:"lag_bytes"`
 	LagSeconds     float64 `json:"lag_seconds"`
 	ThrottleReason string  `json:"throttle_reason,omitempty"`
-	Leader         string  `json:"leader,omitempty"`
-	HeartbeatAt    string  `json:"heartbeat_at,omitempty"`
+	// CorrectionSamples are keys the stream recently had to correct.
+	CorrectionSamples []string `json:"correction_samples,omitempty"`
+	Leader            string   `json:"leader,omitempty"`
+	HeartbeatAt       string   `json:"heartbeat_at,omitempty"`
 }
 
 // State is one row of cdcbackfill.migrations.

@@ -91,8 +91,12 @@ func (d *Daemon) publishStatsOn(ctx context.Context, conn *pgx.Conn, st *State) 
 	var lastCommit time.Time
 	if p := d.pipe.Load(); p != nil {
 		if _, ap := p.current(); ap != nil {
-			lastCommit = ap.Stats().LastCommitTime
+			as := ap.Stats()
+			lastCommit, stats.CorrectionSamples = as.LastCommitTime, as.RecentCorrections
 		}
+	}
+	if stats.CorrectionSamples == nil {
+		stats.CorrectionSamples = st.Stats.CorrectionSamples // keep the last known across restarts
 	}
 	d.live.mu.Unlock()
 

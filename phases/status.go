@@ -30,6 +30,8 @@ type StatusReport struct {
 		Events      int64   `json:"events"`
 		Corrections int64   `json:"corrections"`
 		SlotStatus  string  `json:"slot_wal_status,omitempty"`
+		// CorrectionSamples: keys the stream recently corrected, newest first.
+		CorrectionSamples []string `json:"correction_samples"`
 	} `json:"sync"`
 	Verify struct {
 		RowsChecked     int64    `json:"rows_checked"`
@@ -72,6 +74,10 @@ func statusOn(ctx context.Context, conn recompute.Querier, cfg *config.Config) (
 	}
 	r.Sync.Events, r.Sync.Corrections = st.SyncEvents, st.Corrections
 	r.Sync.LagSeconds = st.Stats.LagSeconds
+	r.Sync.CorrectionSamples = st.Stats.CorrectionSamples
+	if r.Sync.CorrectionSamples == nil {
+		r.Sync.CorrectionSamples = []string{}
+	}
 	if info, err := snapshot.LookupSlot(ctx, conn, cfg.SlotName()); err == nil && info.Exists {
 		r.Sync.LagBytes, r.Sync.SlotStatus = info.LagBytes, info.WALStatus
 	}

@@ -125,7 +125,13 @@ func printStatus(w io.Writer, r *phases.StatusReport) {
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintf(w, "sync: slot lag %s (%.1fs), events %d, corrections %d\n", humanBytes(r.Sync.LagBytes), r.Sync.LagSeconds, r.Sync.Events, r.Sync.Corrections)
+	if len(r.Sync.CorrectionSamples) > 0 {
+		fmt.Fprintf(w, "      recent corrections (the application does not write these as the expressions say): %s\n", strings.Join(r.Sync.CorrectionSamples, " "))
+	}
 	fmt.Fprintf(w, "verify: rows checked %d, mismatches %d\n", r.Verify.RowsChecked, r.Verify.Mismatches)
+	if len(r.Verify.MismatchSamples) > 0 {
+		fmt.Fprintf(w, "      mismatch samples: %s\n", strings.Join(r.Verify.MismatchSamples, " "))
+	}
 	if r.Throttle != "" {
 		fmt.Fprintf(w, "throttled: %s\n", r.Throttle)
 	}

@@ -22,11 +22,15 @@ func (t *Table) KeyString(k Key) string {
 
 // Result is what one recompute statement did.
 type Result struct {
-	Scanned   int64 // keys looked at (Range only)
-	Corrected int64 // rows whose new columns were written
-	Last      Key   // the highest key scanned (Range only), nil when none
-	Skipped   []Key // keys out of parity and held by another transaction
+	Scanned   int64    // keys looked at (Range only)
+	Corrected int64    // rows whose new columns were written
+	Last      Key      // the highest key scanned (Range only), nil when none
+	Skipped   []Key    // keys out of parity and held by another transaction
+	Samples   []string // a few corrected keys (Keys only), shown as (k)=(v), for the operator
 }
+
+// maxSamples bounds the corrected keys a statement returns.
+const maxSamples = 5
 
 // lockAndUpdate locks, among the keys in _cdcb_keys, the rows out of parity
 // that nobody else holds, in key order without waiting (SKIP LOCKED), and
@@ -54,7 +58,7 @@ _cdcb_locked AS (
 _cdcb_upd AS (
 	UPDATE %[1]s SET %[6]s
 	WHERE ctid = ANY (ARRAY(SELECT _cdcb_ctid FROM _cdcb_locked))
-	RETURNING 1
+	RETURNING %[11]s
 ),
 _cdcb_skipped AS (
 	SELECT ARRAY[%[8]s] AS key FROM _cdcb_keys k
@@ -64,7 +68,8 @@ _cdcb_skipped AS (
 		tbl,
 		t.selectSlots()+", "+tbl+".ctid AS _cdcb_ctid", keysFilter, t.outOfParity(), t.keyList(),
 		t.setList(), t.slots("_cdcb_locked.", ""),
-		t.slots("k.", "::text"), t.slots("l.", ""), t.slots("k.", ""))
+		t.slots("k.", "::text"), t.slots("l.", ""), t.slots("k.", ""),
+		"ARRAY["+t.textKeys()+"] AS key")
 }
 
 // selectSlots is "T.k1 AS _cdcb_k0, T.k2 AS _cdcb_k1".
@@ -88,9 +93,9 @@ func (t *Table) KeysSQL() string {
 	return fmt.Sprintf(`WITH _cdcb_keys AS (
 	SELECT DISTINCT %s FROM unnest(%s) AS u(%s)
 )`, strings.Join(casts, ", "), strings.Join(unnest, ", "), t.slots("", "")) +
-		t.lockAndUpdate(fmt.Sprintf("ROW(%s) IN (SELECT %s FROM _cdcb_keys)", t.keyList(), t.slots("", ""))) + `
-SELECT (SELECT count(*) FROM _cdcb_upd), s.key
-FROM (SELECT 1) AS _cdcb_one LEFT JOIN _cdcb_skipped s ON true`
+		t.lockAndUpdate(fmt.Sprintf("ROW(%s) IN (SELECT %s FROM _cdcb_keys)", t.keyList(), t.slots("", ""))) + fmt.Sprintf(`
+SELECT (SELECT count(*) FROM _cdcb_upd), (SELECT array_agg(%s || '=(' || array_to_string(u.key, ', ') || ')') FROM (SELECT key FROM _cdcb_upd LIMIT %d) u), s.key
+FROM (SELECT 1) AS _cdcb_one LEFT JOIN _cdcb_skipped s ON true`, quoteLiteral(t.keyNames()), maxSamples)
 }
 
 // Keys recomputes the rows of keys (missing rows are ignored: a deleted row
@@ -114,12 +119,15 @@ func (t *Table) Keys(ctx context.Context, q Querier, keys []Key) (Result, error)
 	defer rows.Close()
 	var res Result
 	for rows.Next() {
-		var skipped []string
-		if err := rows.Scan(&res.Corrected, &skipped); err != nil {
+		var skipped, samples []string
+		if err := rows.Scan(&res.Corrected, &samples, &skipped); err != nil {
 			return Result{}, err
 		}
 		if skipped != nil {
 			res.Skipped = append(res.Skipped, skipped)
+		}
+		if res.Samples == nil {
+			res.Samples = samples
 		}
 	}
 	return res, rows.Err()
@@ -370,3 +378,14 @@ func (t *Table) FastRange(ctx context.Context, q Querier, lo, hi Key, limit int)
 	err := q.QueryRow(ctx, t.FastRangeSQL(lo != nil), rangeArgs(lo, hi, limit)...).Scan(&res.Scanned, &res.Corrected, &res.Last)
 	return res, err
 }
+
+// keyNames is "(k1, k2)", as KeyString writes it.
+func (t *Table) keyNames() string {
+	names := make([]string, len(t.Key))
+	for i, c := range t.Key {
+		names[i] = c.Name
+	}
+	return "(" + strings.Join(names, ", ") + ")"
+}
+
+func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
