@@ -15,9 +15,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -32,8 +34,8 @@ import (
 const parityQuery = `SELECT count(*) FROM users
 	WHERE (first_name, last_name) IS DISTINCT FROM (split_part(full_name, ' ', 1), split_part(full_name, ' ', 2))`
 
-// seedUsers creates users with ids 1..rows+1 (the last one is the probe
-// row, which the pgbench script never touches) in a fresh database and
+// seedUsers creates users with ids 1..rows+probeRows (the probe rows come
+// last; the pgbench script never touches them) in a fresh database and
 // returns its DSN. With filled, it adds first_name/last_name and fills them
 // with one UPDATE, so the table has the layout the daemon's backfill leaves
 // (every row updated once, then vacuumed).
@@ -42,7 +44,7 @@ func seedUsers(b *testing.B, rows int, filled bool) string {
 	dsn := pgtest.NewDatabase(b)
 	stmts := []string{
 		`CREATE TABLE users (id bigint PRIMARY KEY, full_name text, email text)`,
-		fmt.Sprintf(`INSERT INTO users SELECT g, 'first' || g || ' last' || g, 'u' || g || '@example.com' FROM generate_series(1, %d) g`, rows+1),
+		fmt.Sprintf(`INSERT INTO users SELECT g, 'first' || g || ' last' || g, 'u' || g || '@example.com' FROM generate_series(1, %d) g`, rows+probeRows),
 		`VACUUM ANALYZE users`,
 	}
 	if filled {
@@ -521,11 +523,14 @@ func (l lagStats) lockWaitShare() float64 {
 }
 
 // lagSampler samples the slot every 200ms while the load runs: lag in
-// bytes, and the insert position to time until confirmed_flush_lsn passes
-// it. It also updates a probe row (one the load never touches) at each
-// sample and times until the new columns show that update: the apply lag
-// the application sees, independent of when the daemon reports its
-// position to the server.
+// bytes, and the insert position to time until sent_lsn and
+// confirmed_flush_lsn pass it. At each sample it also updates a probe row
+// (one the load never touches, a different one each time) and times until
+// the new columns show that update: the apply lag a reader of the new
+// columns sees, independent of when the daemon reports its position to the
+// server. A different row each time, because the daemon recomputes from
+// the current row: a row updated again before the daemon reached its first
+// change would show the second one early and hide the lag.
 type lagSampler struct {
 	stop chan struct{}
 	done chan struct{}
@@ -533,14 +538,23 @@ type lagSampler struct {
 	err  error
 }
 
-const probeTick = 50 * time.Millisecond // polling; samples and probes every 4th tick
+const (
+	probeTick = 50 * time.Millisecond // polling; samples and probes every 4th tick
+	probeRows = 1000                  // probe rows per table, ids rows+1..rows+probeRows; a run uses at most one per sample
+)
+
+// probeRun makes each sampler's probe values unique, so a probe row
+// reused by a later run never shows its value in advance.
+var probeRun atomic.Int64
 
 // lockWaitQuery counts the pgbench backends waiting on a lock.
 const lockWaitQuery = `SELECT count(*)::int FROM pg_stat_activity
 	WHERE datname = current_database() AND application_name = 'pgbench' AND wait_event_type = 'Lock'`
 
-// With slot "", it only counts lock waits, for a setup with no migration.
-func startLagSampler(dsn, slot string, probeID int, drain time.Duration) (*lagSampler, error) {
+// startLagSampler starts sampling the slot of the table whose probe rows
+// start at firstProbe. With slot "", it only counts lock waits, for a
+// setup with no migration.
+func startLagSampler(dsn, slot string, firstProbe int, drain time.Duration) (*lagSampler, error) {
 	ctx := context.Background()
 	conn, err := pgx.Connect(ctx, dsn)
 	if err != nil {
@@ -556,7 +570,7 @@ func startLagSampler(dsn, slot string, probeID int, drain time.Duration) (*lagSa
 		defer close(s.done)
 		defer conn.Close(ctx)
 		defer probe.Close(ctx)
-		s.err = s.loop(ctx, conn, probe, slot, probeID, drain)
+		s.err = s.loop(ctx, conn, probe, slot, firstProbe, drain)
 	}()
 	return s, nil
 }
@@ -569,18 +583,25 @@ func (s *lagSampler) finish() (lagStats, error) {
 	return s.res, s.err
 }
 
-func (s *lagSampler) loop(ctx context.Context, conn, probe *pgx.Conn, slot string, probeID int, drain time.Duration) error {
+func (s *lagSampler) loop(ctx context.Context, conn, probe *pgx.Conn, slot string, firstProbe int, drain time.Duration) error {
 	type pending struct {
 		at  time.Time
-		lsn int64 // insert position, or probe sequence number
+		lsn int64 // insert position
 	}
-	var lsns, sent, probes []pending
+	type pendingProbe struct {
+		at   time.Time
+		id   int64
+		want string // first_name once applied
+	}
+	var lsns, sent []pending
+	var probes []pendingProbe
+	run := probeRun.Add(1)
 	tick := time.NewTicker(probeTick)
 	defer tick.Stop()
 	stop := s.stop
 	loading := true
 	var deadline time.Time
-	seq := int64(0)
+	seq := 0
 	for n := 0; ; n++ {
 		select {
 		case <-stop:
@@ -602,15 +623,29 @@ func (s *lagSampler) loop(ctx context.Context, conn, probe *pgx.Conn, slot strin
 		}
 		var insert, confirmed int64
 		var sentLSN *int64
-		var first *string
 		var lockWaits int
 		if err := conn.QueryRow(ctx, `SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::int8,
 				pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::int8,
 				(SELECT pg_wal_lsn_diff(sent_lsn, '0/0')::int8 FROM pg_stat_replication WHERE pid = active_pid),
-				(SELECT first_name FROM users WHERE id = $2),
 				(`+lockWaitQuery+`)
-			FROM pg_replication_slots WHERE slot_name = $1`, slot, probeID).Scan(&insert, &confirmed, &sentLSN, &first, &lockWaits); err != nil {
+			FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&insert, &confirmed, &sentLSN, &lockWaits); err != nil {
 			return fmt.Errorf("sample slot %s: %w", slot, err)
+		}
+		applied := map[int64]string{}
+		if len(probes) > 0 {
+			ids := make([]int64, len(probes))
+			for i, p := range probes {
+				ids[i] = p.id
+			}
+			rows, err := conn.Query(ctx, `SELECT id, coalesce(first_name, '') FROM users WHERE id = ANY($1)`, ids)
+			if err != nil {
+				return fmt.Errorf("read probe rows: %w", err)
+			}
+			var id int64
+			var first string
+			if _, err := pgx.ForEachRow(rows, []any{&id, &first}, func() error { applied[id] = first; return nil }); err != nil {
+				return fmt.Errorf("read probe rows: %w", err)
+			}
 		}
 		now := time.Now()
 		for len(lsns) > 0 && confirmed >= lsns[0].lsn {
@@ -621,16 +656,13 @@ func (s *lagSampler) loop(ctx context.Context, conn, probe *pgx.Conn, slot strin
 			s.res.maxSent = max(s.res.maxSent, now.Sub(sent[0].at))
 			sent = sent[1:]
 		}
-		applied := int64(0)
-		if first != nil {
-			if v, ok := strings.CutPrefix(*first, "probe"); ok {
-				applied, _ = strconv.ParseInt(v, 10, 64)
+		probes = slices.DeleteFunc(probes, func(p pendingProbe) bool {
+			if applied[p.id] != p.want {
+				return false
 			}
-		}
-		for len(probes) > 0 && applied >= probes[0].lsn {
-			s.res.maxApply = max(s.res.maxApply, now.Sub(probes[0].at))
-			probes = probes[1:]
-		}
+			s.res.maxApply = max(s.res.maxApply, now.Sub(p.at))
+			return true
+		})
 		if loading {
 			s.res.maxBytes = max(s.res.maxBytes, insert-confirmed)
 			s.res.polls++
@@ -643,11 +675,13 @@ func (s *lagSampler) loop(ctx context.Context, conn, probe *pgx.Conn, slot strin
 			s.res.samples++
 			lsns = append(lsns, pending{now, insert})
 			sent = append(sent, pending{now, insert})
+			id := int64(firstProbe + seq%probeRows)
 			seq++
-			if _, err := probe.Exec(ctx, `UPDATE users SET full_name = $1 WHERE id = $2`, fmt.Sprintf("probe%d p%d", seq, seq), probeID); err != nil {
+			want := fmt.Sprintf("p%d_%d", run, seq)
+			if _, err := probe.Exec(ctx, `UPDATE users SET full_name = $1 WHERE id = $2`, want+" probe", id); err != nil {
 				return fmt.Errorf("probe update: %w", err)
 			}
-			probes = append(probes, pending{time.Now(), seq})
+			probes = append(probes, pendingProbe{time.Now(), id, want})
 		}
 		if !loading && len(lsns) == 0 && len(sent) == 0 && len(probes) == 0 {
 			return nil
@@ -660,15 +694,13 @@ func (s *lagSampler) loop(ctx context.Context, conn, probe *pgx.Conn, slot strin
 			if len(sent) > 0 {
 				s.res.maxSent = max(s.res.maxSent, now.Sub(sent[0].at))
 			}
-			if len(probes) > 0 {
-				s.res.maxApply = max(s.res.maxApply, now.Sub(probes[0].at))
+			for _, p := range probes {
+				s.res.maxApply = max(s.res.maxApply, now.Sub(p.at))
 			}
 			return nil
 		}
 	}
 }
-
-var errNoPgbench = errors.New("no pgbench: install the PostgreSQL server or client binaries (postgresql-contrib on older Debian)")
 
 // userHZ is the clock tick of /proc/<pid>/stat times (USER_HZ, 100 on
 // every Linux ABI Go supports).
@@ -777,3 +809,5 @@ func (d *daemon) cpu() time.Duration {
 	}
 	return self
 }
+
+var errNoPgbench = errors.New("no pgbench: install the PostgreSQL server or client binaries (postgresql-contrib on older Debian)")

@@ -207,27 +207,32 @@ END $$`,
 		worst.maxApply = max(worst.maxApply, lag.maxApply)
 		worst.unresolved += lag.unresolved
 	}
+	// The highest step below the first failing one: a later step that
+	// passes after a failure is luck (the host got quieter), not capacity.
 	bestApply, bestConfirmed := -1, -1
+	applyOK, confirmedOK := true, true
 	for i, s := range steps {
 		lagRow(fmt.Sprintf("-R %.0f (%d%%), %.0fs", ceiling*float64(s.pct)/100, s.pct, stepTime.Seconds()), s.res, s.lag)
-		if s.lag.unresolved == 0 && s.lag.maxApply < time.Second {
+		applyOK = applyOK && s.lag.unresolved == 0 && s.lag.maxApply < time.Second
+		confirmedOK = confirmedOK && s.lag.unresolved == 0 && s.lag.maxConfirmed < time.Second
+		if applyOK {
 			bestApply = i
 		}
-		if s.lag.unresolved == 0 && s.lag.maxConfirmed < time.Second {
+		if confirmedOK {
 			bestConfirmed = i
 		}
 	}
 	best := func(i int) string {
 		if i < 0 {
-			return "none of the steps"
+			return "none (the 50% step failed)"
 		}
 		return fmt.Sprintf("%.0f tps achieved at -R %.0f (%d%%)", steps[i].res.tps, ceiling*float64(steps[i].pct)/100, steps[i].pct)
 	}
 	fmt.Fprintf(w, "at -R %.0f: max lag %d bytes, confirmed %.2fs, apply %.2fs (apply < 1s: %s; confirmed < 1s: %s)\n",
 		rate, worst.maxBytes, worst.maxConfirmed.Seconds(), worst.maxApply.Seconds(),
 		verdict(worst.maxApply < time.Second && worst.unresolved == 0), verdict(worst.maxConfirmed < time.Second && worst.unresolved == 0))
-	fmt.Fprintf(w, "highest rate with apply lag < 1s:     %s; no-migration max %.0f tps\n", best(bestApply), ceiling)
-	fmt.Fprintf(w, "highest rate with confirmed lag < 1s: %s\n", best(bestConfirmed))
+	fmt.Fprintf(w, "highest rate with apply lag < 1s at it and every step below: %s; no-migration max %.0f tps\n", best(bestApply), ceiling)
+	fmt.Fprintf(w, "the same for confirmed lag < 1s:                           %s\n", best(bestConfirmed))
 	fmt.Fprintf(w, "daemon peak RSS (VmHWM) over the last start: %.1f MB\n", float64(hwm)/(1<<20))
 	b.ReportMetric(sumB.p99/sumA.p99, "p99-ratio")
 }
