@@ -22,6 +22,11 @@ test: build vet
 bench: build
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 60m ./bench/
 
+# chaos: the randomized fault suite, long (make test runs 2 iterations).
+# CHAOS_SEED=N replays a run; the seed and a summary table are printed.
+chaos: build
+	CHAOS_ITERATIONS=$${CHAOS_ITERATIONS:-20} $(GO) test -count=1 -run '^TestChaos$$' -v -timeout 60m ./cmd/cdcbackfill/
+
 demo: build
 	./$(BIN) demo
 

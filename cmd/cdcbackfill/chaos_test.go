@@ -1,0 +1,731 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
+)
+
+// The chaos suite (issue 7): the whole lifecycle under an application load,
+// with faults at random points, replayable from a printed seed. `make test`
+// runs a short one (CHAOS_ITERATIONS defaults to 2), `make chaos` a long one.
+//
+// Each iteration seeds a fresh database, starts the application (the `app`
+// of lifecycle_test.go: it records what it last wrote in its own table
+// `expected`) and the daemon with detect auto and contract auto, then every
+// 0.5-2 s injects one fault drawn from the seed: SIGKILL and restart of the
+// daemon, a restart of the PostgreSQL server, pg_terminate_backend of the
+// daemon's sessions, a lock on the table that only DDL conflicts with, or a
+// pause and resume. Faults stop when the migration reaches contract (or after
+// chaosFaultWindow); then the daemon must finish by itself. At the end every
+// row holds what the application last wrote, the migration is done, the old
+// column is gone and no slot, publication or origin is left. The fault
+// choices and timings are replayable from the seed; the interleaving with
+// the daemon and the server is not, as in production.
+
+const (
+	faultKill = iota
+	faultServerRestart
+	faultTerminate
+	faultLock
+	faultPause
+	numFaults
+)
+
+var faultNames = [numFaults]string{"kill", "server_restart", "terminate", "lock", "pause"}
+
+const (
+	chaosRows        = 20000
+	chaosWriters     = 3
+	chaosFaultWindow = 15 * time.Second // faults stop after this even before contract
+	chaosDoneWithin  = 3 * time.Minute  // after the faults stop
+	// restartGrace: after a server restart returns, the application's pool
+	// still hands out connections that died with the old server.
+	restartGrace = 5 * time.Second
+	// chaosTuning slows the backfill (20k rows in about 5 s) so that faults
+	// land in it, and keeps the end of the story short.
+	chaosTuning = `backfill:
+  batch_size: 500
+  target_batch_time: 0s
+  max_rows_per_second: 4000
+ddl:
+  lock_timeout: 1s
+  max_retries: 100
+`
+)
+
+// chaosTally is what the whole run adds up to.
+type chaosTally struct {
+	iterations, failed int
+	faults             [numFaults]int
+	byPhase            map[string]int
+	terminated         int // backends ended by terminate faults
+	rows, mismatches   int64
+	appTxns            int64
+	appRestartFailures int64 // failed in a server restart window: expected
+	appOtherFailures   int64 // anything else: must be 0
+	selfExits          int   // the daemon exited non-zero without being killed: must be 0
+	seedsFailed        []uint64
+}
+
+func TestChaos(t *testing.T) {
+	iterations := 2
+	if s := os.Getenv("CHAOS_ITERATIONS"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 {
+			t.Fatalf("CHAOS_ITERATIONS=%q: want a positive integer", s)
+		}
+		iterations = n
+	}
+	seed := uint64(time.Now().UnixNano())
+	if s := os.Getenv("CHAOS_SEED"); s != "" {
+		n, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			t.Fatalf("CHAOS_SEED=%q: want an unsigned integer", s)
+		}
+		seed = n
+	}
+	msg := fmt.Sprintf("chaos seed=%d; replay with CHAOS_SEED=%d (iterations=%d)", seed, seed, iterations)
+	t.Log(msg)
+	fmt.Println(msg)
+
+	tally := &chaosTally{byPhase: map[string]int{}}
+	begin := time.Now()
+	for i := 0; i < iterations; i++ {
+		// Iteration i runs with seed+i, so one iteration replays alone
+		// with CHAOS_SEED=seed+i CHAOS_ITERATIONS=1.
+		iterSeed := seed + uint64(i)
+		ok := t.Run(fmt.Sprintf("iteration_%02d", i+1), func(t *testing.T) {
+			chaosIteration(t, i+1, iterations, iterSeed, tally)
+		})
+		tally.iterations++
+		if !ok {
+			tally.failed++
+			tally.seedsFailed = append(tally.seedsFailed, iterSeed)
+			fmt.Printf("chaos iteration %d FAILED: replay it alone with CHAOS_SEED=%d CHAOS_ITERATIONS=1\n", i+1, iterSeed)
+		}
+	}
+	printChaosTable(seed, tally, time.Since(begin))
+}
+
+func printChaosTable(seed uint64, tally *chaosTally, took time.Duration) {
+	var b strings.Builder
+	row := func(name string, v any) { fmt.Fprintf(&b, "  %-38s %10v\n", name, v) }
+	fmt.Fprintf(&b, "\nchaos summary (seed=%d)\n", seed)
+	row("iterations", tally.iterations)
+	row("iterations failed", tally.failed)
+	total := 0
+	for k, n := range tally.faults {
+		row("faults: "+faultNames[k], n)
+		total += n
+	}
+	row("faults: total", total)
+	for _, p := range []string{"", "expand", "backfill", "sync", "verify", "contract"} {
+		if n := tally.byPhase[p]; n > 0 {
+			if p == "" {
+				p = "(no state row yet)"
+			}
+			row("  of which in phase "+p, n)
+		}
+	}
+	row("backends terminated", tally.terminated)
+	row("daemon exits on its own (must be 0)", tally.selfExits)
+	row("app transactions", tally.appTxns)
+	row("app failures in server restarts", tally.appRestartFailures)
+	row("app failures otherwise (must be 0)", tally.appOtherFailures)
+	row("rows checked", tally.rows)
+	row("mismatches (must be 0)", tally.mismatches)
+	row("total time", took.Round(time.Second))
+	if len(tally.seedsFailed) > 0 {
+		fmt.Fprintf(&b, "failed iteration seeds (replay each with CHAOS_SEED=<seed> CHAOS_ITERATIONS=1): %v\n", tally.seedsFailed)
+	}
+	fmt.Print(b.String())
+}
+
+// chaosRun is one iteration in progress.
+type chaosRun struct {
+	t       *testing.T
+	rng     *rand.Rand
+	begin   time.Time
+	srv     *pgtest.Server
+	pool    *pgxpool.Pool // the test's own queries, never the application's
+	dsn     string
+	cfg     string
+	d       *daemon   // the daemon running now
+	daemons []*daemon // all started, for the post-mortem
+	app     *chaosApp
+	phases  *phaseWatch
+	log     []string
+	faults  [numFaults]int
+	byPhase map[string]int
+	killed  int // backends terminated
+	exits   int // daemon exits on its own
+	windows []window
+}
+
+type window struct{ from, to time.Time }
+
+func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally) {
+	srv := pgtest.Shared(t)
+	// Origins are the server's, not the database's: a failed iteration must
+	// not leave them to fail the next one. (Registered first, runs last:
+	// after the daemons are killed and the database dropped.)
+	t.Cleanup(func() {
+		if t.Failed() {
+			dropChaosOrigins(srv.DSN())
+		}
+	})
+	dsn, pool := seed(t, chaosRows)
+	seedExpected(t, pool)
+
+	c := &chaosRun{
+		t:       t,
+		rng:     rand.New(rand.NewPCG(iterSeed, 0x63680a05)),
+		begin:   time.Now(),
+		srv:     srv,
+		pool:    pool,
+		dsn:     dsn,
+		byPhase: map[string]int{},
+	}
+	// Every session of the daemon carries an application_name starting with
+	// cdcbackfill (phases.Connect and the slot's connection set
+	// "cdcbackfill"; the pool and the stream take the DSN's), so terminate
+	// faults find all of them and none of the application's.
+	c.cfg = writeConfig(t, autoConfig(withParam(dsn, "application_name=cdcbackfill-chaos"))+chaosTuning)
+
+	appPool, err := pgxpool.New(context.Background(), withParam(dsn, "application_name=chaos-app"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(appPool.Close)
+	c.app = startChaosApp(appPool, chaosWriters, chaosRows, iterSeed)
+	defer c.app.stop()
+	c.phases = watchPhases(pool, c.app.app, c.begin)
+	defer c.phases.stop()
+	defer func() {
+		if t.Failed() {
+			c.postMortem()
+		}
+	}()
+	// Counted also when the iteration fails half-way.
+	var rows, bad int64
+	var inRestart int
+	var other []appFailure
+	defer func() {
+		for k, m := range c.faults {
+			tally.faults[k] += m
+		}
+		for p, m := range c.byPhase {
+			tally.byPhase[p] += m
+		}
+		tally.terminated += c.killed
+		tally.selfExits += c.exits
+		tally.rows += rows
+		tally.mismatches += bad
+		tally.appTxns += c.app.ops.Load()
+		tally.appRestartFailures += int64(inRestart)
+		tally.appOtherFailures += int64(len(other))
+	}()
+
+	if c.rng.IntN(3) == 0 {
+		// A lock from before the start: expand has to wait and retry.
+		c.faults[faultLock]++
+		c.byPhase["expand"]++
+		hold, release := c.lock("expand")
+		c.d = startDaemon(t, c.cfg)
+		c.daemons = append(c.daemons, c.d)
+		c.note("daemon started")
+		c.sleep(hold)
+		release()
+	} else {
+		c.d = startDaemon(t, c.cfg)
+		c.daemons = append(c.daemons, c.d)
+		c.note("daemon started")
+	}
+
+	kinds := []int{faultKill, faultTerminate, faultLock, faultPause}
+	if srv.Kind() == "local" {
+		kinds = append(kinds, faultServerRestart)
+	} else {
+		// env: Restart is not supported; docker: the container may come
+		// back on another port, which the daemon's config cannot follow.
+		c.note("no server restarts: the server is %s", srv.Kind())
+	}
+
+	faultsUntil := time.Now().Add(chaosFaultWindow)
+	finished := false
+	for time.Now().Before(faultsUntil) && !finished {
+		wait := 500*time.Millisecond + time.Duration(c.rng.Int64N(int64(1500*time.Millisecond)))
+		if finished = c.sleep(wait); finished {
+			break
+		}
+		ph := c.phases.current()
+		if ph == "contract" || ph == "done" {
+			break
+		}
+		kind := kinds[c.rng.IntN(len(kinds))]
+		if kind == faultPause && ph == "" {
+			kind = faultKill // no state row to pause yet
+		}
+		c.inject(kind, ph)
+	}
+	c.note("faults stop (phase %s)", c.phases.current())
+
+	// Now the daemon finishes by itself; one that dies is restarted (and
+	// that is an error of its own, reported by sleep).
+	deadline := time.Now().Add(chaosDoneWithin)
+	for !finished {
+		if time.Now().After(deadline) {
+			t.Fatalf("migration not done %s after the faults stopped: phase %s", chaosDoneWithin, c.phases.current())
+		}
+		finished = c.sleep(time.Second)
+	}
+	c.note("daemon exited 0")
+
+	if p := phase(t, pool); p != "done" {
+		t.Fatalf("daemon exited 0 in phase %q", p)
+	}
+	c.phases.saw("done")
+	waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return c.app.mode.Load() == writeNew })
+	c.app.stop()
+	c.phases.stop()
+
+	rows = query[int64](t, pool, `SELECT count(*) FROM users`)
+	bad = differFromExpected(t, pool)
+	if bad != 0 {
+		t.Errorf("%d of %d rows differ from what the application last wrote; some:\n%s", bad, rows, sampleDiffs(t, pool))
+	}
+	if hasColumn(t, pool, "full_name") {
+		t.Error("full_name still exists after done")
+	}
+	nothingLeft(t, pool)
+	inRestart, other = c.app.classify(c.windows)
+	if len(other) > 0 {
+		var b strings.Builder
+		for i, f := range other {
+			if i == 5 {
+				fmt.Fprintf(&b, "  ... and %d more\n", len(other)-5)
+				break
+			}
+			fmt.Fprintf(&b, "  +%.2fs %v\n", f.at.Sub(c.begin).Seconds(), f.err)
+		}
+		t.Errorf("%d application transactions failed outside server restarts:\n%s", len(other), b.String())
+	}
+
+	total := 0
+	var parts []string
+	for k, m := range c.faults {
+		total += m
+		parts = append(parts, fmt.Sprintf("%s %d", faultNames[k], m))
+	}
+	t.Logf("faults:\n  %s", strings.Join(c.log, "\n  "))
+	fmt.Printf("chaos iteration %d/%d seed=%d: %d faults (%s), phases %s, %d rows, %d mismatches, app %d txns (%d failed in server restarts, %d otherwise), %s\n",
+		n, of, iterSeed, total, strings.Join(parts, ", "), c.phases.path(), rows, bad,
+		c.app.ops.Load(), inRestart, len(other), time.Since(c.begin).Round(100*time.Millisecond))
+}
+
+// note adds a line to the iteration's fault log.
+func (c *chaosRun) note(format string, args ...any) {
+	c.log = append(c.log, fmt.Sprintf("+%6.2fs %s", time.Since(c.begin).Seconds(), fmt.Sprintf(format, args...)))
+}
+
+// sleep waits for d, watching the daemon: it returns true when the daemon
+// exited 0 (the migration is done). A daemon that exits non-zero without
+// being killed is an error (it must survive the faults by itself); it is
+// restarted, as systemd would, so the iteration can go on.
+func (c *chaosRun) sleep(d time.Duration) bool {
+	until := time.Now().Add(d)
+	for {
+		select {
+		case <-c.d.done:
+			if c.d.code == 0 {
+				return true
+			}
+			c.exits++
+			c.note("daemon EXITED %d on its own; restarting it", c.d.code)
+			c.t.Errorf("the daemon exited %d on its own at +%.2fs in phase %s; faults so far:\n  %s\nits output ends:\n%s",
+				c.d.code, time.Since(c.begin).Seconds(), c.phases.current(), strings.Join(c.log, "\n  "), tail(c.d.output(), 30))
+			if c.exits > 5 {
+				c.t.Fatal("the daemon keeps exiting")
+			}
+			c.d = startDaemon(c.t, c.cfg)
+			c.daemons = append(c.daemons, c.d)
+		default:
+		}
+		left := time.Until(until)
+		if left <= 0 {
+			return false
+		}
+		select {
+		case <-c.d.done:
+		case <-time.After(min(left, 100*time.Millisecond)):
+		}
+	}
+}
+
+func (c *chaosRun) inject(kind int, ph string) {
+	t := c.t
+	c.faults[kind]++
+	c.byPhase[ph]++
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	switch kind {
+	case faultKill:
+		c.d.kill()
+		delay := time.Duration(c.rng.Int64N(int64(time.Second)))
+		c.note("[%s] kill: SIGKILL the daemon, start it again after %s", ph, delay.Round(time.Millisecond))
+		time.Sleep(delay)
+		c.d = startDaemon(t, c.cfg)
+		c.daemons = append(c.daemons, c.d)
+
+	case faultServerRestart:
+		c.note("[%s] server_restart: begins", ph)
+		from := time.Now()
+		if err := c.srv.Restart(ctx); err != nil {
+			t.Fatalf("restart the server: %v", err)
+		}
+		waitFor(t, time.Minute, "the server back", func() bool { return c.pool.Ping(ctx) == nil })
+		c.windows = append(c.windows, window{from, time.Now()})
+		c.note("[%s] server_restart: back after %s", ph, time.Since(from).Round(time.Millisecond))
+
+	case faultTerminate:
+		all := c.rng.IntN(2) == 0
+		pick := c.rng.IntN(1000)
+		type backend struct {
+			pid        int
+			app, btype string
+		}
+		rows, err := c.pool.Query(ctx, `SELECT pid, application_name, backend_type FROM pg_stat_activity
+			WHERE datname = current_database() AND application_name LIKE 'cdcbackfill%' AND pid <> pg_backend_pid() ORDER BY pid`)
+		if err != nil {
+			t.Fatalf("list the daemon's sessions: %v", err)
+		}
+		bs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (backend, error) {
+			var b backend
+			return b, r.Scan(&b.pid, &b.app, &b.btype)
+		})
+		if err != nil {
+			t.Fatalf("list the daemon's sessions: %v", err)
+		}
+		if !all && len(bs) > 0 {
+			bs = bs[pick%len(bs) : pick%len(bs)+1]
+		}
+		var names []string
+		for _, b := range bs {
+			var ok bool
+			if err := c.pool.QueryRow(ctx, `SELECT pg_terminate_backend($1)`, b.pid).Scan(&ok); err != nil {
+				t.Fatalf("pg_terminate_backend(%d): %v", b.pid, err)
+			}
+			if ok {
+				c.killed++
+				names = append(names, fmt.Sprintf("%d %s/%s", b.pid, b.app, b.btype))
+			}
+		}
+		which := "one of"
+		if all {
+			which = "all"
+		}
+		c.note("[%s] terminate: %s the daemon's sessions: %d ended [%s]", ph, which, len(names), strings.Join(names, ", "))
+
+	case faultLock:
+		hold, release := c.lock(ph)
+		time.Sleep(hold)
+		release()
+
+	case faultPause:
+		hold := 500*time.Millisecond + time.Duration(c.rng.Int64N(int64(1500*time.Millisecond)))
+		r := cli(t, 30*time.Second, nil, "pause", "--config", c.cfg)
+		c.note("[%s] pause: for %s (exit %d)", ph, hold.Round(time.Millisecond), r.code)
+		if r.code != 0 {
+			// A migration that reached done in between cannot be paused.
+			if p := phase(t, c.pool); p != "done" {
+				t.Errorf("pause failed in phase %s\n%s", p, r)
+			}
+			return
+		}
+		time.Sleep(hold)
+		if r := cli(t, 30*time.Second, nil, "resume", "--config", c.cfg); r.code != 0 {
+			if p := phase(t, c.pool); p != "done" {
+				t.Fatalf("resume failed in phase %s\n%s", p, r)
+			}
+		}
+	}
+}
+
+// lock takes, on a session of its own, a lock on users that only DDL
+// conflicts with, and returns how long to hold it and how to release it.
+func (c *chaosRun) lock(ph string) (time.Duration, func()) {
+	t := c.t
+	hold := time.Second + time.Duration(c.rng.Int64N(int64(2*time.Second)))
+	stmt := "SELECT count(*) FROM users" // ACCESS SHARE
+	if c.rng.IntN(2) == 0 {
+		stmt = "LOCK TABLE users IN SHARE UPDATE EXCLUSIVE MODE"
+	}
+	// Neither mode conflicts with the application's reads and writes; both
+	// conflict with the daemon's DDL, and SHARE UPDATE EXCLUSIVE also with
+	// CREATE PUBLICATION.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, withParam(c.dsn, "application_name=chaos-lock"))
+	if err != nil {
+		t.Fatalf("lock fault: connect: %v", err)
+	}
+	_, err = conn.Exec(ctx, "BEGIN")
+	if err == nil {
+		_, err = conn.Exec(ctx, stmt)
+	}
+	if err != nil {
+		conn.Close(context.Background())
+		c.note("[%s] lock: could not take it (%v)", ph, err)
+		return 0, func() {}
+	}
+	c.note("[%s] lock: %q held for %s", ph, stmt, hold.Round(time.Millisecond))
+	return hold, func() {
+		// Closing the session ends the transaction and its lock.
+		if err := conn.Close(context.Background()); err != nil {
+			t.Errorf("lock fault: release: %v", err)
+		}
+	}
+}
+
+// postMortem logs what a failed iteration needs to be understood.
+func (c *chaosRun) postMortem() {
+	c.t.Logf("fault log:\n  %s", strings.Join(c.log, "\n  "))
+	c.t.Logf("phases seen: %s", c.phases.path())
+	for i, d := range c.daemons {
+		c.t.Logf("daemon %d of %d, output ends:\n%s", i+1, len(c.daemons), tail(d.output(), 25))
+	}
+	c.t.Logf("status:\n%s", cli(c.t, 30*time.Second, nil, "status", "--config", c.cfg))
+}
+
+func tail(s string, lines int) string {
+	ls := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(ls) > lines {
+		ls = append([]string{fmt.Sprintf("[... %d lines]", len(ls)-lines)}, ls[len(ls)-lines:]...)
+	}
+	return strings.Join(ls, "\n")
+}
+
+func withParam(dsn, param string) string {
+	if strings.Contains(dsn, "?") {
+		return dsn + "&" + param
+	}
+	return dsn + "?" + param
+}
+
+func sampleDiffs(t *testing.T, pool *pgxpool.Pool) string {
+	rows, err := pool.Query(context.Background(), `SELECT coalesce(u.id, e.id), u.id IS NOT NULL, e.id IS NOT NULL,
+			coalesce(u.first_name, '<null>'), coalesce(u.last_name, '<null>'), coalesce(e.first, '<null>'), coalesce(e.last, '<null>')
+		FROM users u FULL JOIN expected e USING (id)
+		WHERE u.id IS NULL OR e.id IS NULL OR u.first_name IS DISTINCT FROM e.first OR u.last_name IS DISTINCT FROM e.last
+		ORDER BY 1 LIMIT 10`)
+	if err != nil {
+		return err.Error()
+	}
+	defer rows.Close()
+	var b strings.Builder
+	for rows.Next() {
+		var id int64
+		var inUsers, inExpected bool
+		var uf, ul, ef, el string
+		if err := rows.Scan(&id, &inUsers, &inExpected, &uf, &ul, &ef, &el); err != nil {
+			return err.Error()
+		}
+		fmt.Fprintf(&b, "  id %d: users(%v) %s %s; expected(%v) %s %s\n", id, inUsers, uf, ul, inExpected, ef, el)
+	}
+	return b.String()
+}
+
+func dropChaosOrigins(serverDSN string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, serverDSN)
+	if err != nil {
+		return
+	}
+	defer conn.Close(context.Background())
+	_, _ = conn.Exec(ctx, `SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE starts_with(roname, 'cdcbackfill_split_full_name.')`)
+}
+
+// chaosApp is the application of lifecycle_test.go (app.write: the same
+// rows, modes and `expected` table, the same switch to the new columns on
+// 42703), keeping each failed transaction with its time so that failures
+// during a server restart can be told from the rest.
+type chaosApp struct {
+	*app
+	mu       sync.Mutex
+	failures []appFailure
+	stopOnce sync.Once
+}
+
+type appFailure struct {
+	at  time.Time
+	err error
+}
+
+func startChaosApp(pool *pgxpool.Pool, n int, maxID int64, seed uint64) *chaosApp {
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &chaosApp{app: &app{cancel: cancel}}
+	var next atomic.Int64
+	next.Store(maxID)
+	for i := 0; i < n; i++ {
+		c.wg.Add(1)
+		go func(stream uint64) {
+			defer c.wg.Done()
+			r := rand.New(rand.NewPCG(seed, stream))
+			for ctx.Err() == nil {
+				mode := c.mode.Load()
+				err := c.write(ctx, pool, r, &next, mode)
+				var pgErr *pgconn.PgError
+				if err != nil && errors.As(err, &pgErr) && pgErr.Code == "42703" && mode != writeNew {
+					c.mode.Store(writeNew) // full_name is gone: the app's next release
+					continue
+				}
+				if err != nil && ctx.Err() == nil {
+					c.mu.Lock()
+					c.failures = append(c.failures, appFailure{time.Now(), err})
+					c.mu.Unlock()
+				}
+				c.ops.Add(1)
+				time.Sleep(3 * time.Millisecond)
+			}
+		}(uint64(i))
+	}
+	return c
+}
+
+func (c *chaosApp) stop() { c.stopOnce.Do(c.app.stop) }
+
+// classify splits the failures into those a server restart explains (a
+// lost connection, inside a restart window or just after it) and the rest.
+func (c *chaosApp) classify(windows []window) (inRestart int, other []appFailure) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, f := range c.failures {
+		explained := false
+		if isConnFailure(f.err) {
+			for _, w := range windows {
+				if !f.at.Before(w.from) && !f.at.After(w.to.Add(restartGrace)) {
+					explained = true
+					break
+				}
+			}
+		}
+		if explained {
+			inRestart++
+		} else {
+			other = append(other, f)
+		}
+	}
+	return inRestart, other
+}
+
+// isConnFailure: the server went away (shut down, starting up, refused,
+// or the connection broke), as opposed to a statement that failed.
+func isConnFailure(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return pgErr.Code == "57P01" || pgErr.Code == "57P02" || pgErr.Code == "57P03" || strings.HasPrefix(pgErr.Code, "08")
+	}
+	var connErr *pgconn.ConnectError
+	var netErr *net.OpError
+	if errors.As(err, &connErr) || errors.As(err, &netErr) || pgconn.SafeToRetry(err) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return true
+	}
+	msg := err.Error()
+	for _, s := range []string{"conn closed", "unexpected EOF", "connection reset", "broken pipe", "connection refused"} {
+		if strings.Contains(msg, s) {
+			return true
+		}
+	}
+	return false
+}
+
+// phaseWatch polls the phase, remembers the path taken, and switches the
+// application to dual-write once the migration reaches sync (as TestFullStory
+// does).
+type phaseWatch struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+	once   sync.Once
+	mu     sync.Mutex
+	cur    string
+	seen   []string
+}
+
+func watchPhases(pool *pgxpool.Pool, a *app, begin time.Time) *phaseWatch {
+	ctx, cancel := context.WithCancel(context.Background())
+	w := &phaseWatch{cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(w.done)
+		for ctx.Err() == nil {
+			qctx, qcancel := context.WithTimeout(ctx, 2*time.Second)
+			var p string
+			err := pool.QueryRow(qctx, `SELECT phase FROM cdcbackfill.migrations WHERE name = 'split_full_name'`).Scan(&p)
+			qcancel()
+			if err == nil {
+				w.mu.Lock()
+				if p != w.cur {
+					w.cur = p
+					w.seen = append(w.seen, fmt.Sprintf("%s(+%.1fs)", p, time.Since(begin).Seconds()))
+				}
+				w.mu.Unlock()
+				switch p {
+				case "sync", "verify", "contract", "done":
+					a.mode.CompareAndSwap(writeOld, writeBoth)
+				}
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}()
+	return w
+}
+
+func (w *phaseWatch) current() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.cur
+}
+
+// saw records p as reached, for a phase the poll may have missed.
+func (w *phaseWatch) saw(p string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.cur != p {
+		w.cur = p
+		w.seen = append(w.seen, p)
+	}
+}
+
+func (w *phaseWatch) path() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return strings.Join(w.seen, "→")
+}
+
+func (w *phaseWatch) stop() {
+	w.once.Do(func() {
+		w.cancel()
+		<-w.done
+	})
+}
