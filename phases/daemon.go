@@ -254,12 +254,23 @@ func (d *Daemon) phases(ctx context.Context) error {
 }
 
 func (d *Daemon) setControl(st *State) {
-	d.paused.Store(st.Paused)
-	d.abort.Store(st.AbortRequested)
+	// Operator actions are logged once, when the daemon first sees them.
+	if was := d.paused.Swap(st.Paused); was != st.Paused {
+		if st.Paused {
+			d.log.Info("paused by operator: batches stop; the stream keeps the table in sync", "phase", st.Phase, "rows_done", st.RowsDone)
+		} else {
+			d.log.Info("resumed by operator", "phase", st.Phase, "rows_done", st.RowsDone)
+		}
+	}
+	if !d.abort.Swap(st.AbortRequested) && st.AbortRequested {
+		d.log.Info("abort requested by operator", "phase", st.Phase, "rollback", st.RollbackRequested)
+	}
+	approved := ""
 	if st.ApprovedPhase != nil {
-		d.approved.Store(*st.ApprovedPhase)
-	} else {
-		d.approved.Store("")
+		approved = *st.ApprovedPhase
+	}
+	if was := d.approved.Swap(approved); was != approved && approved != "" {
+		d.log.Info("approved by operator", "phase", approved)
 	}
 }
 

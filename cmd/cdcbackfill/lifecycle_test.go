@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -349,4 +350,58 @@ func TestKillDuringVerifyAndContract(t *testing.T) {
 		t.Errorf("contract DDL ran %d times", n)
 	}
 	nothingLeft(t, pool)
+}
+
+// TestContractNeverDropsNothing: contract_policy never keeps the migration
+// in verify once parity holds, and drops nothing.
+func TestContractNeverDropsNothing(t *testing.T) {
+	dsn, pool := seed(t, 10000)
+	cfg := writeConfig(t, usersConfig(dsn)+"dual_write:\n  detect: manual\ncontract_policy:\n  mode: never\n  hold: 1s\n")
+	d := startDaemon(t, cfg)
+	waitFor(t, time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
+	cli(t, 10*time.Second, nil, "approve", "--config", cfg)
+	waitFor(t, time.Minute, "the daemon to say it stays", func() bool {
+		return strings.Contains(d.output(), "contract_policy.mode is never")
+	})
+	if p := phase(t, pool); p != "verify" {
+		t.Errorf("phase %s, want verify", p)
+	}
+	if !hasColumn(t, pool, "full_name") {
+		t.Error("full_name dropped with contract_policy never")
+	}
+	if n := query[int64](t, pool, `SELECT count(*) FROM pg_replication_slots`); n != 1 {
+		t.Errorf("%d slots: the stream must go on", n)
+	}
+	if r := cli(t, 10*time.Second, nil, "approve", "--config", cfg); r.code == 0 {
+		t.Errorf("approve in verify should be refused\n%s", r)
+	}
+}
+
+// TestCrashAfterContractDDL: the daemon dies right after the contract DDL
+// committed (the DDL and its record commit together, so the state says
+// contract_done = 1); the restarted daemon runs no DDL again and finishes.
+func TestCrashAfterContractDDL(t *testing.T) {
+	dsn, pool := seed(t, 10000)
+	cfg := writeConfig(t, usersConfig(dsn)+"dual_write:\n  detect: manual\ncontract_policy:\n  mode: manual\n  hold: 1s\n")
+	d := startDaemon(t, cfg)
+	waitFor(t, time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
+	cli(t, 10*time.Second, nil, "approve", "--config", cfg)
+	waitFor(t, time.Minute, "phase contract", func() bool { return phase(t, pool) == "contract" })
+	d.kill()
+	// What the daemon's contract step commits, done by hand: the crash point.
+	exec1(t, dsn, "BEGIN; ALTER TABLE users DROP COLUMN full_name; UPDATE cdcbackfill.migrations SET contract_done = 1; COMMIT")
+	d = startDaemon(t, cfg)
+	if code := d.wait(t, time.Minute); code != 0 {
+		t.Fatalf("exit %d\n%s", code, d.output())
+	}
+	if p := phase(t, pool); p != "done" {
+		t.Errorf("phase %s", p)
+	}
+	if strings.Contains(d.output(), "contract: running DDL") {
+		t.Errorf("the contract DDL ran again\n%s", d.output())
+	}
+	nothingLeft(t, pool)
+	if r := cli(t, 10*time.Second, nil, "abort", "--config", cfg); r.code == 0 || !strings.Contains(r.stderr, "cannot be aborted") {
+		t.Errorf("abort after done should be refused with a reason\n%s", r)
+	}
 }
