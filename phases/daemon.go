@@ -72,12 +72,18 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		return err
 	}
 	defer stopServing()
-	backoff := 500 * time.Millisecond
+	const firstBackoff = 500 * time.Millisecond
+	backoff := firstBackoff
+	led := false // ever led: from then on a lost database is waited out
 	for {
-		led := false
-		err := runOnce(ctx, cfg, log, &led, obs)
+		ledThisTime := false
+		err := runOnce(ctx, cfg, log, &ledThisTime, obs)
+		led = led || ledThisTime
 		if err == nil || ctx.Err() != nil || !led || !isConnLoss(err) {
 			return err
+		}
+		if ledThisTime {
+			backoff = firstBackoff // it ran again: a new outage starts the backoff over
 		}
 		log.Warn("lost the database; starting over from the state row", "migration", cfg.Name, "err", err, "retry_in", backoff)
 		if sleep(ctx, backoff) != nil {
