@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"strings"
@@ -288,6 +289,8 @@ func (s *Stream) session(ctx context.Context, connCfg *pgconn.Config, out chan<-
 		_ = conn.Conn().SetWriteDeadline(time.Now().Add(finalStatusTimeout))
 		if serr := ss.sendStatus(false); serr != nil {
 			s.log.Warn("final standby status not sent", "err", serr)
+		} else {
+			drainBeforeClose(conn)
 		}
 		return true, nil
 	}
@@ -461,4 +464,18 @@ func (r *receiveDeadline) stop() {
 // quoteLiteral quotes s as a SQL string literal for a replication command.
 func quoteLiteral(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", "''") + "'"
+}
+
+// drainBeforeClose half-closes the connection after the final status and
+// reads what the walsender still sends until it hangs up. Closing with
+// unread data in the socket would send a reset, and a reset can make the
+// server drop the final status it has not read yet.
+func drainBeforeClose(conn *pgconn.PgConn) {
+	nc := conn.Conn()
+	hc, ok := nc.(interface{ CloseWrite() error }) // TCP and Unix sockets
+	if !ok || hc.CloseWrite() != nil {
+		return
+	}
+	_ = nc.SetReadDeadline(time.Now().Add(2 * time.Second))
+	_, _ = io.Copy(io.Discard, nc)
 }
