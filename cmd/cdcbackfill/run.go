@@ -115,11 +115,15 @@ func printStatus(w io.Writer, r *phases.StatusReport) {
 		progressbar.OptionSetDescription("backfill"),
 		progressbar.OptionSetWidth(30),
 		progressbar.OptionShowCount(),
-		progressbar.OptionSetRenderBlankState(true),
 		progressbar.OptionThrottle(0),
 	)
 	_ = bar.Set64(r.Backfill.RowsDone)
-	fmt.Fprintf(w, "%s  %.0f rows/s", strings.TrimSpace(strings.TrimLeft(sb.String(), "\r")), r.Backfill.RowsPerSecond)
+	// The bar redraws with \r; only its last drawing is wanted here.
+	drawn := sb.String()
+	if i := strings.LastIndex(drawn, "\r"); i >= 0 {
+		drawn = drawn[i+1:]
+	}
+	fmt.Fprintf(w, "%s  %.0f rows/s", strings.TrimSpace(drawn), r.Backfill.RowsPerSecond)
 	if r.Backfill.EtaSeconds > 0 {
 		fmt.Fprintf(w, ", ETA %s", (time.Duration(r.Backfill.EtaSeconds) * time.Second).String())
 	}
