@@ -33,7 +33,7 @@ func TestExplainRange(t *testing.T) {
 	}
 	for i := 0; i < 4; i++ {
 		lo := fmt.Sprint(1000 + i*40000)
-		rows, err := conn.Query(ctx, "EXPLAIN (ANALYZE, BUFFERS) "+tb.RangeSQL(true), lo, "200000", 20000)
+		rows, err := conn.Query(ctx, "EXPLAIN (ANALYZE, BUFFERS) "+tb.FastRangeSQL(true), lo, "200000", 20000)
 		if err != nil {
 			t.Fatal(err)
 		}
