@@ -121,8 +121,7 @@ func (p *progress) showBackfill(r *phases.StatusReport) {
 	if !p.redraw {
 		if time.Since(p.lastLine) >= time.Second {
 			p.lastLine = time.Now()
-			fmt.Fprintf(p.out, "          backfill  %d/%d rows (%.0f%%), %.0f rows/s\n", r.Backfill.RowsDone, r.Backfill.RowsTotal,
-				100*float64(r.Backfill.RowsDone)/float64(r.Backfill.RowsTotal), rate)
+			fmt.Fprintf(p.out, "          backfill  %s  %.0f rows/s\n", staticBar(r.Backfill.RowsDone, r.Backfill.RowsTotal), rate)
 		}
 		return
 	}
@@ -162,4 +161,23 @@ func (p *progress) println(line string) {
 		_ = p.bar.Clear()
 	}
 	fmt.Fprintln(p.out, strings.TrimRight(line, " "))
+}
+
+// staticBar draws the progress bar once, as a line, for output that is not
+// a terminal (a log, a pipe): the same bar, without the redraws.
+func staticBar(done, total int64) string {
+	var sb strings.Builder
+	bar := progressbar.NewOptions64(max(total, done, 1),
+		progressbar.OptionSetWriter(&sb),
+		progressbar.OptionSetWidth(30),
+		progressbar.OptionShowCount(),
+		progressbar.OptionSetPredictTime(false),
+		progressbar.OptionThrottle(0),
+	)
+	_ = bar.Set64(done)
+	drawn := sb.String()
+	if i := strings.LastIndex(drawn, "\r"); i >= 0 {
+		drawn = drawn[i+1:]
+	}
+	return strings.TrimSpace(drawn)
 }
