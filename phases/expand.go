@@ -10,21 +10,8 @@ import (
 
 // expand runs each expand statement not yet done, each once.
 func (d *Daemon) expand(ctx context.Context, st *State) error {
-	runner := d.ddlRunner()
-	for i := st.ExpandDone; i < len(d.cfg.Expand); i++ {
-		stmt := d.cfg.Expand[i]
-		d.log.Info("expand: running DDL", "statement", stmt, "step", i+1, "of", len(d.cfg.Expand))
-		res, err := runner.Run(ctx, d.conn, stmt, func(tx pgx.Tx) error {
-			return d.store.Update(ctx, tx, "expand_done = $2", i+1)
-		})
-		if err != nil {
-			return fmt.Errorf("expand: %w", err)
-		}
-		d.log.Info("expand: DDL done", "statement", stmt, "tries", res.Tries, "lock_wait", res.LockWait)
-		if err := d.store.Event(ctx, d.conn, Expand, "ddl", map[string]any{
-			"statement": stmt, "tries": res.Tries, "lock_wait_ms": res.LockWait.Milliseconds()}); err != nil {
-			return err
-		}
+	if err := d.runDDL(ctx, Expand, d.cfg.Expand, st.ExpandDone, "expand_done"); err != nil {
+		return err
 	}
 	if err := d.table.Refresh(ctx, d.conn); err != nil {
 		return err
@@ -48,4 +35,27 @@ func (d *Daemon) ddlRunner() DDLRunner {
 		Log:         d.log,
 		OnRetry:     func() { d.obs.ddlRetries.Add(1) },
 	}
+}
+
+// runDDL runs the statements of a phase from index done on, each once: the
+// count of completed statements (column, a constant) is saved in each
+// statement's own transaction.
+func (d *Daemon) runDDL(ctx context.Context, phase string, stmts []string, done int, column string) error {
+	runner := d.ddlRunner()
+	for i := done; i < len(stmts); i++ {
+		stmt := stmts[i]
+		d.log.Info(phase+": running DDL", "statement", stmt, "step", i+1, "of", len(stmts))
+		res, err := runner.Run(ctx, d.conn, stmt, func(tx pgx.Tx) error {
+			return d.store.Update(ctx, tx, column+" = $2", i+1)
+		})
+		if err != nil {
+			return fmt.Errorf("%s: %w", phase, err)
+		}
+		d.log.Info(phase+": DDL done", "statement", stmt, "tries", res.Tries, "lock_wait", res.LockWait)
+		if err := d.store.Event(ctx, d.conn, phase, "ddl", map[string]any{
+			"statement": stmt, "tries": res.Tries, "lock_wait_ms": res.LockWait.Milliseconds()}); err != nil {
+			return err
+		}
+	}
+	return nil
 }

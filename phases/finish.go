@@ -47,21 +47,8 @@ func (d *Daemon) contract(ctx context.Context, st *State) error {
 	if p := d.pipe.Swap(nil); p != nil {
 		p.stop()
 	}
-	runner := d.ddlRunner()
-	for i := st.ContractDone; i < len(d.cfg.Contract); i++ {
-		stmt := d.cfg.Contract[i]
-		d.log.Info("contract: running DDL", "statement", stmt, "step", i+1, "of", len(d.cfg.Contract))
-		res, err := runner.Run(ctx, d.conn, stmt, func(tx pgx.Tx) error {
-			return d.store.Update(ctx, tx, "contract_done = $2", i+1)
-		})
-		if err != nil {
-			return fmt.Errorf("contract: %w", err)
-		}
-		d.log.Info("contract: DDL done", "statement", stmt, "tries", res.Tries, "lock_wait", res.LockWait)
-		if err := d.store.Event(ctx, d.conn, Contract, "ddl", map[string]any{
-			"statement": stmt, "tries": res.Tries, "lock_wait_ms": res.LockWait.Milliseconds()}); err != nil {
-			return err
-		}
+	if err := d.runDDL(ctx, Contract, d.cfg.Contract, st.ContractDone, "contract_done"); err != nil {
+		return err
 	}
 	if err := d.dropReplication(ctx); err != nil {
 		return err
