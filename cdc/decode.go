@@ -63,6 +63,14 @@ func (d *txnDecoder) decode(walData []byte, emit func(Event) error) (decoded, er
 	if len(walData) == 0 {
 		return decodedOther, permanent(fmt.Errorf("decode pgoutput: empty message"))
 	}
+	if d.skip {
+		switch walData[0] {
+		case 'I', 'U', 'D', 'T':
+			// A change of the daemon's own transaction: not even parsed
+			// (the backfill's writes are most of what the stream carries).
+			return decodedOther, nil
+		}
+	}
 	msg, err := pglogrepl.Parse(walData)
 	if err != nil {
 		return decodedOther, permanent(fmt.Errorf("decode pgoutput message %q: %w", walData[0], err))
