@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math/big"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -243,6 +242,3 @@ func (b *Backfiller) explain(ctx context.Context, conn *pgx.Conn, lo, hi recompu
 	return fmt.Errorf("expression for column %s fails on the row with key %s: %s (SQLSTATE %s); fix the expression (columns.%s) or the row, then run again",
 		col, b.Table.KeyString(key), pgErr.Message, pgErr.Code, col)
 }
-
-// Itoa is for callers that format progress.
-func Itoa(n int64) string { return strconv.FormatInt(n, 10) }
