@@ -356,20 +356,49 @@ func (t *Table) FindFailingRow(ctx context.Context, conn *pgx.Conn, lo, hi Key, 
 // with 55P03 (the caller then runs Range, which passes over held rows)
 // instead of waiting; the rows it has locked so far are released at once.
 // It never returns skipped keys.
+//
+// The batch's end is the $limit-th key after lo, found by an index-only
+// scan (OFFSET), or hi when fewer keys remain; the UPDATE then walks that
+// key range. Only the last batch counts its rows.
 func (t *Table) FastRangeSQL(withLow bool) string {
-	keys, low := t.rangeKeys(withLow, "")
-	where := fmt.Sprintf("ROW(%s) <= %s", t.keyList(), t.lastSlots(""))
-	if low != "" {
-		where = low + " AND " + where
+	n := len(t.Key)
+	next := 1
+	var low string
+	if withLow {
+		low = fmt.Sprintf("ROW(%s) > ROW(%s)", t.keyList(), t.keyParams(next))
+		next += n
 	}
-	return keys + fmt.Sprintf(`,
+	hiParams := t.keyParams(next)
+	next += n
+	limit := fmt.Sprintf("$%d", next)
+	inRange := fmt.Sprintf("ROW(%s) <= ROW(%s)", t.keyList(), hiParams)
+	if low != "" {
+		inRange = low + " AND " + inRange
+	}
+	hiSlots := make([]string, n)
+	for i, k := range t.Key {
+		hiSlots[i] = fmt.Sprintf("$%d::text::%s AS _cdcb_k%d", next-n+i, k.Type, i)
+	}
+	end := fmt.Sprintf(`WITH _cdcb_end AS (
+	(SELECT %[1]s, false AS _cdcb_last FROM %[2]s WHERE %[3]s ORDER BY %[4]s OFFSET %[5]s - 1 LIMIT 1)
+	UNION ALL
+	SELECT %[6]s, true
+	LIMIT 1
+)`, t.selectSlots(), t.Ident(), inRange, t.keyList(), limit, strings.Join(hiSlots, ", "))
+	upTo := fmt.Sprintf("ROW(%s) <= (SELECT %s FROM _cdcb_end)", t.keyList(), t.slots("", ""))
+	if low != "" {
+		upTo = low + " AND " + upTo
+	}
+	return end + fmt.Sprintf(`,
 _cdcb_upd AS (
-	UPDATE %s SET %s
-	WHERE %s AND %s
+	UPDATE %[1]s SET %[2]s
+	WHERE %[3]s AND %[4]s
 	RETURNING 1
 )
-SELECT (SELECT count(*) FROM _cdcb_keys), (SELECT count(*) FROM _cdcb_upd), %s`,
-		t.Ident(), t.setList(), where, t.outOfParity(), t.lastKey())
+SELECT CASE WHEN (SELECT _cdcb_last FROM _cdcb_end) THEN (SELECT count(*) FROM %[1]s WHERE %[5]s) ELSE %[6]s END,
+	(SELECT count(*) FROM _cdcb_upd),
+	(SELECT ARRAY[%[7]s] FROM _cdcb_end)`,
+		t.Ident(), t.setList(), upTo, t.outOfParity(), inRange, limit+"::bigint", t.slots("", "::text"))
 }
 
 // FastRange runs FastRangeSQL; see there.
