@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
@@ -32,11 +31,7 @@ func (d *Daemon) contract(ctx context.Context, st *State) error {
 				}
 			}
 		}
-		var end string
-		if err := d.conn.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&end); err != nil {
-			return err
-		}
-		lsn, err := pglogrepl.ParseLSN(end)
+		lsn, err := d.insertLSN(ctx)
 		if err != nil {
 			return err
 		}

@@ -42,6 +42,7 @@ func (d *Daemon) verify(ctx context.Context, st *State) error {
 	d.log.Info("verify: checking parity over the whole table", "hold", d.cfg.ContractPolicy.Hold, "contract_policy", d.cfg.ContractPolicy.Mode)
 	fixes := d.totalCorrections()
 	saidNever := false
+	var passHi recompute.Key // the highest key of the pass in hand
 	return d.pipe.Load().guard(ctx, func(ctx context.Context) error {
 		for ctx.Err() == nil {
 			st, err := d.store.Load(ctx, d.conn)
@@ -79,7 +80,17 @@ func (d *Daemon) verify(ctx context.Context, st *State) error {
 				}
 				continue
 			}
-			if err := d.verifyChunk(ctx, st, throttle); err != nil {
+			if st.VerifyCursor == nil || passHi == nil {
+				// A pass covers the keys that exist when it starts; rows
+				// inserted later come through the stream.
+				if passHi, err = d.table.HighestKey(ctx, d.conn); err != nil {
+					return err
+				}
+				if passHi == nil {
+					continue // empty table: nothing to check yet
+				}
+			}
+			if err := d.verifyChunk(ctx, st, throttle, passHi); err != nil {
 				return err
 			}
 			if err := sleep(ctx, d.cfg.Backfill.Sleep); err != nil {
@@ -91,7 +102,7 @@ func (d *Daemon) verify(ctx context.Context, st *State) error {
 }
 
 // verifyChunk checks the next chunk and saves its cursor and counts.
-func (d *Daemon) verifyChunk(ctx context.Context, st *State, throttle *snapshot.Throttle) error {
+func (d *Daemon) verifyChunk(ctx context.Context, st *State, throttle *snapshot.Throttle, hi recompute.Key) error {
 	size := d.cfg.Backfill.BatchSize
 	if err := throttle.Wait(ctx, size); err != nil {
 		return nil
@@ -101,19 +112,11 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *State, throttle *snapshot.
 			return err
 		}
 	}
-	_, hi, _, err := d.table.Bounds(ctx, d.conn)
-	if err != nil || hi == nil {
-		return err
-	}
 	res, err := d.table.Check(ctx, d.conn, st.VerifyCursor, hi, size)
 	if err != nil {
 		return fmt.Errorf("verify chunk after %v: %w", st.VerifyCursor, err)
 	}
-	var readAt string
-	if err := d.conn.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&readAt); err != nil {
-		return err
-	}
-	persistent, err := d.recheck(ctx, res.Skipped, readAt)
+	persistent, err := d.recheck(ctx, res.Skipped)
 	if err != nil {
 		return err
 	}
@@ -139,13 +142,14 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *State, throttle *snapshot.
 }
 
 // recheck waits until the stream has applied everything committed before
-// readAt, then recomputes each differing key; the ones the recompute still
-// had to change are persistent mismatches (now repaired).
-func (d *Daemon) recheck(ctx context.Context, keys []recompute.Key, readAt string) ([]recompute.Key, error) {
+// now (a WAL position read after the chunk: any change the chunk saw
+// committed before it), then recomputes each differing key; the ones the
+// recompute still had to change are persistent mismatches (now repaired).
+func (d *Daemon) recheck(ctx context.Context, keys []recompute.Key) ([]recompute.Key, error) {
 	if len(keys) == 0 {
 		return nil, nil
 	}
-	lsn, err := pglogrepl.ParseLSN(readAt)
+	lsn, err := d.insertLSN(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -175,4 +179,14 @@ func (d *Daemon) recheck(ctx context.Context, keys []recompute.Key, readAt strin
 		keys = held
 	}
 	return persistent, nil
+}
+
+// insertLSN is the server's current WAL insert position: every transaction
+// committed so far ends before it.
+func (d *Daemon) insertLSN(ctx context.Context) (pglogrepl.LSN, error) {
+	var at string
+	if err := d.conn.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&at); err != nil {
+		return 0, err
+	}
+	return pglogrepl.ParseLSN(at)
 }

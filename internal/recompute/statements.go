@@ -275,12 +275,11 @@ func (t *Table) Check(ctx context.Context, q Querier, lo, hi Key, limit int) (Re
 // Bounds reads the lowest and highest key and the estimated row count.
 func (t *Table) Bounds(ctx context.Context, q Querier) (lo, hi Key, estimate int64, err error) {
 	asc := fmt.Sprintf("SELECT ARRAY[%s] FROM %s ORDER BY %s LIMIT 1", t.textKeys(), t.Ident(), t.keyList())
-	desc := fmt.Sprintf("SELECT ARRAY[%s] FROM %s ORDER BY %s LIMIT 1", t.textKeys(), t.Ident(), t.keyListDesc())
 	if err = q.QueryRow(ctx, asc).Scan(&lo); err != nil && err != pgx.ErrNoRows {
 		return nil, nil, 0, fmt.Errorf("read lowest key of %s: %w", t.Ident(), err)
 	}
-	if err = q.QueryRow(ctx, desc).Scan(&hi); err != nil && err != pgx.ErrNoRows {
-		return nil, nil, 0, fmt.Errorf("read highest key of %s: %w", t.Ident(), err)
+	if hi, err = t.HighestKey(ctx, q); err != nil {
+		return nil, nil, 0, err
 	}
 	err = q.QueryRow(ctx, `SELECT GREATEST(reltuples, 0)::bigint FROM pg_class WHERE oid = $1::regclass`, t.Ident()).Scan(&estimate)
 	if err != nil {
@@ -418,3 +417,13 @@ func (t *Table) keyNames() string {
 }
 
 func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
+
+// HighestKey reads the highest key (nil for an empty table).
+func (t *Table) HighestKey(ctx context.Context, q Querier) (Key, error) {
+	var hi Key
+	desc := fmt.Sprintf("SELECT ARRAY[%s] FROM %s ORDER BY %s LIMIT 1", t.textKeys(), t.Ident(), t.keyListDesc())
+	if err := q.QueryRow(ctx, desc).Scan(&hi); err != nil && err != pgx.ErrNoRows {
+		return nil, fmt.Errorf("read highest key of %s: %w", t.Ident(), err)
+	}
+	return hi, nil
+}
