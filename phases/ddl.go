@@ -5,10 +5,11 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
-	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/sessions"
 )
 
 // DDLRunner runs schema statements so that they never queue the
@@ -110,27 +111,14 @@ func (d DDLRunner) outsideTx(ctx context.Context, conn *pgx.Conn, stmt string, r
 
 // blockers names the sessions holding locks on the table.
 func (d DDLRunner) blockers(ctx context.Context, conn *pgx.Conn) string {
-	rows, err := conn.Query(ctx, `SELECT a.pid, coalesce(a.state, ''), coalesce(now() - a.xact_start, '0'), left(a.query, 200)
-		FROM pg_stat_activity a
-		WHERE a.pid IN (SELECT pid FROM pg_locks WHERE relation = $1::regclass AND granted) AND a.pid <> pg_backend_pid()
-		ORDER BY a.xact_start LIMIT 3`, d.Table)
-	if err != nil {
+	held, err := sessions.Describe(ctx, conn, 3, "a.pid IN (SELECT pid FROM pg_locks WHERE relation = $1::regclass AND granted)", d.Table)
+	switch {
+	case err != nil:
 		return "an unknown session (" + err.Error() + ")"
-	}
-	defer rows.Close()
-	var parts []string
-	for rows.Next() {
-		var pid int
-		var state, query string
-		var age time.Duration
-		if rows.Scan(&pid, &state, &age, &query) == nil {
-			parts = append(parts, fmt.Sprintf("pid %d (%s for %s: %q)", pid, state, age.Round(time.Second), query))
-		}
-	}
-	if len(parts) == 0 {
+	case held == "":
 		return "a session that has since ended"
 	}
-	return strings.Join(parts, ", ")
+	return held
 }
 
 // sleep is the one place phases waits on the clock.

@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
+	"github.com/cdcbackfill/cdcbackfill/internal/sessions"
 )
 
 // Plan is what the backfill covers: keys up to Hi, about Estimate rows.
@@ -148,25 +149,11 @@ func describeWriters(ctx context.Context, dsn string) string {
 		return ""
 	}
 	defer conn.Close(context.Background())
-	rows, err := conn.Query(ctx, `SELECT pid, coalesce(state, ''), now() - xact_start, left(query, 120)
-		FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() ORDER BY xact_start LIMIT 5`)
-	if err != nil {
+	writers, err := sessions.Describe(ctx, conn, 5, "a.backend_xid IS NOT NULL")
+	if err != nil || writers == "" {
 		return ""
 	}
-	defer rows.Close()
-	var parts []string
-	for rows.Next() {
-		var pid int
-		var state, query string
-		var age time.Duration
-		if rows.Scan(&pid, &state, &age, &query) == nil {
-			parts = append(parts, fmt.Sprintf("pid %d (%s for %s: %s)", pid, state, age.Round(time.Second), query))
-		}
-	}
-	if len(parts) == 0 {
-		return ""
-	}
-	return ": " + strings.Join(parts, "; ")
+	return ": " + writers
 }
 
 // ReadPlan reads the plan inside the slot's exported snapshot, so the
