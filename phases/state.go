@@ -230,12 +230,3 @@ func (s Store) Update(ctx context.Context, q recompute.Querier, set string, args
 	}
 	return nil
 }
-
-// List returns every migration's state (for status without a name).
-func List(ctx context.Context, q recompute.Querier) ([]string, error) {
-	rows, err := q.Query(ctx, `SELECT name FROM cdcbackfill.migrations ORDER BY name`)
-	if err != nil {
-		return nil, err
-	}
-	return pgx.CollectRows(rows, pgx.RowTo[string])
-}

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"math/big"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -75,13 +74,7 @@ type Backfiller struct {
 	Throttle        *Throttle
 	Checkpoint      Checkpoint
 	Log             *slog.Logger
-
-	contended atomic.Int64 // batches that met a row the application held
 }
-
-// Contended counts the batches that met a row held by the application and
-// passed over it.
-func (b *Backfiller) Contended() int64 { return b.contended.Load() }
 
 // Batch sizes stay within these bounds when adapting to the target time.
 const (
@@ -205,7 +198,6 @@ func (b *Backfiller) rangeBatch(ctx context.Context, tx pgx.Tx, lo, hi recompute
 	if !errors.As(err, &pgErr) || pgErr.Code != "55P03" {
 		return res, err
 	}
-	b.contended.Add(1)
 	if _, err := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT cdcb_fast"); err != nil {
 		return recompute.Result{}, err
 	}
