@@ -354,6 +354,22 @@ func TestRunRefusesBadInputChangingNothing(t *testing.T) {
 	}
 }
 
+// heartbeats waits until the daemon has published its status n more times.
+func heartbeats(t *testing.T, pool *pgxpool.Pool, n int) {
+	t.Helper()
+	last := query[string](t, pool, `SELECT coalesce(stats->>'heartbeat_at', '') FROM cdcbackfill.migrations`)
+	for i := 0; i < n; i++ {
+		waitFor(t, 10*time.Second, "a daemon heartbeat", func() bool {
+			now := query[string](t, pool, `SELECT coalesce(stats->>'heartbeat_at', '') FROM cdcbackfill.migrations`)
+			if now == last {
+				return false
+			}
+			last = now
+			return true
+		})
+	}
+}
+
 // TestPauseResume: pause stops the batches within a second; resume goes on.
 func TestPauseResume(t *testing.T) {
 	dsn, pool := seed(t, 50000)
@@ -365,9 +381,12 @@ func TestPauseResume(t *testing.T) {
 	if r := cli(t, 10*time.Second, nil, "pause", "--config", cfg); r.code != 0 {
 		t.Fatalf("pause\n%s", r)
 	}
-	time.Sleep(1500 * time.Millisecond) // the promise under test: within a second
+	// The promise: batches stop within a second, i.e. within two of the
+	// daemon's 500 ms ticks (plus the batch in hand). Counted on the
+	// daemon's own heartbeats, not on the test's clock.
+	heartbeats(t, pool, 2)
 	a := query[int64](t, pool, `SELECT rows_done FROM cdcbackfill.migrations`)
-	time.Sleep(1 * time.Second)
+	heartbeats(t, pool, 2)
 	b := query[int64](t, pool, `SELECT rows_done FROM cdcbackfill.migrations`)
 	if b != a {
 		t.Errorf("rows_done moved from %d to %d while paused", a, b)
@@ -447,8 +466,6 @@ func TestBackfillPassesOverHeldRows(t *testing.T) {
 	d := startDaemon(t, writeConfig(t, usersConfig(dsn)+"backfill:\n  max_rows_per_second: 4000\n  batch_size: 500\n  target_batch_time: 0s\n"))
 	defer func() {
 		if t.Failed() {
-			_ = d.cmd.Process.Signal(syscall.SIGQUIT)
-			time.Sleep(time.Second)
 			t.Log(d.output())
 		}
 	}()
