@@ -49,9 +49,25 @@ func EnsurePublication(ctx context.Context, q recompute.Querier, name string, t 
 	if exists {
 		return nil
 	}
+	var version int
+	if err := q.QueryRow(ctx, `SELECT current_setting('server_version_num')::int`).Scan(&version); err != nil {
+		return fmt.Errorf("read server version: %w", err)
+	}
+	// Only the key reaches the applier, so on 15+ only the key is published
+	// (a column list): the walsender then renders one column per change
+	// instead of the whole row, which is most of its work on the backfill's
+	// own updates and on every application write.
+	target := t.Ident()
+	if version >= 150000 {
+		cols := make([]string, len(t.Key))
+		for i, k := range t.Key {
+			cols[i] = pgx.Identifier{k.Name}.Sanitize()
+		}
+		target += " (" + strings.Join(cols, ", ") + ")"
+	}
 	// publish_via_partition_root: a partitioned table's changes then name
 	// the table itself, not its partitions, so none is passed over.
-	if _, err := q.Exec(ctx, "CREATE PUBLICATION "+pgx.Identifier{name}.Sanitize()+" FOR TABLE "+t.Ident()+" WITH (publish_via_partition_root = true)"); err != nil {
+	if _, err := q.Exec(ctx, "CREATE PUBLICATION "+pgx.Identifier{name}.Sanitize()+" FOR TABLE "+target+" WITH (publish_via_partition_root = true)"); err != nil {
 		return fmt.Errorf("create publication %q for %s: %w", name, t.Ident(), err)
 	}
 	return nil
