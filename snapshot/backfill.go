@@ -208,7 +208,9 @@ func (b *Backfiller) rangeBatch(ctx context.Context, tx pgx.Tx, lo, hi recompute
 }
 
 // nextSize moves the batch size toward the one that takes 3/4 of TargetBatchTime,
-// at most doubling or halving at a time.
+// growing at most 4x and shrinking at most by half at a time: the first
+// batches, small and alike in cost per row, reach full size in two steps,
+// while one slow outlier does not collapse the size.
 func (b *Backfiller) nextSize(size int, took time.Duration) int {
 	if b.TargetBatchTime <= 0 || took <= 0 {
 		return size
@@ -216,7 +218,7 @@ func (b *Backfiller) nextSize(size int, took time.Duration) int {
 	// Aim below the target: batch times vary, and the target is a bound on
 	// how long a batch holds its row locks, not an average.
 	ideal := float64(size) * 0.75 * float64(b.TargetBatchTime) / float64(took)
-	next := min(max(ideal, float64(size)/2), float64(size)*2)
+	next := min(max(ideal, float64(size)/2), float64(size)*4)
 	return int(min(max(next, minBatch), maxBatch))
 }
 

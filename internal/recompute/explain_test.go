@@ -33,7 +33,8 @@ func TestExplainRange(t *testing.T) {
 	}
 	for i := 0; i < 4; i++ {
 		lo := fmt.Sprint(1000 + i*40000)
-		rows, err := conn.Query(ctx, "EXPLAIN (ANALYZE, BUFFERS) "+tb.FastRangeSQL(true), lo, "200000", 20000)
+		hi := fmt.Sprint(1000 + i*40000 + 20000)
+		rows, err := conn.Query(ctx, "EXPLAIN (ANALYZE, BUFFERS) "+tb.fastUpdateSQL(true), lo, hi)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -2,6 +2,7 @@ package recompute
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -349,62 +350,76 @@ func (t *Table) FindFailingRow(ctx context.Context, conn *pgx.Conn, lo, hi Key, 
 	return nil, "", nil
 }
 
-// FastRangeSQL is Range without the row locks taken ahead: one UPDATE of
-// the batch's key range where out of parity. Run it under a short
-// lock_timeout: when the application holds a row of the range, it fails
-// with 55P03 (the caller then runs Range, which passes over held rows)
-// instead of waiting; the rows it has locked so far are released at once.
-// It never returns skipped keys.
+// FastRange is Range without the row locks taken ahead: one UPDATE of the
+// batch's key range where out of parity. Run it under a short lock_timeout:
+// when the application holds a row of the range, it fails with 55P03 (the
+// caller then runs Range, which passes over held rows) instead of waiting;
+// the rows it has locked so far are released at once. It never returns
+// skipped keys.
 //
-// The batch's end is the $limit-th key after lo, found by an index-only
-// scan (OFFSET), or hi when fewer keys remain; the UPDATE then walks that
-// key range. Only the last batch counts its rows.
-func (t *Table) FastRangeSQL(withLow bool) string {
-	n := len(t.Key)
-	next := 1
-	var low string
-	if withLow {
-		low = fmt.Sprintf("ROW(%s) > ROW(%s)", t.keyList(), t.keyParams(next))
-		next += n
+// Two statements: the batch's end is the limit-th key after lo, found by an
+// index-only scan (OFFSET), or hi when fewer keys remain; a plain UPDATE
+// then walks that key range and its command tag gives the rows written, so
+// nothing is materialized to count them. Only the last batch counts its rows.
+func (t *Table) FastRange(ctx context.Context, q Querier, lo, hi Key, limit int) (Result, error) {
+	res := Result{Scanned: int64(limit)}
+	err := q.QueryRow(ctx, t.fastEndSQL(lo != nil), rangeArgs(lo, hi, limit)...).Scan(&res.Last)
+	if errors.Is(err, pgx.ErrNoRows) {
+		// Fewer than limit keys remain: the batch runs to hi.
+		res.Last = hi
+		err = q.QueryRow(ctx, t.fastCountSQL(lo != nil), append(keyArgs(lo), keyArgs(hi)...)...).Scan(&res.Scanned)
 	}
-	hiParams := t.keyParams(next)
-	next += n
-	limit := fmt.Sprintf("$%d", next)
-	inRange := fmt.Sprintf("ROW(%s) <= ROW(%s)", t.keyList(), hiParams)
-	if low != "" {
-		inRange = low + " AND " + inRange
+	if err != nil {
+		return res, err
 	}
-	hiSlots := make([]string, n)
-	for i, k := range t.Key {
-		hiSlots[i] = fmt.Sprintf("$%d::text::%s AS _cdcb_k%d", next-n+i, k.Type, i)
+	tag, err := q.Exec(ctx, t.fastUpdateSQL(lo != nil), append(keyArgs(lo), keyArgs(res.Last)...)...)
+	if err != nil {
+		return res, err
 	}
-	end := fmt.Sprintf(`WITH _cdcb_end AS (
-	(SELECT %[1]s, false AS _cdcb_last FROM %[2]s WHERE %[3]s ORDER BY %[4]s OFFSET %[5]s - 1 LIMIT 1)
-	UNION ALL
-	SELECT %[6]s, true
-	LIMIT 1
-)`, t.selectSlots(), t.Ident(), inRange, t.keyList(), limit, strings.Join(hiSlots, ", "))
-	upTo := fmt.Sprintf("ROW(%s) <= (SELECT %s FROM _cdcb_end)", t.keyList(), t.slots("", ""))
-	if low != "" {
-		upTo = low + " AND " + upTo
-	}
-	return end + fmt.Sprintf(`,
-_cdcb_upd AS (
-	UPDATE %[1]s SET %[2]s
-	WHERE %[3]s AND %[4]s
-	RETURNING 1
-)
-SELECT CASE WHEN (SELECT _cdcb_last FROM _cdcb_end) THEN (SELECT count(*) FROM %[1]s WHERE %[5]s) ELSE %[6]s END,
-	(SELECT count(*) FROM _cdcb_upd),
-	(SELECT ARRAY[%[7]s] FROM _cdcb_end)`,
-		t.Ident(), t.setList(), upTo, t.outOfParity(), inRange, limit+"::bigint", t.slots("", "::text"))
+	res.Corrected = tag.RowsAffected()
+	return res, nil
 }
 
-// FastRange runs FastRangeSQL; see there.
-func (t *Table) FastRange(ctx context.Context, q Querier, lo, hi Key, limit int) (Result, error) {
-	var res Result
-	err := q.QueryRow(ctx, t.FastRangeSQL(lo != nil), rangeArgs(lo, hi, limit)...).Scan(&res.Scanned, &res.Corrected, &res.Last)
-	return res, err
+// fastRange is the condition "after $lo (when withLow) up to $hi" and the
+// number of the next free parameter.
+func (t *Table) fastRange(withLow bool) (string, int) {
+	n := len(t.Key)
+	cond := ""
+	next := 1
+	if withLow {
+		cond = fmt.Sprintf("ROW(%s) > ROW(%s) AND ", t.keyList(), t.keyParams(next))
+		next += n
+	}
+	cond += fmt.Sprintf("ROW(%s) <= ROW(%s)", t.keyList(), t.keyParams(next))
+	return cond, next + n
+}
+
+// fastEndSQL selects the $limit-th key of the range as a text[]; no row
+// when fewer remain.
+func (t *Table) fastEndSQL(withLow bool) string {
+	cond, next := t.fastRange(withLow)
+	return fmt.Sprintf("SELECT ARRAY[%s] FROM %s WHERE %s ORDER BY %s OFFSET $%d - 1 LIMIT 1",
+		t.textKeys(), t.Ident(), cond, t.keyList(), next)
+}
+
+// fastCountSQL counts the keys of the range (the last batch only).
+func (t *Table) fastCountSQL(withLow bool) string {
+	cond, _ := t.fastRange(withLow)
+	return fmt.Sprintf("SELECT count(*) FROM %s WHERE %s", t.Ident(), cond)
+}
+
+// fastUpdateSQL recomputes the rows of the range that are out of parity.
+func (t *Table) fastUpdateSQL(withLow bool) string {
+	cond, _ := t.fastRange(withLow)
+	return fmt.Sprintf("UPDATE %s SET %s WHERE %s AND %s", t.Ident(), t.setList(), cond, t.outOfParity())
+}
+
+func keyArgs(k Key) []any {
+	args := make([]any, len(k))
+	for i, v := range k {
+		args[i] = v
+	}
+	return args
 }
 
 // keyNames is "(k1, k2)", as KeyString writes it.
