@@ -7,7 +7,9 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -181,6 +183,7 @@ func (s *Stream) Run(ctx context.Context, out chan<- Event, confirmed func() pgl
 	if connCfg.RuntimeParams["application_name"] == "" {
 		connCfg.RuntimeParams["application_name"] = "cdcbackfill-cdc"
 	}
+	gatherReads(connCfg)
 
 	delay := s.cfg.ReconnectMin
 	needReset := false
@@ -298,7 +301,7 @@ func (s *Stream) session(ctx context.Context, connCfg *pgconn.Config, out chan<-
 }
 
 func (ss *session) stream() error {
-	var rd receiveDeadline
+	rd := newReceiveDeadline(ss.ctx, ss.conn.Conn())
 	defer rd.stop()
 	for {
 		if !time.Now().Before(ss.nextStatus) {
@@ -306,8 +309,12 @@ func (ss *session) stream() error {
 				return err
 			}
 		}
-		rctx := rd.until(ss.ctx, ss.nextStatus)
-		raw, err := ss.conn.ReceiveMessage(rctx)
+		if err := rd.until(ss.nextStatus); err != nil {
+			return err
+		}
+		// No context: a context per receive costs a watcher per message;
+		// the socket's deadline (rd) does its work.
+		raw, err := ss.conn.ReceiveMessage(context.Background())
 		if err != nil {
 			if ss.ctx.Err() != nil {
 				return ss.ctx.Err()
@@ -438,27 +445,37 @@ func (ss *session) sendStatus(reply bool) error {
 	return nil
 }
 
-// receiveDeadline keeps one deadline context per status period rather than
-// one per message.
+// receiveDeadline bounds the wait for a message by the socket's read
+// deadline: the time of the next standby status, or at once when ctx ends.
 type receiveDeadline struct {
-	ctx    context.Context
-	cancel context.CancelFunc
-	at     time.Time
+	conn net.Conn
+	stop func() bool // unregisters the ctx hook
+
+	mu   sync.Mutex
+	done bool // ctx ended: the deadline stays in the past
+	at   time.Time
 }
 
-func (r *receiveDeadline) until(parent context.Context, at time.Time) context.Context {
-	if r.ctx == nil || !r.at.Equal(at) {
-		r.stop()
-		r.ctx, r.cancel = context.WithDeadline(parent, at)
-		r.at = at
-	}
-	return r.ctx
+func newReceiveDeadline(ctx context.Context, conn net.Conn) *receiveDeadline {
+	r := &receiveDeadline{conn: conn}
+	r.stop = context.AfterFunc(ctx, func() {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		r.done = true
+		_ = conn.SetReadDeadline(time.Unix(1, 0))
+	})
+	return r
 }
 
-func (r *receiveDeadline) stop() {
-	if r.cancel != nil {
-		r.cancel()
+// until sets the deadline to at unless it is set so already or ctx ended.
+func (r *receiveDeadline) until(at time.Time) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.done || r.at.Equal(at) {
+		return nil
 	}
+	r.at = at
+	return r.conn.SetReadDeadline(at)
 }
 
 // quoteLiteral quotes s as a SQL string literal for a replication command.
