@@ -207,7 +207,7 @@ func (b *Backfiller) rangeBatch(ctx context.Context, tx pgx.Tx, lo, hi recompute
 	return b.Table.Range(ctx, tx, lo, hi, size)
 }
 
-// nextSize moves the batch size toward the one that takes 3/4 of TargetBatchTime,
+// nextSize moves the batch size toward the one that takes 2/3 of TargetBatchTime,
 // growing at most 4x and shrinking at most by half at a time: the first
 // batches, small and alike in cost per row, reach full size in two steps,
 // while one slow outlier does not collapse the size.
@@ -217,7 +217,7 @@ func (b *Backfiller) nextSize(size int, took time.Duration) int {
 	}
 	// Aim below the target: batch times vary, and the target is a bound on
 	// how long a batch holds its row locks, not an average.
-	ideal := float64(size) * 0.75 * float64(b.TargetBatchTime) / float64(took)
+	ideal := float64(size) * 2.0 / 3 * float64(b.TargetBatchTime) / float64(took)
 	next := min(max(ideal, float64(size)/2), float64(size)*4)
 	return int(min(max(next, minBatch), maxBatch))
 }
