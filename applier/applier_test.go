@@ -320,6 +320,9 @@ func TestHeldKeyHoldsConfirmed(t *testing.T) {
 
 			r.send(txn(0x1000, 0x1100, 1, 2, 3)...)
 			r.waitApplied(0x1100)
+			if n := r.a.Stats().LockedFlushes; n != 0 {
+				t.Errorf("rows nobody holds: %d statements locked ahead, want the plain UPDATE", n)
+			}
 			b := txn(0x2000, 0x2100, 4)
 			b = append(b[:2], change(0x2000, tc.key), b[2])
 			r.send(b...)
@@ -342,6 +345,9 @@ func TestHeldKeyHoldsConfirmed(t *testing.T) {
 			}
 			if r.a.ConfirmedLSN() != 0x2000 {
 				t.Fatalf("confirmed moved to %s while the key is held", r.a.ConfirmedLSN())
+			}
+			if st.LockedFlushes < st.Retries {
+				t.Errorf("%d retries of a held key but %d statements locked ahead: the held row was not passed over", st.Retries, st.LockedFlushes)
 			}
 
 			execOn(t, locker, "UPDATE users SET full_name = 'Alan Turing' WHERE id = 5")

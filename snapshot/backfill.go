@@ -171,12 +171,6 @@ func (b *Backfiller) batch(ctx context.Context, conn *pgx.Conn, worker int, r *R
 	return time.Since(start), res, nil
 }
 
-// fastLockTimeout bounds how long the fast path waits for a row the
-// application holds before it gives up and passes over held rows. It must
-// stay far below deadlock_timeout (1s by default): the daemon then always
-// gives up before a deadlock check could abort the application.
-const fastLockTimeout = 10 * time.Millisecond
-
 // rangeBatch recomputes one batch. The fast path is one UPDATE of the
 // range; only when the application holds a row of it (lock_timeout) does
 // the batch start over with rows locked ahead, passing over held rows
@@ -186,7 +180,7 @@ func (b *Backfiller) rangeBatch(ctx context.Context, tx pgx.Tx, lo, hi recompute
 	if _, err := tx.Exec(ctx, "SAVEPOINT cdcb_fast"); err != nil {
 		return recompute.Result{}, err
 	}
-	if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", fastLockTimeout.Milliseconds())); err != nil {
+	if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", recompute.FastLockTimeout.Milliseconds())); err != nil {
 		return recompute.Result{}, err
 	}
 	res, err := b.Table.FastRange(ctx, tx, lo, hi, size)
@@ -194,8 +188,7 @@ func (b *Backfiller) rangeBatch(ctx context.Context, tx pgx.Tx, lo, hi recompute
 		_, err = tx.Exec(ctx, "SET LOCAL lock_timeout = 0")
 		return res, err
 	}
-	var pgErr *pgconn.PgError
-	if !errors.As(err, &pgErr) || pgErr.Code != "55P03" {
+	if !recompute.IsLockTimeout(err) {
 		return res, err
 	}
 	if _, err := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT cdcb_fast"); err != nil {

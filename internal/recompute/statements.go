@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Key is a primary key value, each column in its text form.
@@ -99,12 +101,74 @@ SELECT (SELECT count(*) FROM _cdcb_upd), (SELECT array_agg(%s || '=(' || array_t
 FROM (SELECT 1) AS _cdcb_one LEFT JOIN _cdcb_skipped s ON true`, quoteLiteral(t.keyNames()), maxSamples)
 }
 
-// Keys recomputes the rows of keys (missing rows are ignored: a deleted row
-// needs nothing).
-func (t *Table) Keys(ctx context.Context, q Querier, keys []Key) (Result, error) {
+// FastLockTimeout bounds how long a plain recompute statement (FastRange,
+// KeysFast) waits for a row the application holds before it gives up and
+// the caller passes over held rows instead. It must stay far below
+// deadlock_timeout (1s by default): the daemon then always gives up before
+// a deadlock check could abort the application.
+const FastLockTimeout = 10 * time.Millisecond
+
+// IsLockTimeout reports whether err is a statement ended by lock_timeout.
+func IsLockTimeout(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "55P03"
+}
+
+// keysFastSQL is KeysSQL without the row locks taken ahead: one UPDATE of
+// the keys' rows that are out of parity. Waiting for a row lock re-checks
+// the row's latest version (EvalPlanQual), so a row changed meanwhile is
+// computed from that version.
+func (t *Table) keysFastSQL() string {
+	unnest := make([]string, len(t.Key))
+	casts := make([]string, len(t.Key))
+	for i, k := range t.Key {
+		unnest[i] = fmt.Sprintf("$%d::text[]", i+1)
+		casts[i] = fmt.Sprintf("_cdcb_k%d::%s AS _cdcb_k%d", i, k.Type, i)
+	}
+	return fmt.Sprintf(`WITH _cdcb_keys AS (
+	SELECT DISTINCT %[1]s FROM unnest(%[2]s) AS u(%[3]s)
+),
+_cdcb_upd AS (
+	UPDATE %[4]s SET %[5]s
+	WHERE ROW(%[6]s) IN (SELECT %[3]s FROM _cdcb_keys) AND %[7]s
+	RETURNING ARRAY[%[8]s] AS key
+)
+SELECT (SELECT count(*) FROM _cdcb_upd), (SELECT array_agg(%[9]s || '=(' || array_to_string(u.key, ', ') || ')') FROM (SELECT key FROM _cdcb_upd LIMIT %[10]d) u)`,
+		strings.Join(casts, ", "), strings.Join(unnest, ", "), t.slots("", ""),
+		t.Ident(), t.setList(), t.keyList(), t.outOfParity(), t.textKeys(),
+		quoteLiteral(t.keyNames()), maxSamples)
+}
+
+// KeysFast recomputes the rows of keys in one UPDATE, in its own transaction
+// under FastLockTimeout. When the application holds one of the rows longer,
+// it fails with an error IsLockTimeout recognizes, having changed nothing;
+// the caller then runs Keys, which passes over held rows. Row locks taken
+// ahead (Keys) cost a WAL record and a page write per row, so they are paid
+// only where there is contention.
+func (t *Table) KeysFast(ctx context.Context, conn interface {
+	Begin(context.Context) (pgx.Tx, error)
+}, keys []Key) (Result, error) {
 	if len(keys) == 0 {
 		return Result{}, nil
 	}
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		return Result{}, err
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx))
+	if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", FastLockTimeout.Milliseconds())); err != nil {
+		return Result{}, err
+	}
+	var res Result
+	if err := tx.QueryRow(ctx, t.keysFastSQL(), keyColumns(t, keys)...).Scan(&res.Corrected, &res.Samples); err != nil {
+		return Result{}, err
+	}
+	return res, tx.Commit(ctx)
+}
+
+// keyColumns turns keys into one text[] per key column, the i-th elements
+// together forming one key (the parameters of KeysSQL and keysFastSQL).
+func keyColumns(t *Table, keys []Key) []any {
 	cols := make([]any, len(t.Key))
 	for i := range t.Key {
 		col := make([]string, len(keys))
@@ -113,7 +177,16 @@ func (t *Table) Keys(ctx context.Context, q Querier, keys []Key) (Result, error)
 		}
 		cols[i] = col
 	}
-	rows, err := q.Query(ctx, t.KeysSQL(), cols...)
+	return cols
+}
+
+// Keys recomputes the rows of keys (missing rows are ignored: a deleted row
+// needs nothing).
+func (t *Table) Keys(ctx context.Context, q Querier, keys []Key) (Result, error) {
+	if len(keys) == 0 {
+		return Result{}, nil
+	}
+	rows, err := q.Query(ctx, t.KeysSQL(), keyColumns(t, keys)...)
 	if err != nil {
 		return Result{}, err
 	}
