@@ -16,13 +16,33 @@ type relation struct {
 	keyIdx  []int    // positions of keyCols in a tuple
 }
 
-func newRelation(m *pglogrepl.RelationMessage) *relation {
+// newRelation finds the key in a relation's columns: the columns named by
+// keyNames where given (the table's primary key), else those flagged as the
+// replica identity. Under REPLICA IDENTITY FULL every column is flagged, and
+// a null or unchanged-TOAST value in one of them must not stop the stream:
+// only the primary key is read.
+func newRelation(m *pglogrepl.RelationMessage, keyNames []string) *relation {
 	r := &relation{name: m.Namespace + "." + m.RelationName}
-	for i, c := range m.Columns {
-		if c.Flags&1 != 0 {
-			r.keyCols = append(r.keyCols, c.Name)
-			r.keyIdx = append(r.keyIdx, i)
+	if len(keyNames) == 0 {
+		for i, c := range m.Columns {
+			if c.Flags&1 != 0 {
+				r.keyCols = append(r.keyCols, c.Name)
+				r.keyIdx = append(r.keyIdx, i)
+			}
 		}
+		return r
+	}
+	for _, k := range keyNames {
+		for i, c := range m.Columns {
+			if c.Name == k {
+				r.keyCols = append(r.keyCols, c.Name)
+				r.keyIdx = append(r.keyIdx, i)
+				break
+			}
+		}
+	}
+	if len(r.keyCols) != len(keyNames) {
+		r.keyCols, r.keyIdx = nil, nil // change() reports it
 	}
 	return r
 }
@@ -32,6 +52,7 @@ func newRelation(m *pglogrepl.RelationMessage) *relation {
 // waits for the Origin message that may follow it.
 type txnDecoder struct {
 	originPrefix string
+	keyNames     []string // the primary key; nil: the replica identity's columns
 	relations    map[uint32]*relation
 
 	inTxn     bool
@@ -44,8 +65,8 @@ type txnDecoder struct {
 	commitTime time.Time
 }
 
-func newTxnDecoder(originPrefix string) *txnDecoder {
-	return &txnDecoder{originPrefix: originPrefix, relations: map[uint32]*relation{}}
+func newTxnDecoder(originPrefix string, keyNames []string) *txnDecoder {
+	return &txnDecoder{originPrefix: originPrefix, keyNames: keyNames, relations: map[uint32]*relation{}}
 }
 
 // decoded reports what a message meant for the counters.
@@ -79,7 +100,7 @@ func (d *txnDecoder) decode(walData []byte, emit func(Event) error) (decoded, er
 	case *pglogrepl.RelationMessage:
 		// Always, skipped transaction or not: the server sends a relation
 		// once per connection (and again after ALTER TABLE), never again.
-		d.relations[m.RelationID] = newRelation(m)
+		d.relations[m.RelationID] = newRelation(m, d.keyNames)
 
 	case *pglogrepl.BeginMessage:
 		d.inTxn, d.skip, d.beginSent, d.deletes = true, false, false, 0
@@ -150,6 +171,9 @@ func (d *txnDecoder) change(relID uint32, newTuple, oldTuple *pglogrepl.TupleDat
 		return permanent(fmt.Errorf("decode pgoutput: change for relation %d before its Relation message", relID))
 	}
 	if len(rel.keyIdx) == 0 {
+		if len(d.keyNames) > 0 {
+			return permanent(fmt.Errorf("changes of %s do not carry its primary key %v: the publication's column list must include it", rel.name, d.keyNames))
+		}
 		return permanent(fmt.Errorf("relation %s has no replica identity key: give it a primary key", rel.name))
 	}
 	if newTuple == nil {

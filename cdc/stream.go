@@ -73,6 +73,9 @@ type Config struct {
 	Slot         string // an existing pgoutput slot
 	Publication  string // the publication of the migrated table
 	OriginPrefix string // transactions whose Origin name starts with this are skipped (the daemon's own writes); "" skips none
+	// KeyColumns names the columns that identify a row in Change events
+	// (the table's primary key). Empty: the replica identity's columns.
+	KeyColumns []string
 	// StandbyInterval is the standby status update period; default 1s. Each
 	// periodic update asks the server for a reply, a keepalive carrying how
 	// far it has sent WAL, so an idle consumer hears of WAL it needs nothing
@@ -276,7 +279,7 @@ func (s *Stream) session(ctx context.Context, connCfg *pgconn.Config, out chan<-
 		conn:      conn,
 		out:       out,
 		confirmed: confirmed,
-		dec:       newTxnDecoder(s.cfg.OriginPrefix),
+		dec:       newTxnDecoder(s.cfg.OriginPrefix, s.cfg.KeyColumns),
 	}
 	ss.emitFn = ss.emit
 	if reset {

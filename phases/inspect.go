@@ -173,6 +173,7 @@ func Inspect(ctx context.Context, cfg *config.Config) (*Report, error) {
 	}
 	r.ok("primary key (" + strings.Join(keys, ", ") + ")")
 
+	r.checkReplicaIdentity(t)
 	r.checkColumns(cfg, t)
 	r.checkExpressions(ctx, conn, t)
 	r.checkReplication(ctx, conn, cfg)
@@ -189,6 +190,22 @@ func Inspect(ctx context.Context, cfg *config.Config) (*Report, error) {
 		r.Lo, r.Hi, r.Rows = lo, hi, rows
 	}
 	return r, nil
+}
+
+// checkReplicaIdentity: the stream names a changed row by the table's
+// replica identity, which must hold the primary key; with none, adding the
+// table to a publication would make PostgreSQL refuse its UPDATEs and
+// DELETEs.
+func (r *Report) checkReplicaIdentity(t *recompute.Table) {
+	fix := fmt.Sprintf("ALTER TABLE %s REPLICA IDENTITY DEFAULT", t.Ident())
+	switch t.ReplicaIdentity {
+	case recompute.IdentityKey, recompute.IdentityFull:
+		r.ok("replica identity: " + string(t.ReplicaIdentity))
+	case recompute.IdentityOtherIndex:
+		r.fail("replica identity", fmt.Sprintf("table %s has REPLICA IDENTITY USING INDEX of an index other than its primary key; the stream would name changed rows by that index, the backfill and applier by the primary key", t.Ident()), fix)
+	default:
+		r.fail("replica identity", fmt.Sprintf("table %s has REPLICA IDENTITY NOTHING; once it is in the migration's publication PostgreSQL would refuse the application's UPDATEs and DELETEs on it", t.Ident()), fix)
+	}
 }
 
 func (r *Report) checkColumns(cfg *config.Config, t *recompute.Table) {

@@ -111,6 +111,7 @@ func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 		Slot:         d.cfg.SlotName(),
 		Publication:  d.cfg.PublicationName(),
 		OriginPrefix: d.cfg.OriginPrefix(),
+		KeyColumns:   d.table.KeyNames(),
 		Logger:       d.log,
 	})
 	p.mu.Lock()

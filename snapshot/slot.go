@@ -55,10 +55,12 @@ func EnsurePublication(ctx context.Context, q recompute.Querier, name string, t 
 	}
 	// Only the key reaches the applier, so on 15+ only the key is published
 	// (a column list): the walsender then renders one column per change
-	// instead of the whole row, which is most of its work on the backfill's
-	// own updates and on every application write.
+	// instead of the whole row, for the backfill's own updates and for every
+	// application write. Only where the key is the replica identity: a
+	// column list must cover the replica identity, or PostgreSQL refuses
+	// the table's UPDATEs and DELETEs (REPLICA IDENTITY FULL would).
 	target := t.Ident()
-	if version >= 150000 {
+	if version >= 150000 && t.ReplicaIdentity == recompute.IdentityKey {
 		cols := make([]string, len(t.Key))
 		for i, k := range t.Key {
 			cols[i] = pgx.Identifier{k.Name}.Sanitize()

@@ -108,6 +108,20 @@ func TestPlanProblems(t *testing.T) {
 			want: []string{`FAIL  column last_name: column "last_name" neither exists in "public"."users" nor is added by an expand statement`},
 		},
 		{
+			name:  "replica identity nothing",
+			setup: seedUsers,
+			after: "ALTER TABLE users REPLICA IDENTITY NOTHING",
+			want: []string{"FAIL  replica identity: table \"public\".\"users\" has REPLICA IDENTITY NOTHING",
+				"refuse the application's UPDATEs and DELETEs", `ALTER TABLE "public"."users" REPLICA IDENTITY DEFAULT`},
+		},
+		{
+			name:  "replica identity of another index",
+			setup: seedUsers,
+			after: "ALTER TABLE users ALTER COLUMN email SET NOT NULL; CREATE UNIQUE INDEX users_email ON users (email); ALTER TABLE users REPLICA IDENTITY USING INDEX users_email",
+			want: []string{"FAIL  replica identity: table \"public\".\"users\" has REPLICA IDENTITY USING INDEX of an index other than its primary key",
+				`ALTER TABLE "public"."users" REPLICA IDENTITY DEFAULT`},
+		},
+		{
 			name:  "slot name taken",
 			setup: seedUsers,
 			after: "SELECT pg_create_logical_replication_slot('cdcbackfill_split_full_name', 'pgoutput')",

@@ -16,11 +16,7 @@ type Key []string
 
 // String renders a key as PostgreSQL does in its messages: (a, b)=(1, x).
 func (t *Table) KeyString(k Key) string {
-	names := make([]string, len(t.Key))
-	for i, c := range t.Key {
-		names[i] = c.Name
-	}
-	return "(" + strings.Join(names, ", ") + ")=(" + strings.Join(k, ", ") + ")"
+	return t.keyLabel() + "=(" + strings.Join(k, ", ") + ")"
 }
 
 // Result is what one recompute statement did.
@@ -98,7 +94,7 @@ func (t *Table) KeysSQL() string {
 )`, strings.Join(casts, ", "), strings.Join(unnest, ", "), t.slots("", "")) +
 		t.lockAndUpdate(fmt.Sprintf("ROW(%s) IN (SELECT %s FROM _cdcb_keys)", t.keyList(), t.slots("", ""))) + fmt.Sprintf(`
 SELECT (SELECT count(*) FROM _cdcb_upd), (SELECT array_agg(%s || '=(' || array_to_string(u.key, ', ') || ')') FROM (SELECT key FROM _cdcb_upd LIMIT %d) u), s.key
-FROM (SELECT 1) AS _cdcb_one LEFT JOIN _cdcb_skipped s ON true`, quoteLiteral(t.keyNames()), maxSamples)
+FROM (SELECT 1) AS _cdcb_one LEFT JOIN _cdcb_skipped s ON true`, quoteLiteral(t.keyLabel()), maxSamples)
 }
 
 // FastLockTimeout bounds how long a plain recompute statement (FastRange,
@@ -136,7 +132,7 @@ _cdcb_upd AS (
 SELECT (SELECT count(*) FROM _cdcb_upd), (SELECT array_agg(%[9]s || '=(' || array_to_string(u.key, ', ') || ')') FROM (SELECT key FROM _cdcb_upd LIMIT %[10]d) u)`,
 		strings.Join(casts, ", "), strings.Join(unnest, ", "), t.slots("", ""),
 		t.Ident(), t.setList(), t.keyList(), t.outOfParity(), t.textKeys(),
-		quoteLiteral(t.keyNames()), maxSamples)
+		quoteLiteral(t.keyLabel()), maxSamples)
 }
 
 // KeysFast recomputes the rows of keys in one UPDATE, in its own transaction
@@ -495,14 +491,8 @@ func keyArgs(k Key) []any {
 	return args
 }
 
-// keyNames is "(k1, k2)", as KeyString writes it.
-func (t *Table) keyNames() string {
-	names := make([]string, len(t.Key))
-	for i, c := range t.Key {
-		names[i] = c.Name
-	}
-	return "(" + strings.Join(names, ", ") + ")"
-}
+// keyLabel is "(k1, k2)", as KeyString writes it.
+func (t *Table) keyLabel() string { return "(" + strings.Join(t.KeyNames(), ", ") + ")" }
 
 func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 

@@ -29,6 +29,31 @@ type Table struct {
 	Key          []KeyColumn // primary key, in index order
 	Columns      []Column    // new columns, sorted by name
 	Exists       map[string]bool
+	// ReplicaIdentity is what the table's changes name a row by in the
+	// replication stream: IdentityKey (the primary key: DEFAULT, or USING
+	// INDEX of the primary key), IdentityFull, IdentityOtherIndex or
+	// IdentityNothing. The stream needs the primary key among the columns
+	// it names.
+	ReplicaIdentity Identity
+}
+
+// Identity is a table's replica identity, as the stream sees it.
+type Identity string
+
+const (
+	IdentityKey        Identity = "primary key"
+	IdentityFull       Identity = "full"
+	IdentityOtherIndex Identity = "another index"
+	IdentityNothing    Identity = "nothing"
+)
+
+// KeyNames are the primary key's column names, in index order.
+func (t *Table) KeyNames() []string {
+	names := make([]string, len(t.Key))
+	for i, k := range t.Key {
+		names[i] = k.Name
+	}
+	return names
 }
 
 // Ident is the quoted, schema-qualified table name.
@@ -101,6 +126,22 @@ func Inspect(ctx context.Context, q Querier, schema, name string, cols []Column)
 	}
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("read columns of %s: %w", t.Ident(), err)
+	}
+	var ident string
+	var identIsKey bool
+	if err := q.QueryRow(ctx, `SELECT c.relreplident::text, COALESCE((SELECT i.indisprimary FROM pg_index i
+		WHERE i.indrelid = c.oid AND i.indisreplident), false) FROM pg_class c WHERE c.oid = $1::regclass`, t.Ident()).Scan(&ident, &identIsKey); err != nil {
+		return nil, fmt.Errorf("read replica identity of %s: %w", t.Ident(), err)
+	}
+	switch {
+	case ident == "d" || ident == "i" && identIsKey:
+		t.ReplicaIdentity = IdentityKey
+	case ident == "f":
+		t.ReplicaIdentity = IdentityFull
+	case ident == "i":
+		t.ReplicaIdentity = IdentityOtherIndex
+	default:
+		t.ReplicaIdentity = IdentityNothing
 	}
 	return t, nil
 }
