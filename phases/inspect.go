@@ -197,14 +197,19 @@ func Inspect(ctx context.Context, cfg *config.Config) (*Report, error) {
 // table to a publication would make PostgreSQL refuse its UPDATEs and
 // DELETEs.
 func (r *Report) checkReplicaIdentity(t *recompute.Table) {
-	fix := fmt.Sprintf("ALTER TABLE %s REPLICA IDENTITY DEFAULT", t.Ident())
+	fix := fmt.Sprintf("ALTER TABLE %s REPLICA IDENTITY DEFAULT", t.IdentityOf)
+	of := "table " + t.IdentityOf
+	if t.IdentityOf != t.Ident() {
+		of = fmt.Sprintf("%s, part of %s,", t.IdentityOf, t.Ident())
+	}
 	switch t.ReplicaIdentity {
 	case recompute.IdentityKey, recompute.IdentityFull:
 		r.ok("replica identity: " + string(t.ReplicaIdentity))
 	case recompute.IdentityOtherIndex:
-		r.fail("replica identity", fmt.Sprintf("table %s has REPLICA IDENTITY USING INDEX of an index other than its primary key; the stream would name changed rows by that index, the backfill and applier by the primary key", t.Ident()), fix)
+		r.fail("replica identity", fmt.Sprintf("%s has REPLICA IDENTITY USING INDEX of an index other than its primary key; the stream would name changed rows by that index, the backfill and applier by the primary key", of), fix)
 	default:
-		r.fail("replica identity", fmt.Sprintf("table %s has REPLICA IDENTITY NOTHING; once it is in the migration's publication PostgreSQL would refuse the application's UPDATEs and DELETEs on it", t.Ident()), fix)
+		r.fail("replica identity", fmt.Sprintf("%s has no replica identity (REPLICA IDENTITY NOTHING, or no primary key); once it is in the migration's publication PostgreSQL would refuse the application's UPDATEs and DELETEs on it", of),
+			fix+" (with a primary key)")
 	}
 }
 

@@ -49,24 +49,13 @@ func EnsurePublication(ctx context.Context, q recompute.Querier, name string, t 
 	if exists {
 		return nil
 	}
-	var version int
-	if err := q.QueryRow(ctx, `SELECT current_setting('server_version_num')::int`).Scan(&version); err != nil {
-		return fmt.Errorf("read server version: %w", err)
-	}
-	// Only the key reaches the applier, so on 15+ only the key is published
-	// (a column list): the walsender then renders one column per change
-	// instead of the whole row, for the backfill's own updates and for every
-	// application write. Only where the key is the replica identity: a
-	// column list must cover the replica identity, or PostgreSQL refuses
-	// the table's UPDATEs and DELETEs (REPLICA IDENTITY FULL would).
+	// Whole rows are published although only the key is read: a column
+	// list would have to cover the table's replica identity for as long as
+	// the migration runs, and an ALTER TABLE ... REPLICA IDENTITY FULL by
+	// anyone meanwhile would make PostgreSQL refuse the application's
+	// UPDATEs and DELETEs. It saved the daemon a little CPU, not the
+	// walsender, whose cost is per change, not per column.
 	target := t.Ident()
-	if version >= 150000 && t.ReplicaIdentity == recompute.IdentityKey {
-		cols := make([]string, len(t.Key))
-		for i, k := range t.Key {
-			cols[i] = pgx.Identifier{k.Name}.Sanitize()
-		}
-		target += " (" + strings.Join(cols, ", ") + ")"
-	}
 	// publish_via_partition_root: a partitioned table's changes then name
 	// the table itself, not its partitions, so none is passed over.
 	if _, err := q.Exec(ctx, "CREATE PUBLICATION "+pgx.Identifier{name}.Sanitize()+" FOR TABLE "+target+" WITH (publish_via_partition_root = true)"); err != nil {

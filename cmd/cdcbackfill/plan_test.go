@@ -111,8 +111,18 @@ func TestPlanProblems(t *testing.T) {
 			name:  "replica identity nothing",
 			setup: seedUsers,
 			after: "ALTER TABLE users REPLICA IDENTITY NOTHING",
-			want: []string{"FAIL  replica identity: table \"public\".\"users\" has REPLICA IDENTITY NOTHING",
+			want: []string{"FAIL  replica identity: table \"public\".\"users\" has no replica identity (REPLICA IDENTITY NOTHING",
 				"refuse the application's UPDATEs and DELETEs", `ALTER TABLE "public"."users" REPLICA IDENTITY DEFAULT`},
+		},
+		{
+			name: "a partition without replica identity",
+			setup: `CREATE TABLE users (id bigint PRIMARY KEY, full_name text, email text) PARTITION BY RANGE (id);
+				CREATE TABLE users_1 PARTITION OF users FOR VALUES FROM (0) TO (1000);
+				CREATE TABLE users_2 PARTITION OF users FOR VALUES FROM (1000) TO (MAXVALUE);
+				INSERT INTO users SELECT g, 'a' || g || ' b', 'e' FROM generate_series(1, 2000) g`,
+			after: "ALTER TABLE users_2 REPLICA IDENTITY NOTHING",
+			want: []string{"FAIL  replica identity: public.users_2, part of \"public\".\"users\", has no replica identity",
+				"ALTER TABLE public.users_2 REPLICA IDENTITY DEFAULT"},
 		},
 		{
 			name:  "replica identity of another index",

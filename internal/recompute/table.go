@@ -33,8 +33,10 @@ type Table struct {
 	// replication stream: IdentityKey (the primary key: DEFAULT, or USING
 	// INDEX of the primary key), IdentityFull, IdentityOtherIndex or
 	// IdentityNothing. The stream needs the primary key among the columns
-	// it names.
+	// it names. A partitioned table or one with inheritance children is
+	// the worst of them all; IdentityOf names the relation that decided.
 	ReplicaIdentity Identity
+	IdentityOf      string
 }
 
 // Identity is a table's replica identity, as the stream sees it.
@@ -127,23 +129,62 @@ func Inspect(ctx context.Context, q Querier, schema, name string, cols []Column)
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("read columns of %s: %w", t.Ident(), err)
 	}
-	var ident string
-	var identIsKey bool
-	if err := q.QueryRow(ctx, `SELECT c.relreplident::text, COALESCE((SELECT i.indisprimary FROM pg_index i
-		WHERE i.indrelid = c.oid AND i.indisreplident), false) FROM pg_class c WHERE c.oid = $1::regclass`, t.Ident()).Scan(&ident, &identIsKey); err != nil {
-		return nil, fmt.Errorf("read replica identity of %s: %w", t.Ident(), err)
-	}
-	switch {
-	case ident == "d" || ident == "i" && identIsKey:
-		t.ReplicaIdentity = IdentityKey
-	case ident == "f":
-		t.ReplicaIdentity = IdentityFull
-	case ident == "i":
-		t.ReplicaIdentity = IdentityOtherIndex
-	default:
-		t.ReplicaIdentity = IdentityNothing
+	if err := t.readReplicaIdentity(ctx, q); err != nil {
+		return nil, err
 	}
 	return t, nil
+}
+
+// identityRank orders identities from harmless to refused: a table is as
+// good as the worst of its partitions and inheritance children.
+var identityRank = map[Identity]int{IdentityKey: 0, IdentityFull: 1, IdentityOtherIndex: 2, IdentityNothing: 3}
+
+// readReplicaIdentity sets ReplicaIdentity and IdentityOf from the table and
+// every partition or inheritance child: each has its own replica identity,
+// and the publication covers them all.
+func (t *Table) readReplicaIdentity(ctx context.Context, q Querier) error {
+	rows, err := q.Query(ctx, `WITH RECURSIVE tree AS (
+		SELECT $1::regclass::oid AS oid
+		UNION ALL SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid
+	)
+	SELECT c.oid = $1::regclass, format('%I.%I', n.nspname, c.relname), c.relreplident::text,
+		EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+		COALESCE((SELECT i.indisprimary FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident), false)
+	FROM tree JOIN pg_class c ON c.oid = tree.oid JOIN pg_namespace n ON n.oid = c.relnamespace
+	WHERE c.relkind = 'r'`, t.Ident())
+	if err != nil {
+		return fmt.Errorf("read replica identity of %s: %w", t.Ident(), err)
+	}
+	defer rows.Close()
+	t.ReplicaIdentity, t.IdentityOf = IdentityKey, t.Ident()
+	for rows.Next() {
+		var self, hasKey, identIsKey bool
+		var rel, ident string
+		if err := rows.Scan(&self, &rel, &ident, &hasKey, &identIsKey); err != nil {
+			return err
+		}
+		if self {
+			rel = t.Ident()
+		}
+		var id Identity
+		switch {
+		case ident == "d" && hasKey || ident == "i" && identIsKey:
+			id = IdentityKey
+		case ident == "f":
+			id = IdentityFull
+		case ident == "i":
+			id = IdentityOtherIndex
+		default: // NOTHING, or DEFAULT without a primary key (a child table)
+			id = IdentityNothing
+		}
+		if identityRank[id] > identityRank[t.ReplicaIdentity] {
+			t.ReplicaIdentity, t.IdentityOf = id, rel
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("read replica identity of %s: %w", t.Ident(), err)
+	}
+	return nil
 }
 
 // Refresh re-reads which columns exist (after the expand DDL).
