@@ -20,14 +20,19 @@ import (
 // readable before lowWater bytes are queued (SO_RCVLOWAT), and every read
 // waits at most maxGather for that: messages then arrive hundreds per read,
 // and a lone message waits no longer than maxGather, which the applier's
-// flush interval (sync.flush_interval, 50ms by default) absorbs.
+// flush interval (sync.flush_interval, 50ms by default) absorbs. When the
+// waits bring nothing for a while (5, 10, then 20ms: an idle stream), the
+// socket goes back to waking the reader for any byte, as a plain one, so an
+// idle daemon does not wake 200 times a second; the first read with data
+// turns gathering back on.
 //
 // Where the option is not available (a Unix socket, another OS), a read
 // after a short one waits maxGather before it asks instead, which gathers
 // the messages but not the wake-ups.
 const (
-	lowWater  = 64 << 10
-	maxGather = 5 * time.Millisecond
+	lowWater      = 64 << 10
+	maxGather     = 5 * time.Millisecond
+	maxIdleGather = 20 * time.Millisecond
 	// shortRead is a read that left most of a large buffer empty.
 	shortRead = 2048
 )
@@ -46,7 +51,9 @@ type gatheringConn struct {
 	mu       sync.Mutex
 	deadline time.Time // the read deadline its user set; zero: none
 
-	short bool // without lowWater: the last read was short
+	short bool          // without lowWater: the last read was short
+	wait  time.Duration // with lowWater: the next wait's bound
+	idle  bool          // with lowWater: SO_RCVLOWAT is 1 until data comes
 }
 
 func (c *gatheringConn) SetDeadline(t time.Time) error {
@@ -94,11 +101,18 @@ func (c *gatheringConn) gather(p []byte) (int, error) {
 		c.short = n < shortRead && n < len(p)
 		return n, err
 	}
+	if c.idle {
+		n, err := c.Conn.Read(p) // under the user's deadline only
+		if n > 0 && setLowWater(c.Conn, lowWater) {
+			c.idle, c.wait = false, maxGather
+		}
+		return n, err
+	}
 	for {
 		// A read returns at once what is queued, however little; with
 		// nothing queued it sleeps until lowWater bytes or the deadline.
 		user := c.userDeadline()
-		gather := time.Now().Add(maxGather)
+		gather := time.Now().Add(max(c.wait, maxGather))
 		if !user.IsZero() && user.Before(gather) {
 			gather = user
 		}
@@ -107,13 +121,24 @@ func (c *gatheringConn) gather(p []byte) (int, error) {
 		}
 		n, err := c.Conn.Read(p)
 		if n > 0 || err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
+			c.wait = maxGather
 			c.Conn.SetReadDeadline(c.userDeadline())
 			return n, err
 		}
 		if user := c.userDeadline(); !user.IsZero() && !time.Now().Before(user) {
 			return n, err // the user's own deadline
 		}
-		// Only the gathering wait ended: ask again for what is queued.
+		// Only the gathering wait ended: ask again for what is queued (the
+		// read takes it at once), waiting longer if nothing is, and after
+		// the longest wait as a plain socket.
+		if c.wait >= maxIdleGather && setLowWater(c.Conn, 1) {
+			c.idle = true
+			if err := c.Conn.SetReadDeadline(c.userDeadline()); err != nil {
+				return 0, err
+			}
+			return c.gather(p)
+		}
+		c.wait = min(2*max(c.wait, maxGather), maxIdleGather)
 	}
 }
 

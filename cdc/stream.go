@@ -451,8 +451,9 @@ func (ss *session) sendStatus(reply bool) error {
 // receiveDeadline bounds the wait for a message by the socket's read
 // deadline: the time of the next standby status, or at once when ctx ends.
 type receiveDeadline struct {
-	conn net.Conn
-	stop func() bool // unregisters the ctx hook
+	conn   net.Conn
+	unhook func() bool   // unregisters the ctx hook; false once it has started
+	fired  chan struct{} // closed when the hook has run
 
 	mu   sync.Mutex
 	done bool // ctx ended: the deadline stays in the past
@@ -460,14 +461,23 @@ type receiveDeadline struct {
 }
 
 func newReceiveDeadline(ctx context.Context, conn net.Conn) *receiveDeadline {
-	r := &receiveDeadline{conn: conn}
-	r.stop = context.AfterFunc(ctx, func() {
+	r := &receiveDeadline{conn: conn, fired: make(chan struct{})}
+	r.unhook = context.AfterFunc(ctx, func() {
+		defer close(r.fired)
 		r.mu.Lock()
 		defer r.mu.Unlock()
 		r.done = true
 		_ = conn.SetReadDeadline(time.Unix(1, 0))
 	})
 	return r
+}
+
+// stop unregisters the ctx hook, or waits for it to finish: a hook running
+// late would cut short the final drain, which sets its own deadline.
+func (r *receiveDeadline) stop() {
+	if !r.unhook() {
+		<-r.fired
+	}
 }
 
 // until sets the deadline to at unless it is set so already or ctx ended.
