@@ -103,7 +103,6 @@ type Applier struct {
 	flushes       atomic.Uint64
 	retries       atomic.Uint64
 	lockedFlushes atomic.Uint64
-	contended     bool // the last locking statement passed over held rows
 	visWaits      atomic.Uint64
 	commitTime    atomic.Int64 // unix nanoseconds, 0 for none
 	pendingKeys   atomic.Int64
@@ -115,19 +114,21 @@ type Applier struct {
 	recent   []string      // RecentCorrections, under mu
 
 	// Owned by the Run goroutine.
-	buf        map[string]*pending
-	xids       map[uint32]struct{} // transactions that put keys in buf since the last flush's visibility check
-	minLSN     pglogrepl.LSN       // smallest lsn in buf, when buf is not empty
-	minTime    time.Time           // commit time that goes with minLSN
-	inFlight   bool                // a Begin was seen without its Commit
-	txLSN      pglogrepl.LSN       // FinalLSN of the transaction in flight
-	txTime     time.Time
-	lastEnd    pglogrepl.LSN // highest Commit or Idle EndLSN seen
-	lastCommit time.Time     // commit time of the last Commit seen
-	due        time.Time     // when the buffer must be flushed
-	backoff    bool          // the last flush applied nothing: wait for due even when full
-	keyCols    []string      // KeyColumns of the last Change mapped
-	keyIdx     []int         // keyIdx[i] is where t.Key[i] sits in those KeyColumns
+	buf         map[string]*pending
+	xids        map[uint32]struct{} // transactions that put keys in buf since the last flush's visibility check
+	minLSN      pglogrepl.LSN       // smallest lsn in buf, when buf is not empty
+	minTime     time.Time           // commit time that goes with minLSN
+	inFlight    bool                // a Begin was seen without its Commit
+	txLSN       pglogrepl.LSN       // FinalLSN of the transaction in flight
+	txTime      time.Time
+	lastEnd     pglogrepl.LSN // highest Commit or Idle EndLSN seen
+	lastCommit  time.Time     // commit time of the last Commit seen
+	contended   bool          // the last locking statement passed over held rows
+	fastTimeout bool          // the session's lock_timeout is recompute.FastLockTimeout
+	due         time.Time     // when the buffer must be flushed
+	backoff     bool          // the last flush applied nothing: wait for due even when full
+	keyCols     []string      // KeyColumns of the last Change mapped
+	keyIdx      []int         // keyIdx[i] is where t.Key[i] sits in those KeyColumns
 }
 
 // pending is a buffered key and the earliest transaction that changed it.
@@ -472,6 +473,13 @@ func (a *Applier) advance() {
 	}
 }
 
+// statementKeys bounds the keys of one recompute statement. A statement
+// holds the row locks of what it has updated until it ends, and the
+// application's writes to those rows wait: the chance that one does grows
+// with the rows held times the time they are held, both in proportion to
+// the statement's size.
+const statementKeys = 100
+
 // flush recomputes every buffered key; held keys stay for the next flush.
 func (a *Applier) flush(ctx context.Context) error {
 	begin := time.Now()
@@ -484,7 +492,7 @@ func (a *Applier) flush(ctx context.Context) error {
 	}
 	var corrected int64
 	held := 0
-	for chunk := range slices.Chunk(entries, a.cfg.MaxBatchKeys) {
+	for chunk := range slices.Chunk(entries, min(a.cfg.MaxBatchKeys, statementKeys)) {
 		keys := make([]recompute.Key, len(chunk))
 		for i, p := range chunk {
 			keys[i] = p.key
@@ -527,21 +535,35 @@ func (a *Applier) flush(ctx context.Context) error {
 	return nil
 }
 
-// apply recomputes keys as one plain UPDATE; only when the application
-// holds one of the rows past recompute.FastLockTimeout does it run the
-// statement that locks rows ahead and passes over held ones. Locking ahead
-// writes every row twice (the lock, then the update), which at a busy
-// application's rate was half of the applier's cost.
+// apply recomputes keys as one plain UPDATE under a lock_timeout of
+// recompute.FastLockTimeout (the session's, set once: a transaction to set
+// it per statement cost three more round trips each); only when the
+// application holds one of the rows longer does it run, without the
+// time-out, the statement that locks rows ahead and passes over held ones.
+// Locking ahead writes every row twice (the lock, then the update), which at
+// a busy application's rate was half of the applier's cost.
 //
 // While held rows are being passed over (the last locking statement skipped
 // some), the next statement locks ahead at once rather than wait out the
 // time-out again.
 func (a *Applier) apply(ctx context.Context, keys []recompute.Key) (recompute.Result, error) {
 	if !a.contended {
+		if !a.fastTimeout {
+			if _, err := a.conn.Exec(ctx, fmt.Sprintf("SET lock_timeout = %d", recompute.FastLockTimeout.Milliseconds())); err != nil {
+				return recompute.Result{}, err
+			}
+			a.fastTimeout = true
+		}
 		res, err := a.table.KeysFast(ctx, a.conn, keys)
 		if !recompute.IsLockTimeout(err) {
 			return res, err
 		}
+	}
+	if a.fastTimeout {
+		if _, err := a.conn.Exec(ctx, "SET lock_timeout = 0"); err != nil {
+			return recompute.Result{}, err
+		}
+		a.fastTimeout = false
 	}
 	a.lockedFlushes.Add(1)
 	res, err := a.table.Keys(ctx, a.conn, keys)

@@ -135,31 +135,19 @@ SELECT (SELECT count(*) FROM _cdcb_upd), (SELECT array_agg(%[9]s || '=(' || arra
 		quoteLiteral(t.keyLabel()), maxSamples)
 }
 
-// KeysFast recomputes the rows of keys in one UPDATE, in its own transaction
-// under FastLockTimeout. When the application holds one of the rows longer,
-// it fails with an error IsLockTimeout recognizes, having changed nothing;
-// the caller then runs Keys, which passes over held rows. Row locks taken
-// ahead (Keys) cost a WAL record and a page write per row, so they are paid
-// only where there is contention.
-func (t *Table) KeysFast(ctx context.Context, conn interface {
-	Begin(context.Context) (pgx.Tx, error)
-}, keys []Key) (Result, error) {
+// KeysFast recomputes the rows of keys in one UPDATE. Run it under
+// lock_timeout = FastLockTimeout: when the application holds one of the
+// rows longer, it fails with an error IsLockTimeout recognizes, having
+// changed nothing, and the caller runs Keys, which passes over held rows.
+// Row locks taken ahead (Keys) cost a WAL record and a page write per row,
+// so they are paid only where there is contention.
+func (t *Table) KeysFast(ctx context.Context, q Querier, keys []Key) (Result, error) {
 	if len(keys) == 0 {
 		return Result{}, nil
 	}
-	tx, err := conn.Begin(ctx)
-	if err != nil {
-		return Result{}, err
-	}
-	defer tx.Rollback(context.WithoutCancel(ctx))
-	if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", FastLockTimeout.Milliseconds())); err != nil {
-		return Result{}, err
-	}
 	var res Result
-	if err := tx.QueryRow(ctx, t.keysFastSQL(), keyColumns(t, keys)...).Scan(&res.Corrected, &res.Samples); err != nil {
-		return Result{}, err
-	}
-	return res, tx.Commit(ctx)
+	err := q.QueryRow(ctx, t.keysFastSQL(), keyColumns(t, keys)...).Scan(&res.Corrected, &res.Samples)
+	return res, err
 }
 
 // keyColumns turns keys into one text[] per key column, the i-th elements
