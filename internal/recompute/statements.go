@@ -80,21 +80,34 @@ func (t *Table) selectSlots() string {
 	return strings.Join(parts, ", ")
 }
 
-// KeysSQL recomputes the rows of the given keys. Parameters: one text[] per
-// key column, the i-th elements together forming one key.
-func (t *Table) KeysSQL() string {
+// keysCTE is the CTE _cdcb_keys: the distinct keys of the parameters (one
+// text[] per key column, the i-th elements together forming one key), cast
+// to the key's types, with the keysIn condition that selects their rows.
+func (t *Table) keysCTE() (cte, keysIn string) {
 	unnest := make([]string, len(t.Key))
 	casts := make([]string, len(t.Key))
 	for i, k := range t.Key {
 		unnest[i] = fmt.Sprintf("$%d::text[]", i+1)
 		casts[i] = fmt.Sprintf("_cdcb_k%d::%s AS _cdcb_k%d", i, k.Type, i)
 	}
-	return fmt.Sprintf(`WITH _cdcb_keys AS (
+	cte = fmt.Sprintf(`WITH _cdcb_keys AS (
 	SELECT DISTINCT %s FROM unnest(%s) AS u(%s)
-)`, strings.Join(casts, ", "), strings.Join(unnest, ", "), t.slots("", "")) +
-		t.lockAndUpdate(fmt.Sprintf("ROW(%s) IN (SELECT %s FROM _cdcb_keys)", t.keyList(), t.slots("", ""))) + fmt.Sprintf(`
-SELECT (SELECT count(*) FROM _cdcb_upd), (SELECT array_agg(%s || '=(' || array_to_string(u.key, ', ') || ')') FROM (SELECT key FROM _cdcb_upd LIMIT %d) u), s.key
-FROM (SELECT 1) AS _cdcb_one LEFT JOIN _cdcb_skipped s ON true`, quoteLiteral(t.keyLabel()), maxSamples)
+)`, strings.Join(casts, ", "), strings.Join(unnest, ", "), t.slots("", ""))
+	return cte, fmt.Sprintf("ROW(%s) IN (SELECT %s FROM _cdcb_keys)", t.keyList(), t.slots("", ""))
+}
+
+// samplesSQL selects up to maxSamples keys of _cdcb_upd as KeyString writes them.
+func (t *Table) samplesSQL() string {
+	return fmt.Sprintf(`(SELECT array_agg(%s || '=(' || array_to_string(u.key, ', ') || ')') FROM (SELECT key FROM _cdcb_upd LIMIT %d) u)`,
+		quoteLiteral(t.keyLabel()), maxSamples)
+}
+
+// KeysSQL recomputes the rows of the given keys (parameters: see keysCTE).
+func (t *Table) KeysSQL() string {
+	cte, keysIn := t.keysCTE()
+	return cte + t.lockAndUpdate(keysIn) + fmt.Sprintf(`
+SELECT (SELECT count(*) FROM _cdcb_upd), %s, s.key
+FROM (SELECT 1) AS _cdcb_one LEFT JOIN _cdcb_skipped s ON true`, t.samplesSQL())
 }
 
 // FastLockTimeout bounds how long a plain recompute statement (FastRange,
@@ -115,24 +128,15 @@ func IsLockTimeout(err error) bool {
 // the row's latest version (EvalPlanQual), so a row changed meanwhile is
 // computed from that version.
 func (t *Table) keysFastSQL() string {
-	unnest := make([]string, len(t.Key))
-	casts := make([]string, len(t.Key))
-	for i, k := range t.Key {
-		unnest[i] = fmt.Sprintf("$%d::text[]", i+1)
-		casts[i] = fmt.Sprintf("_cdcb_k%d::%s AS _cdcb_k%d", i, k.Type, i)
-	}
-	return fmt.Sprintf(`WITH _cdcb_keys AS (
-	SELECT DISTINCT %[1]s FROM unnest(%[2]s) AS u(%[3]s)
-),
+	cte, keysIn := t.keysCTE()
+	return cte + fmt.Sprintf(`,
 _cdcb_upd AS (
-	UPDATE %[4]s SET %[5]s
-	WHERE ROW(%[6]s) IN (SELECT %[3]s FROM _cdcb_keys) AND %[7]s
-	RETURNING ARRAY[%[8]s] AS key
+	UPDATE %s SET %s
+	WHERE %s AND %s
+	RETURNING ARRAY[%s] AS key
 )
-SELECT (SELECT count(*) FROM _cdcb_upd), (SELECT array_agg(%[9]s || '=(' || array_to_string(u.key, ', ') || ')') FROM (SELECT key FROM _cdcb_upd LIMIT %[10]d) u)`,
-		strings.Join(casts, ", "), strings.Join(unnest, ", "), t.slots("", ""),
-		t.Ident(), t.setList(), t.keyList(), t.outOfParity(), t.textKeys(),
-		quoteLiteral(t.keyLabel()), maxSamples)
+SELECT (SELECT count(*) FROM _cdcb_upd), %s`,
+		t.Ident(), t.setList(), keysIn, t.outOfParity(), t.textKeys(), t.samplesSQL())
 }
 
 // KeysFast recomputes the rows of keys in one UPDATE. Run it under
