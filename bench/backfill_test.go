@@ -155,31 +155,32 @@ func daemonBackfill(b *testing.B, bt *batchTimes) time.Duration {
 	ctx, cancel := context.WithCancel(context.Background())
 	runErr := make(chan error, 1)
 	go func() { runErr <- phases.Run(ctx, cfg, slog.New(bt)) }()
+	var took time.Duration
+	poll(b, dsn, nil, 10*time.Minute, "the backfill to reach phase sync", func(ctx context.Context, conn *pgx.Conn) (bool, string) {
+		select {
+		case err := <-runErr:
+			b.Fatalf("daemon stopped before phase sync: %v", err)
+		default:
+		}
+		var ph string
+		var secs *float64
+		err := conn.QueryRow(ctx, `SELECT m.phase, (SELECT extract(epoch FROM max(e.at) FILTER (WHERE e.phase = 'sync') - max(e.at) FILTER (WHERE e.phase = 'backfill' AND e.kind = 'slot')))::float8
+			FROM cdcbackfill.migrations m LEFT JOIN cdcbackfill.events e ON e.name = m.name GROUP BY m.phase`).Scan(&ph, &secs)
+		if err == nil && ph == "sync" && secs != nil {
+			took = time.Duration(*secs * float64(time.Second))
+			return true, ""
+		}
+		return false, fmt.Sprintf("phase %q, %v", ph, err)
+	})
+	cancel()
+	if err := <-runErr; err != nil {
+		b.Fatal(err)
+	}
 	conn, err := pgx.Connect(context.Background(), dsn)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer conn.Close(context.Background())
-	var took time.Duration
-	deadline := time.Now().Add(10 * time.Minute)
-	for {
-		var ph string
-		var secs *float64
-		err := conn.QueryRow(context.Background(), `SELECT m.phase, (SELECT extract(epoch FROM max(e.at) FILTER (WHERE e.phase = 'sync') - max(e.at) FILTER (WHERE e.phase = 'backfill' AND e.kind = 'slot')))::float8
-			FROM cdcbackfill.migrations m LEFT JOIN cdcbackfill.events e ON e.name = m.name GROUP BY m.phase`).Scan(&ph, &secs)
-		if err == nil && ph == "sync" && secs != nil {
-			took = time.Duration(*secs * float64(time.Second))
-			break
-		}
-		if time.Now().After(deadline) {
-			b.Fatal("backfill did not finish in 10m")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	cancel()
-	if err := <-runErr; err != nil {
-		b.Fatal(err)
-	}
 	var bad int64
 	if err := conn.QueryRow(context.Background(), `SELECT count(*) FROM users WHERE (first_name, last_name) IS DISTINCT FROM (split_part(full_name, ' ', 1), split_part(full_name, ' ', 2))`).Scan(&bad); err != nil || bad != 0 {
 		b.Fatalf("parity after backfill: %d rows differ (%v)", bad, err)

@@ -238,67 +238,79 @@ func (d *daemon) procStatus(field string) (int64, error) {
 	return 0, fmt.Errorf("no %s in /proc/%d/status", field, d.cmd.Process.Pid)
 }
 
-// waitPhase waits until the migration's phase is want, failing early when
-// the daemon exits or records an error.
-func (d *daemon) waitPhase(b *testing.B, want string, timeout time.Duration) {
+// pollInterval is how often the waits below ask again.
+const pollInterval = 50 * time.Millisecond
+
+// poll asks check on its own connection to dsn until it reports done. It
+// fails the benchmark after timeout, naming what it waited for and the
+// state check last described, and, when d is not nil, as soon as the daemon
+// exits, with the end of its log.
+func poll(b *testing.B, dsn string, d *daemon, timeout time.Duration, what string, check func(ctx context.Context, conn *pgx.Conn) (done bool, state string)) {
 	b.Helper()
 	ctx := context.Background()
-	conn, err := pgx.Connect(ctx, d.dsn)
+	conn, err := pgx.Connect(ctx, dsn)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer conn.Close(ctx)
+	log := func() string {
+		if d == nil {
+			return ""
+		}
+		return "\nlog:\n" + d.logTail()
+	}
+	var exited <-chan struct{}
+	if d != nil {
+		exited = d.done
+	}
 	deadline := time.Now().Add(timeout)
 	for {
+		done, state := check(ctx, conn)
+		if done {
+			return
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("%s: not within %s (%s)%s", what, timeout, state, log())
+		}
+		select {
+		case <-exited:
+			b.Fatalf("daemon exited (%v) while waiting for %s%s", d.waitErr, what, log())
+		case <-time.After(pollInterval):
+		}
+	}
+}
+
+// waitPhase waits until the migration's phase is want, failing early when
+// the daemon exits or records an error.
+func (d *daemon) waitPhase(b *testing.B, want string, timeout time.Duration) {
+	b.Helper()
+	poll(b, d.dsn, d, timeout, "phase "+want, func(ctx context.Context, conn *pgx.Conn) (bool, string) {
 		var phase string
 		var lastErr *string
 		err := conn.QueryRow(ctx, `SELECT phase, error FROM cdcbackfill.migrations WHERE name = $1`, d.name).Scan(&phase, &lastErr)
 		if err == nil && phase == want {
-			return
+			return true, ""
 		}
 		if lastErr != nil && *lastErr != "" {
 			b.Fatalf("daemon error in phase %s: %s\nlog:\n%s", phase, *lastErr, d.logTail())
 		}
-		select {
-		case <-d.done:
-			b.Fatalf("daemon exited (%v) before phase %s\nlog:\n%s", d.waitErr, want, d.logTail())
-		case <-time.After(100 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			b.Fatalf("phase %s not reached in %s (now %q, %v)\nlog:\n%s", want, timeout, phase, err, d.logTail())
-		}
-	}
+		return false, fmt.Sprintf("now %q, %v", phase, err)
+	})
 }
 
 // waitStreaming waits until a daemon reads the slot again, then until it
 // has caught up.
 func (d *daemon) waitStreaming(b *testing.B, timeout time.Duration) {
 	b.Helper()
-	ctx := context.Background()
-	conn, err := pgx.Connect(ctx, d.dsn)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer conn.Close(ctx)
-	deadline := time.Now().Add(timeout)
-	for {
+	start := time.Now()
+	poll(b, d.dsn, d, timeout, "a daemon reading slot "+d.slot(), func(ctx context.Context, conn *pgx.Conn) (bool, string) {
 		var active bool
 		if err := conn.QueryRow(ctx, `SELECT active FROM pg_replication_slots WHERE slot_name = $1`, d.slot()).Scan(&active); err != nil {
 			b.Fatalf("read slot %s: %v", d.slot(), err)
 		}
-		if active {
-			break
-		}
-		select {
-		case <-d.done:
-			b.Fatalf("daemon exited (%v)\nlog:\n%s", d.waitErr, d.logTail())
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			b.Fatalf("slot %s not read by a daemon within %s\nlog:\n%s", d.slot(), timeout, d.logTail())
-		}
-	}
-	waitCaughtUp(b, d.dsn, d.slot(), time.Until(deadline))
+		return active, "slot inactive"
+	})
+	waitCaughtUp(b, d.dsn, d.slot(), timeout-time.Since(start))
 }
 
 // waitCaughtUp waits until the slot's confirmed_flush_lsn has passed the
@@ -307,30 +319,21 @@ func (d *daemon) waitStreaming(b *testing.B, timeout time.Duration) {
 // returns how long that took.
 func waitCaughtUp(b *testing.B, dsn, slot string, timeout time.Duration) time.Duration {
 	b.Helper()
-	ctx := context.Background()
-	conn, err := pgx.Connect(ctx, dsn)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer conn.Close(ctx)
 	start := time.Now()
 	var target int64
-	if err := conn.QueryRow(ctx, `SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::int8`).Scan(&target); err != nil {
-		b.Fatal(err)
-	}
-	for {
+	poll(b, dsn, nil, timeout, "slot "+slot+" catching up", func(ctx context.Context, conn *pgx.Conn) (bool, string) {
+		if target == 0 {
+			if err := conn.QueryRow(ctx, `SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::int8`).Scan(&target); err != nil {
+				b.Fatal(err)
+			}
+		}
 		var confirmed int64
 		if err := conn.QueryRow(ctx, `SELECT pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::int8 FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&confirmed); err != nil {
 			b.Fatalf("read slot %s: %v", slot, err)
 		}
-		if confirmed >= target {
-			return time.Since(start)
-		}
-		if time.Since(start) > timeout {
-			b.Fatalf("slot %s did not catch up in %s (%d bytes behind)", slot, timeout, target-confirmed)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return confirmed >= target, fmt.Sprintf("%d bytes behind", target-confirmed)
+	})
+	return time.Since(start)
 }
 
 // pgbench is the application load.
