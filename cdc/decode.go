@@ -14,6 +14,8 @@ type relation struct {
 	name    string   // "schema.table"
 	keyCols []string // shared by every Change of this relation version; read-only
 	keyIdx  []int    // positions of keyCols in a tuple
+	srcIdx  []int    // positions of the source columns; nil when one is missing
+	newIdx  []int    // positions of the new columns found
 }
 
 // newRelation finds the key in a relation's columns: the columns named by
@@ -21,8 +23,9 @@ type relation struct {
 // replica identity. Under REPLICA IDENTITY FULL every column is flagged, and
 // a null or unchanged-TOAST value in one of them must not stop the stream:
 // only the primary key is read.
-func newRelation(m *pglogrepl.RelationMessage, keyNames []string) *relation {
+func newRelation(m *pglogrepl.RelationMessage, keyNames, srcNames, newNames []string) *relation {
 	r := &relation{name: m.Namespace + "." + m.RelationName}
+	r.srcIdx, r.newIdx = positions(m, srcNames, true), positions(m, newNames, false)
 	if len(keyNames) == 0 {
 		for i, c := range m.Columns {
 			if c.Flags&1 != 0 {
@@ -47,12 +50,33 @@ func newRelation(m *pglogrepl.RelationMessage, keyNames []string) *relation {
 	return r
 }
 
+// positions finds names among the relation's columns; with all, nil unless
+// every one is there.
+func positions(m *pglogrepl.RelationMessage, names []string, all bool) []int {
+	var idx []int
+	for _, n := range names {
+		found := false
+		for i, c := range m.Columns {
+			if c.Name == n {
+				idx, found = append(idx, i), true
+				break
+			}
+		}
+		if !found && all {
+			return nil
+		}
+	}
+	return idx
+}
+
 // txnDecoder turns pgoutput v1 messages of one connection into Events. It
 // holds no rows: only the pending Begin of the transaction in flight, which
 // waits for the Origin message that may follow it.
 type txnDecoder struct {
 	originPrefix string
 	keyNames     []string // the primary key; nil: the replica identity's columns
+	srcNames     []string // the columns the expressions read
+	newNames     []string // the columns they compute
 	relations    map[uint32]*relation
 
 	inTxn     bool
@@ -65,8 +89,9 @@ type txnDecoder struct {
 	commitTime time.Time
 }
 
-func newTxnDecoder(originPrefix string, keyNames []string) *txnDecoder {
-	return &txnDecoder{originPrefix: originPrefix, keyNames: keyNames, relations: map[uint32]*relation{}}
+func newTxnDecoder(originPrefix string, keyNames, srcNames, newNames []string) *txnDecoder {
+	return &txnDecoder{originPrefix: originPrefix, keyNames: keyNames, srcNames: srcNames, newNames: newNames,
+		relations: map[uint32]*relation{}}
 }
 
 // decoded reports what a message meant for the counters.
@@ -100,7 +125,7 @@ func (d *txnDecoder) decode(walData []byte, emit func(Event) error) (decoded, er
 	case *pglogrepl.RelationMessage:
 		// Always, skipped transaction or not: the server sends a relation
 		// once per connection (and again after ALTER TABLE), never again.
-		d.relations[m.RelationID] = newRelation(m, d.keyNames)
+		d.relations[m.RelationID] = newRelation(m, d.keyNames, d.srcNames, d.newNames)
 
 	case *pglogrepl.BeginMessage:
 		d.inTxn, d.skip, d.beginSent, d.deletes = true, false, false, 0
@@ -112,10 +137,10 @@ func (d *txnDecoder) decode(walData []byte, emit func(Event) error) (decoded, er
 		}
 
 	case *pglogrepl.InsertMessage:
-		return decodedOther, d.change(m.RelationID, m.Tuple, nil, emit)
+		return decodedOther, d.change(OpInsert, m.RelationID, m.Tuple, nil, false, emit)
 
 	case *pglogrepl.UpdateMessage:
-		return decodedOther, d.change(m.RelationID, m.NewTuple, m.OldTuple, emit)
+		return decodedOther, d.change(OpUpdate, m.RelationID, m.NewTuple, m.OldTuple, m.OldTupleType == pglogrepl.UpdateMessageTupleTypeOld, emit)
 
 	case *pglogrepl.DeleteMessage, *pglogrepl.TruncateMessage:
 		if !d.skip {
@@ -159,7 +184,9 @@ func (d *txnDecoder) sendBegin(emit func(Event) error) error {
 
 // change emits the key of the row version in newTuple. For an UPDATE that
 // changed the key that is the new key only: the old row no longer exists.
-func (d *txnDecoder) change(relID uint32, newTuple, oldTuple *pglogrepl.TupleData, emit func(Event) error) error {
+// wholeOld says oldTuple is the whole old row (REPLICA IDENTITY FULL), not
+// only its key.
+func (d *txnDecoder) change(op Op, relID uint32, newTuple, oldTuple *pglogrepl.TupleData, wholeOld bool, emit func(Event) error) error {
 	if d.skip {
 		return nil
 	}
@@ -190,6 +217,10 @@ func (d *txnDecoder) change(relID uint32, newTuple, oldTuple *pglogrepl.TupleDat
 	if err := d.sendBegin(emit); err != nil {
 		return err
 	}
+	var oldSource uint64
+	if wholeOld {
+		oldSource = sourceHash(rel.srcIdx, oldTuple)
+	}
 	return emit(Event{
 		Kind:       Change,
 		FinalLSN:   d.begin.FinalLSN,
@@ -197,7 +228,51 @@ func (d *txnDecoder) change(relID uint32, newTuple, oldTuple *pglogrepl.TupleDat
 		KeyColumns: rel.keyCols,
 		Key:        key,
 		Xid:        d.begin.Xid,
+		Image: Image{
+			Op:        op,
+			Source:    sourceHash(rel.srcIdx, newTuple),
+			OldSource: oldSource,
+			Written:   written(rel.newIdx, newTuple),
+		},
 	})
+}
+
+// sourceHash is FNV-1a over the values at idx, 0 when one is unknown (an
+// unchanged TOAST value comes without its data) or there are none.
+func sourceHash(idx []int, tuple *pglogrepl.TupleData) uint64 {
+	if len(idx) == 0 || tuple == nil {
+		return 0
+	}
+	const offset, prime = 14695981039346656037, 1099511628211
+	h := uint64(offset)
+	for _, i := range idx {
+		if i >= len(tuple.Columns) {
+			return 0
+		}
+		c := tuple.Columns[i]
+		switch c.DataType {
+		case pglogrepl.TupleDataTypeText, pglogrepl.TupleDataTypeBinary:
+			for _, b := range c.Data {
+				h = (h ^ uint64(b)) * prime
+			}
+			h = (h ^ 1) * prime // ends a value: ("ab","c") is not ("a","bc")
+		case pglogrepl.TupleDataTypeNull:
+			h = (h ^ 2) * prime
+		default:
+			return 0
+		}
+	}
+	return max(h, 1)
+}
+
+// written reports whether a column at idx holds a value (not null).
+func written(idx []int, tuple *pglogrepl.TupleData) bool {
+	for _, i := range idx {
+		if i < len(tuple.Columns) && tuple.Columns[i].DataType != pglogrepl.TupleDataTypeNull {
+			return true
+		}
+	}
+	return false
 }
 
 func keyValue(rel *relation, i, idx int, newTuple, oldTuple *pglogrepl.TupleData) (string, error) {

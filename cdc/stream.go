@@ -65,6 +65,32 @@ type Event struct {
 	// then no snapshot sees its changes. A consumer that reads rows in SQL
 	// waits until Xid is no longer running before it trusts what it reads.
 	Xid uint32
+	// Image is what the change's row versions say beyond the key (Change
+	// only): whether it was an insert, whether it set the new columns, and
+	// hashes of the source columns, from which a consumer tells an
+	// application that writes the new columns itself from one that does not.
+	Image Image
+}
+
+// Op is the kind of row change.
+type Op uint8
+
+const (
+	OpInsert Op = iota + 1
+	OpUpdate
+)
+
+// Image describes a Change's row versions, as far as Config.SourceColumns
+// and Config.NewColumns ask; its zero value says nothing.
+type Image struct {
+	Op Op
+	// Source hashes the values of the source columns in the new row version;
+	// OldSource in the old one, when the server sent it (REPLICA IDENTITY
+	// FULL, or a changed key). 0 means unknown: a column was unchanged
+	// TOAST (sent without its value), is missing, or none was configured.
+	Source, OldSource uint64
+	// Written: some new column is not null in the new row version.
+	Written bool
 }
 
 // Config says which slot to read and how.
@@ -76,6 +102,9 @@ type Config struct {
 	// KeyColumns names the columns that identify a row in Change events
 	// (the table's primary key). Empty: the replica identity's columns.
 	KeyColumns []string
+	// SourceColumns (the columns the expressions read) and NewColumns (the
+	// columns they compute) fill Event.Image; both may be empty.
+	SourceColumns, NewColumns []string
 	// StandbyInterval is the standby status update period; default 1s. Each
 	// periodic update asks the server for a reply, a keepalive carrying how
 	// far it has sent WAL, so an idle consumer hears of WAL it needs nothing
@@ -110,6 +139,28 @@ type Stream struct {
 	keepalives   atomic.Uint64
 	received     atomic.Uint64
 	lastCommit   atomic.Int64 // unix nanoseconds; 0 for none
+
+	mu   sync.Mutex
+	wake *receiveDeadline // of the session in hand, for Poke
+}
+
+// Poke asks the server at once, rather than at the next StandbyInterval, how
+// far it has sent WAL: its answer, once no transaction is in flight, is an
+// Idle event. A caller that waits for a position (the cut-over, holding a
+// lock the application waits on) learns it within a round trip.
+func (s *Stream) Poke() {
+	s.mu.Lock()
+	rd := s.wake
+	s.mu.Unlock()
+	if rd != nil {
+		rd.poke()
+	}
+}
+
+func (s *Stream) setWake(rd *receiveDeadline) {
+	s.mu.Lock()
+	s.wake = rd
+	s.mu.Unlock()
 }
 
 // DefaultStandbyInterval is the standby status period when Config leaves it
@@ -279,7 +330,7 @@ func (s *Stream) session(ctx context.Context, connCfg *pgconn.Config, out chan<-
 		conn:      conn,
 		out:       out,
 		confirmed: confirmed,
-		dec:       newTxnDecoder(s.cfg.OriginPrefix, s.cfg.KeyColumns),
+		dec:       newTxnDecoder(s.cfg.OriginPrefix, s.cfg.KeyColumns, s.cfg.SourceColumns, s.cfg.NewColumns),
 	}
 	ss.emitFn = ss.emit
 	if reset {
@@ -306,8 +357,10 @@ func (s *Stream) session(ctx context.Context, connCfg *pgconn.Config, out chan<-
 func (ss *session) stream() error {
 	rd := newReceiveDeadline(ss.ctx, ss.conn.Conn())
 	defer rd.stop()
+	ss.s.setWake(rd)
+	defer ss.s.setWake(nil)
 	for {
-		if !time.Now().Before(ss.nextStatus) {
+		if rd.poked() || !time.Now().Before(ss.nextStatus) {
 			if err := ss.sendStatus(true); err != nil {
 				return err
 			}
@@ -455,9 +508,31 @@ type receiveDeadline struct {
 	unhook func() bool   // unregisters the ctx hook; false once it has started
 	fired  chan struct{} // closed when the hook has run
 
-	mu   sync.Mutex
-	done bool // ctx ended: the deadline stays in the past
-	at   time.Time
+	mu     sync.Mutex
+	done   bool // ctx ended: the deadline stays in the past
+	poking bool // Poke asked for a status: the deadline stays in the past until taken
+	at     time.Time
+}
+
+// poke ends the wait in hand so the loop sends a standby status asking for
+// a reply.
+func (r *receiveDeadline) poke() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.done {
+		return
+	}
+	r.poking, r.at = true, time.Time{}
+	_ = r.conn.SetReadDeadline(time.Unix(1, 0))
+}
+
+// poked reports, once, that Poke was called.
+func (r *receiveDeadline) poked() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	p := r.poking
+	r.poking = false
+	return p
 }
 
 func newReceiveDeadline(ctx context.Context, conn net.Conn) *receiveDeadline {
@@ -484,7 +559,7 @@ func (r *receiveDeadline) stop() {
 func (r *receiveDeadline) until(at time.Time) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.done || r.at.Equal(at) {
+	if r.done || r.poking || r.at.Equal(at) {
 		return nil
 	}
 	r.at = at
