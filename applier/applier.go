@@ -25,7 +25,12 @@ const (
 	DefaultFlushInterval = 50 * time.Millisecond
 	DefaultMaxBatchKeys  = 5000
 	DefaultStopTimeout   = 10 * time.Second
+	DefaultLockTimeout   = 2 * time.Second
 )
+
+// sourceMemory bounds the keys whose last source image the applier
+// remembers, to tell an UPDATE of the source columns from one of others.
+const sourceMemory = 1 << 16
 
 // ErrStopped is returned by WaitApplied once Run has returned.
 var ErrStopped = errors.New("applier stopped")
@@ -55,7 +60,24 @@ type Config struct {
 	// finish the statement in hand and flush the buffer once more; default
 	// 10s. Keys still unapplied then are replayed after a restart.
 	StopTimeout time.Duration
-	Logger      *slog.Logger // may be nil
+	// LockTimeout bounds the wait of the statement that locks rows ahead
+	// (it passes over held rows, but can still queue behind a lock on the
+	// table); a time-out ends Run and the pipeline replays. Default 2s.
+	LockTimeout time.Duration
+	// Checks receives what the applier finds once the application owns the
+	// new columns (see SetHandover); required before then.
+	Checks Checks
+	Logger *slog.Logger // may be nil
+}
+
+// Checks is told what the applier finds while the application owns the new
+// columns.
+type Checks interface {
+	// Report gets, after each check, the rows found out of parity (with both
+	// values) and the keys found in parity (which clears earlier reports of
+	// them). The confirmed position passes those keys only once Report has
+	// returned nil; an error ends Run, and the keys replay.
+	Report(ctx context.Context, found []recompute.Mismatch, clean []recompute.Key) error
 }
 
 // Stats are the applier's counters since New.
@@ -82,6 +104,22 @@ type Stats struct {
 	// applier had to write, newest first: where the application does not
 	// (yet) dual-write as the expressions say.
 	RecentCorrections []string
+	// Evidence counts application changes that show it writing the new
+	// columns itself (an insert that set them, an update that changed a
+	// source column) and whose rows needed no correction: counted per
+	// statement, only where the statement corrected nothing.
+	Evidence uint64
+	// LastCorrectionTime is the commit time of the latest transaction in a
+	// statement that had to correct rows (zero: none yet).
+	LastCorrectionTime time.Time
+	// StreamTime is the commit time of the last transaction received.
+	StreamTime time.Time
+	// Checked and Mismatches count the keys checked, and found out of
+	// parity, while the application owns the new columns.
+	Checked, Mismatches uint64
+	// Handover is the position from which the application owns the new
+	// columns (0: the expressions own them).
+	Handover pglogrepl.LSN
 }
 
 // maxRecent bounds Stats.RecentCorrections.
@@ -106,8 +144,15 @@ type Applier struct {
 	visWaits      atomic.Uint64
 	commitTime    atomic.Int64 // unix nanoseconds, 0 for none
 	pendingKeys   atomic.Int64
+	evidence      atomic.Uint64
+	correctedAt   atomic.Int64 // unix nanoseconds: LastCorrectionTime
+	streamTime    atomic.Int64 // unix nanoseconds: StreamTime
+	checked       atomic.Uint64
+	mismatches    atomic.Uint64
+	handover      atomic.Uint64 // LSN from which the application owns the new columns; 0: none
 	running       atomic.Bool
 	stopped       chan struct{} // closed when Run returns
+	ctl           chan func()   // run by the Run goroutine between events and flushes
 
 	mu       sync.Mutex
 	advanced chan struct{} // closed and replaced whenever confirmed moves
@@ -121,14 +166,17 @@ type Applier struct {
 	inFlight    bool                // a Begin was seen without its Commit
 	txLSN       pglogrepl.LSN       // FinalLSN of the transaction in flight
 	txTime      time.Time
-	lastEnd     pglogrepl.LSN // highest Commit or Idle EndLSN seen
-	lastCommit  time.Time     // commit time of the last Commit seen
-	contended   bool          // the last locking statement passed over held rows
-	fastTimeout bool          // the session's lock_timeout is recompute.FastLockTimeout
-	due         time.Time     // when the buffer must be flushed
-	backoff     bool          // the last flush applied nothing: wait for due even when full
-	keyCols     []string      // KeyColumns of the last Change mapped
-	keyIdx      []int         // keyIdx[i] is where t.Key[i] sits in those KeyColumns
+	lastEnd     pglogrepl.LSN     // highest Commit or Idle EndLSN seen
+	lastCommit  time.Time         // commit time of the last Commit seen
+	contended   bool              // the last locking statement passed over held rows
+	fastTimeout bool              // the session's lock_timeout is recompute.FastLockTimeout (else Config.LockTimeout)
+	timeoutSet  bool              // the session's lock_timeout was set
+	due         time.Time         // when the buffer must be flushed
+	backoff     bool              // the last flush applied nothing: wait for due even when full
+	keyCols     []string          // KeyColumns of the last Change mapped
+	keyIdx      []int             // keyIdx[i] is where t.Key[i] sits in those KeyColumns
+	held        bool              // Hold: no flush until Release
+	sources     map[string]uint64 // last source image hash seen per key, at most sourceMemory
 }
 
 // pending is a buffered key and the earliest transaction that changed it.
@@ -136,6 +184,12 @@ type pending struct {
 	key  recompute.Key
 	lsn  pglogrepl.LSN // FinalLSN (commit LSN) of that transaction
 	time time.Time     // its commit time, zero when unknown
+	// Of the latest transaction that changed the key: its commit LSN, time
+	// and xid (the hand-over decides by them who owns the row).
+	lastLSN  pglogrepl.LSN
+	lastTime time.Time
+	lastXid  uint32
+	evidence bool // some change of the key shows the application writing the new columns
 }
 
 // New returns an Applier writing table through conn, which it uses alone
@@ -151,6 +205,9 @@ func New(conn *pgx.Conn, table *recompute.Table, cfg Config) *Applier {
 	if cfg.StopTimeout <= 0 {
 		cfg.StopTimeout = DefaultStopTimeout
 	}
+	if cfg.LockTimeout <= 0 {
+		cfg.LockTimeout = DefaultLockTimeout
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -163,9 +220,11 @@ func New(conn *pgx.Conn, table *recompute.Table, cfg Config) *Applier {
 		cfg:      cfg,
 		log:      log.With("table", relation),
 		stopped:  make(chan struct{}),
+		ctl:      make(chan func()),
 		advanced: make(chan struct{}),
 		buf:      make(map[string]*pending, cfg.MaxBatchKeys),
 		xids:     make(map[uint32]struct{}),
+		sources:  make(map[string]uint64),
 	}
 }
 
@@ -192,6 +251,14 @@ func (a *Applier) Stats() Stats {
 	if ns := a.commitTime.Load(); ns != 0 {
 		st.LastCommitTime = time.Unix(0, ns)
 	}
+	if ns := a.correctedAt.Load(); ns != 0 {
+		st.LastCorrectionTime = time.Unix(0, ns)
+	}
+	if ns := a.streamTime.Load(); ns != 0 {
+		st.StreamTime = time.Unix(0, ns)
+	}
+	st.Evidence, st.Checked, st.Mismatches = a.evidence.Load(), a.checked.Load(), a.mismatches.Load()
+	st.Handover = pglogrepl.LSN(a.handover.Load())
 	a.mu.Lock()
 	st.RecentCorrections = slices.Clone(a.recent)
 	a.mu.Unlock()
@@ -219,6 +286,90 @@ func (a *Applier) WaitApplied(ctx context.Context, lsn pglogrepl.LSN) error {
 			return fmt.Errorf("wait for %s to be applied: %w at %s", lsn, ErrStopped, a.ConfirmedLSN())
 		case <-ctx.Done():
 			return fmt.Errorf("wait for %s to be applied (at %s): %w", lsn, a.ConfirmedLSN(), ctx.Err())
+		}
+	}
+}
+
+// SetHandover says who owns the new columns: from position lsn on the
+// application does, and the applier only checks keys and reports them to
+// Config.Checks (keys whose latest change came before lsn are still
+// corrected where their row is unchanged since); lsn 0 gives the new columns
+// back to the expressions (a hand-over found premature).
+func (a *Applier) SetHandover(lsn pglogrepl.LSN) { a.handover.Store(uint64(lsn)) }
+
+// do runs f on the Run goroutine, between events and flushes, and waits for
+// it.
+func (a *Applier) do(ctx context.Context, f func()) error {
+	done := make(chan struct{})
+	select {
+	case a.ctl <- func() { f(); close(done) }:
+	case <-a.stopped:
+		return ErrStopped
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	<-done // f is short and runs at once
+	return nil
+}
+
+// Hold stops flushing: when it returns no statement of the applier runs,
+// and none starts until Release. Events are still taken into the buffer,
+// up to its size. The cut-over holds the applier while it has the table
+// locked and checks the buffered keys itself.
+func (a *Applier) Hold(ctx context.Context) error {
+	return a.do(ctx, func() { a.held = true })
+}
+
+// Release undoes Hold.
+func (a *Applier) Release(ctx context.Context) error {
+	return a.do(ctx, func() {
+		a.held = false
+		a.due = time.Now()
+	})
+}
+
+// Discard empties the buffer and holds the applier for good: after the
+// contract DDL the keys no longer matter (the slot is dropped next) and a
+// statement would fail on the dropped column.
+func (a *Applier) Discard(ctx context.Context) error {
+	return a.do(ctx, func() {
+		a.held = true
+		clear(a.buf)
+		clear(a.xids)
+		a.pendingKeys.Store(0)
+	})
+}
+
+// PendingThrough returns the buffered keys once every transaction
+// committed before lsn has been received and none is in flight; until then
+// it polls, calling wait between looks, until ctx ends. Call it while held.
+func (a *Applier) PendingThrough(ctx context.Context, lsn pglogrepl.LSN, wait func()) ([]recompute.Key, error) {
+	for {
+		var keys []recompute.Key
+		ready := false
+		err := a.do(ctx, func() {
+			if a.inFlight || a.lastEnd < lsn {
+				return
+			}
+			ready = true
+			keys = make([]recompute.Key, 0, len(a.buf))
+			for _, p := range a.buf {
+				keys = append(keys, p.key)
+			}
+		})
+		if err != nil {
+			return nil, err
+		}
+		if ready {
+			return keys, nil
+		}
+		wait()
+		t := time.NewTimer(2 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		case <-t.C:
 		}
 	}
 }
@@ -280,7 +431,9 @@ func (a *Applier) workContext(ctx context.Context) (wctx context.Context, releas
 // finish is the last flush after ctx ended: whatever the buffer holds is
 // applied on wctx, so the confirmed position reflects the batch in hand.
 func (a *Applier) finish(wctx context.Context) error {
-	if len(a.buf) == 0 {
+	if len(a.buf) == 0 || a.held {
+		// Held: the cut-over owns the table (a statement would wait on its
+		// lock, or find the old column dropped); the keys replay.
 		return nil
 	}
 	began, keys := time.Now(), len(a.buf)
@@ -307,14 +460,14 @@ func (a *Applier) run(ctx, wctx context.Context, in <-chan cdc.Event) error {
 			return a.finish(wctx)
 		}
 		full := len(a.buf) >= a.cfg.MaxBatchKeys || len(a.xids) >= a.cfg.MaxBatchKeys
-		if full && !a.backoff {
+		if full && !a.backoff && !a.held {
 			if err := a.flush(wctx); err != nil {
 				return err
 			}
 			continue
 		}
 		var timerC <-chan time.Time
-		if len(a.buf) > 0 {
+		if len(a.buf) > 0 && !a.held {
 			if !armed.Equal(a.due) {
 				timer.Reset(time.Until(a.due))
 				armed = a.due
@@ -333,6 +486,8 @@ func (a *Applier) run(ctx, wctx context.Context, in <-chan cdc.Event) error {
 		select {
 		case <-ctx.Done():
 			return a.finish(wctx)
+		case f := <-a.ctl:
+			f()
 		case <-timerC:
 			armed = time.Time{}
 			if err := a.flush(wctx); err != nil {
@@ -340,7 +495,7 @@ func (a *Applier) run(ctx, wctx context.Context, in <-chan cdc.Event) error {
 			}
 		case ev, ok := <-input:
 			if !ok {
-				if len(a.buf) > 0 {
+				if len(a.buf) > 0 && !a.held {
 					return a.flush(wctx)
 				}
 				return nil
@@ -373,7 +528,7 @@ func (a *Applier) handle(ctx context.Context, ev cdc.Event) error {
 		if a.inFlight && ev.FinalLSN == a.txLSN {
 			t = a.txTime
 		}
-		a.add(key, ev.FinalLSN, t)
+		a.add(key, ev.FinalLSN, t, ev.Xid, a.isEvidence(key, ev.Image))
 		if ev.Xid != 0 {
 			a.xids[ev.Xid] = struct{}{}
 		}
@@ -382,12 +537,13 @@ func (a *Applier) handle(ctx context.Context, ev cdc.Event) error {
 		a.inFlight = false
 		a.lastEnd = max(a.lastEnd, ev.EndLSN)
 		a.lastCommit = ev.CommitTime
-		if len(a.buf) > 0 && !time.Now().Before(a.due) {
+		a.streamTime.Store(ev.CommitTime.UnixNano())
+		if len(a.buf) > 0 && !a.held && !time.Now().Before(a.due) {
 			return a.flush(ctx)
 		}
 	case cdc.Idle:
 		a.lastEnd = max(a.lastEnd, ev.EndLSN)
-		if len(a.buf) > 0 && !time.Now().Before(a.due) {
+		if len(a.buf) > 0 && !a.held && !time.Now().Before(a.due) {
 			return a.flush(ctx)
 		}
 	case cdc.Reset:
@@ -427,20 +583,55 @@ func (a *Applier) tableKey(ev cdc.Event) (recompute.Key, error) {
 // byte, so NUL separates the columns unambiguously.
 func canonical(k recompute.Key) string { return strings.Join(k, "\x00") }
 
+// isEvidence says whether a change shows the application writing the new
+// columns itself: an insert that set them, or an update that changed a
+// source column (known from the old row version where the server sends it,
+// else from the source image last seen for the key). An update of other
+// columns says nothing: the row was in parity before and stays so whoever
+// wrote it.
+func (a *Applier) isEvidence(key recompute.Key, im cdc.Image) bool {
+	if im.Source == 0 {
+		return im.Op == cdc.OpInsert && im.Written
+	}
+	c := canonical(key)
+	prev, seen := a.sources[c]
+	if !seen && len(a.sources) >= sourceMemory {
+		for k := range a.sources { // forget one, any one
+			delete(a.sources, k)
+			break
+		}
+	}
+	a.sources[c] = im.Source
+	switch im.Op {
+	case cdc.OpInsert:
+		return im.Written
+	case cdc.OpUpdate:
+		if im.OldSource != 0 {
+			return im.OldSource != im.Source
+		}
+		return seen && prev != im.Source
+	}
+	return false
+}
+
 // add buffers key for the transaction committed at lsn, keeping the earliest
 // transaction of a key already there.
-func (a *Applier) add(key recompute.Key, lsn pglogrepl.LSN, t time.Time) {
+func (a *Applier) add(key recompute.Key, lsn pglogrepl.LSN, t time.Time, xid uint32, evidence bool) {
 	c := canonical(key)
 	if p, ok := a.buf[c]; ok {
 		// Only a replay after Reset brings an earlier transaction.
 		if lsn < p.lsn {
 			p.lsn, p.time = lsn, t
 		}
+		if lsn >= p.lastLSN {
+			p.lastLSN, p.lastTime, p.lastXid = lsn, t, xid
+		}
+		p.evidence = p.evidence || evidence
 	} else {
 		if len(a.buf) == 0 {
 			a.due = time.Now().Add(a.cfg.FlushInterval)
 		}
-		a.buf[c] = &pending{key: key, lsn: lsn, time: t}
+		a.buf[c] = &pending{key: key, lsn: lsn, time: t, lastLSN: lsn, lastTime: t, lastXid: xid, evidence: evidence}
 		a.pendingKeys.Store(int64(len(a.buf)))
 	}
 	if len(a.buf) == 1 || lsn < a.minLSN {
@@ -480,7 +671,8 @@ func (a *Applier) advance() {
 // the statement's size.
 const statementKeys = 100
 
-// flush recomputes every buffered key; held keys stay for the next flush.
+// flush recomputes every buffered key (or, once the application owns the
+// new columns, checks it); held keys stay for the next flush.
 func (a *Applier) flush(ctx context.Context) error {
 	begin := time.Now()
 	if err := a.awaitVisible(ctx); err != nil {
@@ -491,25 +683,15 @@ func (a *Applier) flush(ctx context.Context) error {
 		entries = append(entries, p)
 	}
 	var corrected int64
-	held := 0
-	for chunk := range slices.Chunk(entries, min(a.cfg.MaxBatchKeys, statementKeys)) {
-		keys := make([]recompute.Key, len(chunk))
-		for i, p := range chunk {
-			keys[i] = p.key
-		}
-		res, err := a.apply(ctx, keys)
-		if err != nil {
-			return fmt.Errorf("apply keys: batch of %d keys of %s: %w", len(keys), a.relation, err)
-		}
-		corrected += res.Corrected
-		held += len(res.Skipped)
-		if len(res.Samples) > 0 {
-			a.mu.Lock()
-			a.recent = append(slices.Clone(res.Samples), a.recent...)
-			a.recent = a.recent[:min(len(a.recent), maxRecent)]
-			a.mu.Unlock()
-		}
-		a.keepHeld(chunk, res.Skipped)
+	var held int
+	var err error
+	if h := pglogrepl.LSN(a.handover.Load()); h != 0 {
+		corrected, held, err = a.handOver(ctx, entries, h)
+	} else {
+		corrected, held, err = a.correct(ctx, entries)
+	}
+	if err != nil {
+		return err
 	}
 	a.flushes.Add(1)
 	a.corrections.Add(uint64(corrected))
@@ -535,6 +717,138 @@ func (a *Applier) flush(ctx context.Context) error {
 	return nil
 }
 
+// correct recomputes entries while the expressions own the new columns,
+// counting the evidence of dual-write in statements that corrected nothing.
+func (a *Applier) correct(ctx context.Context, entries []*pending) (corrected int64, held int, err error) {
+	for chunk := range slices.Chunk(entries, min(a.cfg.MaxBatchKeys, statementKeys)) {
+		keys := make([]recompute.Key, len(chunk))
+		for i, p := range chunk {
+			keys[i] = p.key
+		}
+		res, err := a.apply(ctx, keys)
+		if err != nil {
+			return 0, 0, fmt.Errorf("apply keys: batch of %d keys of %s: %w", len(keys), a.relation, err)
+		}
+		corrected += res.Corrected
+		held += len(res.Skipped)
+		if len(res.Samples) > 0 {
+			a.mu.Lock()
+			a.recent = append(slices.Clone(res.Samples), a.recent...)
+			a.recent = a.recent[:min(len(a.recent), maxRecent)]
+			a.mu.Unlock()
+		}
+		a.countEvidence(chunk, res)
+		a.keepHeld(chunk, res.Skipped)
+	}
+	return corrected, held, nil
+}
+
+// countEvidence credits a statement's evidence-bearing keys when it
+// corrected nothing; a statement that corrected rows instead moves the time
+// of the last correction. Keys come back from SQL printed by PostgreSQL,
+// which need not match the stream's text, so the statement, not the key, is
+// the unit: a mixed statement counts as a correction only.
+func (a *Applier) countEvidence(chunk []*pending, res recompute.Result) {
+	if res.Corrected > 0 {
+		var latest time.Time
+		for _, p := range chunk {
+			latest = maxTime(latest, p.lastTime)
+		}
+		if !latest.IsZero() && latest.UnixNano() > a.correctedAt.Load() {
+			a.correctedAt.Store(latest.UnixNano())
+		}
+		return
+	}
+	skipped := make(map[string]bool, len(res.Skipped))
+	for _, k := range res.Skipped {
+		skipped[canonical(k)] = true
+	}
+	var n uint64
+	for _, p := range chunk {
+		if p.evidence && !skipped[canonical(p.key)] {
+			n++
+		}
+	}
+	a.evidence.Add(n)
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}
+
+// handOver runs once the application owns the new columns from position h.
+// A key whose latest change came before h is still the expression's: it is
+// corrected, but only where the row is still the version that change wrote
+// (KeysGuarded), so a newer change by the application, not delivered yet,
+// is never overwritten. Every key is then checked, read-only, and the result
+// reported to Config.Checks; nothing else is written.
+func (a *Applier) handOver(ctx context.Context, entries []*pending, h pglogrepl.LSN) (corrected int64, held int, err error) {
+	var before []*pending
+	for _, p := range entries {
+		if p.lastLSN < h {
+			before = append(before, p)
+		}
+	}
+	for chunk := range slices.Chunk(before, statementKeys) {
+		keys := make([]recompute.Key, len(chunk))
+		xids := make([]uint32, len(chunk))
+		for i, p := range chunk {
+			keys[i], xids[i] = p.key, p.lastXid
+		}
+		if err := a.setLockTimeout(ctx, true); err != nil {
+			return 0, 0, err
+		}
+		n, err := a.table.KeysGuarded(ctx, a.conn, keys, xids)
+		if recompute.IsLockTimeout(err) {
+			// The application holds a row: check these next time.
+			for _, p := range chunk {
+				entries = slices.DeleteFunc(entries, func(e *pending) bool { return e == p })
+			}
+			held += len(chunk)
+			continue
+		}
+		if err != nil {
+			return 0, 0, fmt.Errorf("apply keys changed before the hand-over: %w", err)
+		}
+		corrected += n
+	}
+	for chunk := range slices.Chunk(entries, statementKeys) {
+		keys := make([]recompute.Key, len(chunk))
+		for i, p := range chunk {
+			keys[i] = p.key
+		}
+		found, err := a.table.CheckKeys(ctx, a.conn, keys)
+		if err != nil {
+			return 0, 0, fmt.Errorf("check keys of %s: %w", a.relation, err)
+		}
+		bad := make(map[string]bool, len(found))
+		for _, m := range found {
+			bad[canonical(m.Key)] = true
+		}
+		var clean []recompute.Key
+		for _, k := range keys {
+			if !bad[canonical(k)] {
+				clean = append(clean, k)
+			}
+		}
+		if a.cfg.Checks == nil {
+			return 0, 0, errors.New("applier: the application owns the new columns but Config.Checks is nil")
+		}
+		if err := a.cfg.Checks.Report(ctx, found, clean); err != nil {
+			return 0, 0, fmt.Errorf("report checks: %w", err)
+		}
+		a.checked.Add(uint64(len(keys)))
+		a.mismatches.Add(uint64(len(found)))
+		for _, p := range chunk {
+			delete(a.buf, canonical(p.key))
+		}
+	}
+	return corrected, held, nil
+}
+
 // apply recomputes keys as one plain UPDATE under a lock_timeout of
 // recompute.FastLockTimeout (the session's, set once: a transaction to set
 // it per statement cost three more round trips each); only when the
@@ -548,27 +862,38 @@ func (a *Applier) flush(ctx context.Context) error {
 // time-out again.
 func (a *Applier) apply(ctx context.Context, keys []recompute.Key) (recompute.Result, error) {
 	if !a.contended {
-		if !a.fastTimeout {
-			if _, err := a.conn.Exec(ctx, fmt.Sprintf("SET lock_timeout = %d", recompute.FastLockTimeout.Milliseconds())); err != nil {
-				return recompute.Result{}, err
-			}
-			a.fastTimeout = true
+		if err := a.setLockTimeout(ctx, true); err != nil {
+			return recompute.Result{}, err
 		}
 		res, err := a.table.KeysFast(ctx, a.conn, keys)
 		if !recompute.IsLockTimeout(err) {
 			return res, err
 		}
 	}
-	if a.fastTimeout {
-		if _, err := a.conn.Exec(ctx, "SET lock_timeout = 0"); err != nil {
-			return recompute.Result{}, err
-		}
-		a.fastTimeout = false
+	if err := a.setLockTimeout(ctx, false); err != nil {
+		return recompute.Result{}, err
 	}
 	a.lockedFlushes.Add(1)
 	res, err := a.table.Keys(ctx, a.conn, keys)
 	a.contended = err == nil && len(res.Skipped) > 0
 	return res, err
+}
+
+// setLockTimeout sets the session's lock_timeout to recompute.FastLockTimeout
+// (fast) or Config.LockTimeout, unless it is set so already.
+func (a *Applier) setLockTimeout(ctx context.Context, fast bool) error {
+	if a.fastTimeout == fast && a.timeoutSet {
+		return nil
+	}
+	d := a.cfg.LockTimeout
+	if fast {
+		d = recompute.FastLockTimeout
+	}
+	if _, err := a.conn.Exec(ctx, fmt.Sprintf("SET lock_timeout = %d", max(d.Milliseconds(), 1))); err != nil {
+		return err
+	}
+	a.fastTimeout, a.timeoutSet = fast, true
+	return nil
 }
 
 // keepHeld removes the keys of chunk from the buffer except those skipped.

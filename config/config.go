@@ -56,11 +56,19 @@ type Sync struct {
 type DualWrite struct {
 	Detect      string        `mapstructure:"detect"` // manual | auto
 	QuietPeriod time.Duration `mapstructure:"quiet_period"`
+	// MinEvidence is how many application writes of the new columns that
+	// needed no correction auto detection requires.
+	MinEvidence int `mapstructure:"min_evidence"`
 }
 
 type ContractPolicy struct {
 	Mode string        `mapstructure:"mode"` // manual | auto | never
 	Hold time.Duration `mapstructure:"hold"`
+	// LockTimeout is the cut-over's lock_timeout (kept below the server's
+	// deadlock_timeout); CatchupTimeout how long it waits, holding the
+	// lock, for the stream to receive everything up to it.
+	LockTimeout    time.Duration `mapstructure:"lock_timeout"`
+	CatchupTimeout time.Duration `mapstructure:"catchup_timeout"`
 }
 
 type DDL struct {

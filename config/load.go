@@ -76,8 +76,11 @@ var keySpecs = []keySpec{
 	{key: "sync.max_batch_keys", kind: kindInt, def: "5000", want: wantPositiveInt},
 	{key: "dual_write.detect", kind: kindEnum, def: "manual"},
 	{key: "dual_write.quiet_period", kind: kindDuration, def: "2m"},
+	{key: "dual_write.min_evidence", kind: kindInt, def: "1000", want: wantPositiveInt},
 	{key: "contract_policy.mode", kind: kindEnum, def: "manual"},
 	{key: "contract_policy.hold", kind: kindDuration, def: "10m"},
+	{key: "contract_policy.lock_timeout", kind: kindDuration, def: "500ms"},
+	{key: "contract_policy.catchup_timeout", kind: kindDuration, def: "1s"},
 	{key: "ddl.lock_timeout", kind: kindDuration, def: "2s"},
 	{key: "ddl.max_retries", kind: kindInt, def: "30", want: wantNonNegInt},
 	{key: "http.listen", kind: kindString, def: "127.0.0.1:9187"},
@@ -970,6 +973,8 @@ func intField(c *Config, key string) *int {
 		return &c.Sync.MaxBatchKeys
 	case "ddl.max_retries":
 		return &c.DDL.MaxRetries
+	case "dual_write.min_evidence":
+		return &c.DualWrite.MinEvidence
 	}
 	panic("config: no int field for " + key)
 }
@@ -988,6 +993,10 @@ func durationField(c *Config, key string) *time.Duration {
 		return &c.DualWrite.QuietPeriod
 	case "contract_policy.hold":
 		return &c.ContractPolicy.Hold
+	case "contract_policy.lock_timeout":
+		return &c.ContractPolicy.LockTimeout
+	case "contract_policy.catchup_timeout":
+		return &c.ContractPolicy.CatchupTimeout
 	case "ddl.lock_timeout":
 		return &c.DDL.LockTimeout
 	}

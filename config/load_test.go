@@ -99,8 +99,8 @@ func defaultsWant() Config {
 		Backfill:       Backfill{BatchSize: 5000, TargetBatchTime: 200 * time.Millisecond, Sleep: 10 * time.Millisecond, MaxRowsPerSecond: 0, Workers: 1},
 		Throttle:       Throttle{MaxReplicaLag: 10 * time.Second, MaxSlotLag: 1 << 30},
 		Sync:           Sync{FlushInterval: 50 * time.Millisecond, MaxBatchKeys: 5000},
-		DualWrite:      DualWrite{Detect: "manual", QuietPeriod: 2 * time.Minute},
-		ContractPolicy: ContractPolicy{Mode: "manual", Hold: 10 * time.Minute},
+		DualWrite:      DualWrite{Detect: "manual", QuietPeriod: 2 * time.Minute, MinEvidence: 1000},
+		ContractPolicy: ContractPolicy{Mode: "manual", Hold: 10 * time.Minute, LockTimeout: 500 * time.Millisecond, CatchupTimeout: time.Second},
 		DDL:            DDL{LockTimeout: 2 * time.Second, MaxRetries: 30},
 		HTTP:           HTTP{Listen: "127.0.0.1:9187"},
 		Log:            Log{Level: "info", Format: "text"},
@@ -152,7 +152,7 @@ func TestLoadMinimalFillsDefaults(t *testing.T) {
 			t.Errorf("Keys() has unknown %q", k)
 		}
 	}
-	if len(Keys()) != 25 {
+	if len(Keys()) != 28 {
 		t.Errorf("Keys() has %d keys", len(Keys()))
 	}
 }

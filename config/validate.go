@@ -129,8 +129,13 @@ func (c *Config) problems() []Problem {
 	}
 	oneOf("dual_write.detect", c.DualWrite.Detect, "manual", "auto")
 	nonNeg("dual_write.quiet_period", c.DualWrite.QuietPeriod)
+	if c.DualWrite.MinEvidence < 1 {
+		add("dual_write.min_evidence", "must be %s, got %d", wantPositiveInt, c.DualWrite.MinEvidence)
+	}
 	oneOf("contract_policy.mode", c.ContractPolicy.Mode, "manual", "auto", "never")
 	nonNeg("contract_policy.hold", c.ContractPolicy.Hold)
+	positive("contract_policy.lock_timeout", c.ContractPolicy.LockTimeout)
+	positive("contract_policy.catchup_timeout", c.ContractPolicy.CatchupTimeout)
 
 	positive("ddl.lock_timeout", c.DDL.LockTimeout)
 	if c.DDL.MaxRetries < 0 {

@@ -21,6 +21,7 @@ type collector struct {
 	rowsDone, rowsTotal, rowsPerSecond, etaSeconds             *prometheus.Desc
 	slotLagBytes, applyLagSeconds, streamEvents, corrections   *prometheus.Desc
 	verifyRowsChecked, verifyMismatches, throttled, ddlRetries *prometheus.Desc
+	mismatchesFound, premature, evidence, holdProven, stall    *prometheus.Desc
 }
 
 func newCollector(src Source, timeout time.Duration) *collector {
@@ -52,8 +53,14 @@ func newCollector(src Source, timeout time.Duration) *collector {
 		corrections: d("corrections_total", "Rows the sync rewrote because a writer left their new columns stale. "+
 			"Alert when it still rises after approve: some writer does not dual-write yet."),
 		verifyRowsChecked: d("verify_rows_checked", "Rows the verify phase has compared with their expressions."),
-		verifyMismatches: d("verify_mismatches", "Rows whose new columns differ from their expressions at verify. "+
-			"Alert on anything above 0: contract must not run."),
+		verifyMismatches: d("verify_mismatches", "Rows whose new columns differ from their expressions now, while the application owns them, not accepted. "+
+			"They are never overwritten and hold the contract. Alert on anything above 0: the application writes values its expressions disagree with."),
+		mismatchesFound: d("mismatches_found_total", "Rows ever found out of parity while the application owned the new columns."),
+		premature: d("premature_detections_total", "Auto-detected dual-writes that a later correction proved premature (each sent the migration back to sync). "+
+			"Alert when it rises: part of the application still runs the old release."),
+		evidence:   d("dual_write_evidence", "Application writes of the new columns that needed no correction, in the current window (sync, detect auto)."),
+		holdProven: d("hold_proven_seconds", "Time parity has been proven clean with the stream caught up, toward contract_policy.hold."),
+		stall:      d("cutover_stall_seconds", "The contract cut-over's longest application stall: from asking for the table's lock to releasing it."),
 		throttled: d("throttled", "1 with the reason while the backfill is throttled (replica lag, slot lag, rate cap), "+
 			"0 with reason=\"\" otherwise. Alert when it stays 1: the backfill is not advancing.", "reason"),
 		ddlRetries: d("ddl_retries_total", "DDL statements retried after lock_timeout because another session held the table. "+
@@ -67,6 +74,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 		c.rowsDone, c.rowsTotal, c.rowsPerSecond, c.etaSeconds,
 		c.slotLagBytes, c.applyLagSeconds, c.streamEvents, c.corrections,
 		c.verifyRowsChecked, c.verifyMismatches, c.throttled, c.ddlRetries,
+		c.mismatchesFound, c.premature, c.evidence, c.holdProven, c.stall,
 	} {
 		ch <- d
 	}
@@ -112,6 +120,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.verifyMismatches, float64(s.VerifyMismatches))
 	gauge(c.throttled, boolValue(s.ThrottleReason != ""), s.ThrottleReason)
 	counter(c.ddlRetries, s.DDLRetries)
+	counter(c.mismatchesFound, s.MismatchesFound)
+	counter(c.premature, s.PrematureDetections)
+	gauge(c.evidence, float64(s.DualWriteEvidence))
+	gauge(c.holdProven, s.HoldProvenSeconds)
+	gauge(c.stall, s.CutoverStallSeconds)
 }
 
 func boolValue(b bool) float64 {

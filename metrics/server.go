@@ -32,9 +32,15 @@ type Snapshot struct {
 	StreamEvents      int64
 	Corrections       int64
 	VerifyRowsChecked int64
-	VerifyMismatches  int64
-	ThrottleReason    string // "" when not throttled
-	DDLRetries        int64
+	VerifyMismatches  int64 // rows out of parity now, not accepted
+	MismatchesFound   int64 // rows ever found out of parity
+	// PrematureDetections counts auto-detected dual-writes proved wrong.
+	PrematureDetections int64
+	DualWriteEvidence   int64   // evidence of dual-write in the window in hand (sync, detect auto)
+	HoldProvenSeconds   float64 // parity proven clean so far (verify)
+	CutoverStallSeconds float64 // the cut-over's longest application stall
+	ThrottleReason      string  // "" when not throttled
+	DDLRetries          int64
 	// LastProgress is the last time the daemon made progress (batch, flush,
 	// or heartbeat while idle in sync).
 	LastProgress time.Time

@@ -7,8 +7,10 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
+	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
 // slotCreateTimeout bounds the wait for open writing transactions when the
@@ -17,7 +19,7 @@ const slotCreateTimeout = 2 * time.Minute
 
 // backfill creates the slot (once), starts the stream, walks the planned
 // key range and retries the keys the application held.
-func (d *Daemon) backfill(ctx context.Context, st *State) error {
+func (d *Daemon) backfill(ctx context.Context, st *state.Migration) error {
 	if st.Plan == nil {
 		var err error
 		if st, err = d.startSlot(ctx); err != nil {
@@ -33,22 +35,13 @@ func (d *Daemon) backfill(ctx context.Context, st *State) error {
 	}
 	defer closeAll(conns)
 
-	throttle := snapshot.NewThrottle(snapshot.ThrottleConfig{
-		MaxRowsPerSecond: d.cfg.Backfill.MaxRowsPerSecond,
-		MaxReplicaLag:    d.cfg.Throttle.MaxReplicaLag,
-		MaxSlotLag:       d.cfg.Throttle.MaxSlotLag,
-		Slot:             d.cfg.SlotName(),
-	}, d.pool, d.paused.Load)
-	d.live.mu.Lock()
-	d.live.throttleReason = throttle.Reason
-	d.live.mu.Unlock()
-
 	b := &snapshot.Backfiller{
 		Table:           d.table,
 		BatchSize:       d.cfg.Backfill.BatchSize,
 		TargetBatchTime: d.cfg.Backfill.TargetBatchTime,
 		Sleep:           d.cfg.Backfill.Sleep,
-		Throttle:        throttle,
+		LockTimeout:     d.cfg.DDL.LockTimeout,
+		Throttle:        d.newThrottle("backfill"),
 		Log:             d.log,
 		Checkpoint:      d.checkpoint,
 	}
@@ -72,21 +65,26 @@ func (d *Daemon) backfill(ctx context.Context, st *State) error {
 		return err
 	}
 	d.log.Info("backfill: done", "rows_done", st.RowsDone)
-	return d.store.SetPhase(ctx, d.conn, Backfill, Sync, map[string]any{"rows_done": st.RowsDone})
+	return d.store.Move(ctx, d.conn, state.Backfill, state.Sync, map[string]any{"rows_done": st.RowsDone})
 }
 
 // startSlot creates publication and slot, reads the plan in the slot's
 // snapshot and saves it. A slot that exists without a saved plan (a crash
 // between the two) is kept, never recreated: the plan is then read now.
-func (d *Daemon) startSlot(ctx context.Context) (*State, error) {
-	if err := snapshot.EnsurePublication(ctx, d.conn, d.cfg.PublicationName(), d.table); err != nil {
+func (d *Daemon) startSlot(ctx context.Context) (*state.Migration, error) {
+	// CREATE PUBLICATION takes a lock on the table that conflicts with
+	// other DDL (and VACUUM): under lock_timeout, retried, like expand.
+	if err := snapshot.EnsurePublication(ctx, d.conn, d.cfg.PublicationName(), d.table, func(stmt string) error {
+		_, err := d.ddlRunner().Run(ctx, d.conn, stmt, func(pgx.Tx) error { return nil })
+		return err
+	}); err != nil {
 		return nil, err
 	}
 	info, err := snapshot.LookupSlot(ctx, d.conn, d.cfg.SlotName())
 	if err != nil {
 		return nil, err
 	}
-	var plan Plan
+	var plan state.Plan
 	var lsn string
 	if info.Exists {
 		d.log.Warn("backfill: slot exists but no plan was saved (crash after creating it); reading the plan now", "slot", d.cfg.SlotName())
@@ -94,28 +92,38 @@ func (d *Daemon) startSlot(ctx context.Context) (*State, error) {
 		if err != nil {
 			return nil, err
 		}
-		plan, lsn = Plan{Plan: p, Recovered: true}, info.ConfirmedLSN.String()
+		plan, lsn = state.Plan{Plan: p, Recovered: true}, info.ConfirmedLSN.String()
 	} else {
 		slot, err := snapshot.CreateSlot(ctx, d.cfg.Database.DSN, d.cfg.SlotName(), slotCreateTimeout)
 		if err != nil {
 			return nil, err
 		}
 		p, err := snapshot.ReadPlan(ctx, d.conn, slot.SnapshotName, d.table)
+		// The exported snapshot lives as long as the slot's connection: it
+		// ends here, before anything slow (the count below) runs.
 		slot.Release()
 		if err != nil {
 			return nil, err
 		}
-		plan, lsn = Plan{Plan: p}, slot.ConsistentLSN.String()
+		plan, lsn = state.Plan{Plan: p}, slot.ConsistentLSN.String()
+	}
+	if plan.Estimate == 0 && plan.Hi != nil {
+		// Never analyzed: count, chunked by the key so no statement runs
+		// long; the count only sizes the progress bar.
+		n, err := snapshot.CountRows(ctx, d.conn, d.table)
+		if err != nil {
+			return nil, err
+		}
+		plan.Estimate = n
 	}
 	ranges := snapshot.SplitRanges(d.table, plan.Plan, d.cfg.Backfill.Workers)
 	if d.cfg.Backfill.Workers > 1 && len(ranges) == 1 {
 		d.log.Info("backfill: one worker: only a single integer key is split into ranges", "workers", d.cfg.Backfill.Workers)
 	}
-	if err := d.store.Update(ctx, d.conn, "plan = $2, ranges = $3, slot_lsn = $4::pg_lsn, rows_total = $5, rows_done = 0",
-		plan, ranges, lsn, plan.Estimate); err != nil {
+	if err := d.store.SavePlan(ctx, d.conn, plan, ranges, lsn); err != nil {
 		return nil, err
 	}
-	if err := d.store.Event(ctx, d.conn, Backfill, "slot", map[string]any{
+	if err := d.store.Event(ctx, d.conn, state.Backfill, "slot", map[string]any{
 		"slot": d.cfg.SlotName(), "consistent_lsn": lsn, "estimate": plan.Estimate, "recovered": plan.Recovered}); err != nil {
 		return nil, err
 	}
@@ -126,63 +134,44 @@ func (d *Daemon) startSlot(ctx context.Context) (*State, error) {
 // checkpoint saves a batch's cursor and counters in the batch's
 // transaction, with the keys the application held.
 func (d *Daemon) checkpoint(ctx context.Context, tx pgx.Tx, worker int, r snapshot.Range, res recompute.Result) error {
-	if err := d.store.Update(ctx, tx, "ranges = jsonb_set(ranges, ARRAY[$2::text], $3::jsonb), rows_done = rows_done + $4",
-		fmt.Sprint(worker), r, res.Scanned); err != nil {
-		return err
-	}
-	for _, k := range res.Skipped {
-		if _, err := tx.Exec(ctx, `INSERT INTO cdcbackfill.retry_keys (name, key) VALUES ($1, $2) ON CONFLICT DO NOTHING`, d.cfg.Name, []string(k)); err != nil {
-			return fmt.Errorf("save skipped key: %w", err)
-		}
-	}
-	return nil
+	return d.store.RecordBatch(ctx, tx, worker, r, res.Scanned, res.Skipped)
 }
 
 // retrySkipped recomputes the keys the application held during their
 // batch, until none is left.
 func (d *Daemon) retrySkipped(ctx context.Context, conn *pgx.Conn) error {
 	for ctx.Err() == nil {
-		rows, err := conn.Query(ctx, `SELECT key FROM cdcbackfill.retry_keys WHERE name = $1 LIMIT 5000`, d.cfg.Name)
-		if err != nil {
-			return fmt.Errorf("read skipped keys: %w", err)
-		}
-		keys, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (recompute.Key, error) {
-			var k []string
-			err := r.Scan(&k)
-			return k, err
-		})
-		if err != nil {
-			return fmt.Errorf("read skipped keys: %w", err)
-		}
-		if len(keys) == 0 {
-			return nil
+		keys, err := d.store.RetryKeys(ctx, conn, 5000)
+		if err != nil || len(keys) == 0 {
+			return err
 		}
 		err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", max(d.cfg.DDL.LockTimeout.Milliseconds(), 1))); err != nil {
+				return err
+			}
 			res, err := d.table.Keys(ctx, tx, keys)
 			if err != nil {
 				return err
 			}
 			held := map[string]bool{}
 			for _, k := range res.Skipped {
-				held[fmt.Sprint(k)] = true
+				held[keyID(k)] = true
 			}
+			var done []recompute.Key
 			for _, k := range keys {
-				if held[fmt.Sprint(k)] {
-					continue
-				}
-				if _, err := tx.Exec(ctx, `DELETE FROM cdcbackfill.retry_keys WHERE name = $1 AND key = $2`, d.cfg.Name, []string(k)); err != nil {
-					return err
+				if !held[keyID(k)] {
+					done = append(done, k)
 				}
 			}
 			if len(res.Skipped) > 0 {
-				d.log.Info("backfill: rows still held by the application; retrying", "keys", len(res.Skipped))
+				d.rlog.Info("backfill: rows still held by the application; retrying", "keys", len(res.Skipped))
 			}
-			return nil
+			return d.store.ForgetRetryKeys(ctx, tx, done)
 		})
-		if err != nil {
-			return fmt.Errorf("retry skipped keys: %w", err)
+		if err != nil && !dbconn.IsLockTimeout(err) {
+			return fmt.Errorf("retry held keys: %w", err)
 		}
-		if err := sleep(ctx, 200*time.Millisecond); err != nil {
+		if err := dbconn.Sleep(ctx, 200*time.Millisecond); err != nil {
 			return nil
 		}
 	}

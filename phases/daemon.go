@@ -9,12 +9,16 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/cdcbackfill/cdcbackfill/applier"
 	"github.com/cdcbackfill/cdcbackfill/config"
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
+	"github.com/cdcbackfill/cdcbackfill/internal/repeatlog"
+	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
 // ErrAborted is returned by Run when an operator aborted the migration.
@@ -25,20 +29,32 @@ var ErrAborted = errors.New("migration aborted")
 type Daemon struct {
 	cfg   *config.Config
 	log   *slog.Logger
-	store Store
+	rlog  *repeatlog.Log // for lines a loop may repeat
+	store state.Store
 	table *recompute.Table
-	conn  *pgx.Conn // the conductor's own connection: state, DDL
+	conn  *pgx.Conn     // the conductor's own connection: state, DDL
+	pool  *pgxpool.Pool // reads from several goroutines (throttle, checks)
 
 	// Control flags, refreshed from the state row by the watcher.
 	paused   atomic.Bool
 	abort    atomic.Bool
-	approved atomic.Value // string: the phase an operator approved
+	approved atomic.Value // state.Phase: the phase an operator approved
 
-	pool       *pgxpool.Pool // reads from several goroutines (throttle)
+	// handover is the WAL position from which the application owns the
+	// new columns; 0 while the expressions own them. The pipeline gives it
+	// to each applier it starts.
+	handover atomic.Uint64
+	// sources are the table's columns the expressions read (for the
+	// evidence of dual-write); nil when they could not be found.
+	sources []string
+
 	originOnce sync.Once
+	pipe       atomic.Pointer[pipeline] // read by the watcher too
+	obs        *observer
+	checks     checkSink
 
-	pipe atomic.Pointer[pipeline] // read by the watcher too
-	obs  *observer
+	waiting   atomic.Value // string: what the phase in hand waits for, for status
+	dualWrite atomic.Pointer[state.DualWrite]
 
 	live live // figures for status, published by the watcher
 }
@@ -53,9 +69,11 @@ type live struct {
 	rate           float64 // rows/s, smoothed
 	savedEvents    uint64  // stream events already added to the state row
 	savedFixes     uint64  // corrections already added to the state row
+	savedEvidence  uint64  // evidence of appliers that have ended
 	ap             *applier.Applier
 	apEvents       uint64 // the current applier's events already counted
 	apFixes        uint64 // the current applier's corrections already counted
+	apEvidence     uint64 // the current applier's evidence already counted
 }
 
 // Run is `cdcbackfill run`: it returns nil when the migration is done (or
@@ -86,7 +104,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			backoff = firstBackoff // it ran again: a new outage starts the backoff over
 		}
 		log.Warn("lost the database; starting over from the state row", "migration", cfg.Name, "err", err, "retry_in", backoff)
-		if sleep(ctx, backoff) != nil {
+		if dbconn.Sleep(ctx, backoff) != nil {
 			return nil
 		}
 		backoff = min(backoff*2, 10*time.Second)
@@ -94,30 +112,28 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 }
 
 func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *bool, obs *observer) error {
-	d := &Daemon{cfg: cfg, log: log.With("migration", cfg.Name), store: Store{Name: cfg.Name}, obs: obs}
+	log = log.With("migration", cfg.Name)
+	d := &Daemon{cfg: cfg, log: log, rlog: repeatlog.New(log, 0), store: state.Store{Name: cfg.Name}, obs: obs}
+	d.checks.d = d
 	defer obs.leader.Store(false)
-	d.approved.Store("")
+	defer d.rlog.Flush(true)
+	d.approved.Store(state.Phase(""))
+	d.waiting.Store("")
 
-	conn, err := Connect(ctx, cfg.Database.DSN)
+	conn, err := dbconn.Connect(ctx, cfg.Database.DSN)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.Background())
 	d.conn = conn
-	pool, err := pgxpool.New(ctx, cfg.Database.DSN)
-	if err != nil {
-		return fmt.Errorf("connect to %s: %s", config.RedactDSN(cfg.Database.DSN), err)
-	}
-	defer pool.Close()
-	d.pool = pool
 
 	// Look before touching: a migration that has not started is checked
 	// as plan checks it, and nothing is created when a check fails.
 	st, err := d.store.Load(ctx, conn)
-	if err != nil && !errors.Is(err, ErrNoMigration) {
+	if err != nil && !errors.Is(err, state.ErrNoMigration) {
 		return err
 	}
-	if st == nil || st.Phase == Expand {
+	if st == nil || st.Phase == state.Expand {
 		report, err := Inspect(ctx, cfg)
 		if err != nil {
 			return err
@@ -126,7 +142,7 @@ func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *boo
 			return err
 		}
 	}
-	if err := EnsureSchema(ctx, conn); err != nil {
+	if err := state.EnsureSchema(ctx, conn, cfg.DDL.LockTimeout); err != nil {
 		return err
 	}
 
@@ -138,6 +154,18 @@ func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *boo
 	*led = true
 	obs.leader.Store(true)
 	obs.progressed()
+
+	pcfg, err := pgxpool.ParseConfig(cfg.Database.DSN)
+	if err != nil {
+		return fmt.Errorf("database.dsn %s does not parse", config.RedactDSN(cfg.Database.DSN))
+	}
+	pcfg.ConnConfig.RuntimeParams["application_name"] = dbconn.ApplicationName
+	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
+	if err != nil {
+		return fmt.Errorf("connect to %s: %w", config.RedactDSN(cfg.Database.DSN), dbconn.Redact(err, pcfg.ConnConfig.Password))
+	}
+	defer pool.Close()
+	d.pool = pool
 
 	if err := d.store.Create(ctx, conn); err != nil {
 		return err
@@ -154,7 +182,7 @@ func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *boo
 		d.watch(wctx, cancel, lock)
 	}()
 	err = d.phases(wctx)
-	if cause := context.Cause(wctx); errors.Is(cause, ErrAborted) {
+	if cause := context.Cause(wctx); errors.Is(cause, ErrAborted) || errors.Is(err, ErrAborted) {
 		err = d.performAbort(context.WithoutCancel(ctx))
 	} else if err == nil && cause != nil && !errors.Is(cause, context.Canceled) {
 		err = cause // the watcher failed (lost leadership, no connection)
@@ -165,7 +193,8 @@ func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *boo
 		p.stop()
 	}
 	if err != nil && ctx.Err() == nil {
-		_ = d.store.Update(context.Background(), conn, "error = $2", err.Error())
+		msg := err.Error()
+		_ = d.store.SetError(context.Background(), conn, &msg)
 		return err
 	}
 	d.publishStats(context.Background())
@@ -173,6 +202,10 @@ func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *boo
 }
 
 var errLostLeadership = errors.New("lost the leader lock (its connection ended); stopping so two daemons never run one migration")
+
+func isConnLoss(err error) bool {
+	return errors.Is(err, errLostLeadership) || dbconn.IsConnLoss(err)
+}
 
 func (d *Daemon) loadTable(ctx context.Context) error {
 	schema, name := d.cfg.TableIdent()
@@ -185,25 +218,39 @@ func (d *Daemon) loadTable(ctx context.Context) error {
 		return err
 	}
 	d.table = t
+	if len(t.MissingColumns()) == 0 {
+		d.findSources(ctx)
+	}
 	return nil
+}
+
+// findSources learns which columns the expressions read, once the new
+// columns exist; without them only inserts count as evidence of dual-write.
+func (d *Daemon) findSources(ctx context.Context) {
+	src, err := d.table.SourceColumns(ctx, d.conn)
+	if err != nil {
+		d.log.Warn("could not find the columns the expressions read; only inserts count as evidence of dual-write", "err", err)
+		return
+	}
+	d.sources = src
 }
 
 // lead takes the migration's session advisory lock on a connection of its
 // own; while another daemon holds it, this one waits as a standby.
 func (d *Daemon) lead(ctx context.Context) (*pgx.Conn, error) {
-	conn, err := Connect(ctx, d.cfg.Database.DSN)
+	conn, err := dbconn.Connect(ctx, d.cfg.Database.DSN)
 	if err != nil {
 		return nil, err
 	}
 	said := false
 	for {
-		var got bool
-		if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock(hashtextextended('cdcbackfill:' || $1, 0))`, d.cfg.Name).Scan(&got); err != nil {
+		got, err := dbconn.TryLeaderLock(ctx, conn, d.cfg.Name)
+		if err != nil {
 			conn.Close(context.Background())
 			if ctx.Err() != nil {
 				return nil, nil
 			}
-			return nil, fmt.Errorf("take leader lock: %w", err)
+			return nil, err
 		}
 		if got {
 			d.obs.standby.Store(false)
@@ -217,7 +264,7 @@ func (d *Daemon) lead(ctx context.Context) (*pgx.Conn, error) {
 			d.log.Info("standby: another daemon runs this migration; waiting to take over")
 			said = true
 		}
-		if err := sleep(ctx, time.Second); err != nil {
+		if err := dbconn.Sleep(ctx, time.Second); err != nil {
 			conn.Close(context.Background())
 			return nil, nil
 		}
@@ -232,19 +279,25 @@ func (d *Daemon) phases(ctx context.Context) error {
 			return err
 		}
 		d.setControl(st)
+		if st.HandoverLSN != nil {
+			d.handover.Store(uint64(*st.HandoverLSN))
+		} else {
+			d.handover.Store(0)
+		}
+		d.waiting.Store("")
 		switch st.Phase {
-		case Expand:
+		case state.Expand:
 			err = d.expand(ctx, st)
-		case Backfill:
+		case state.Backfill:
 			err = d.backfill(ctx, st)
-		case Sync:
+		case state.Sync:
 			err = d.sync(ctx, st)
-		case Verify:
+		case state.Verify:
 			err = d.verify(ctx, st)
-		case Contract:
+		case state.Contract:
 			err = d.contract(ctx, st)
-		case Done, Aborted:
-			d.log.Info("migration is " + st.Phase)
+		case state.Done, state.Aborted:
+			d.log.Info("migration is " + string(st.Phase))
 			return nil
 		default:
 			return fmt.Errorf("state row of %q has unknown phase %q", d.cfg.Name, st.Phase)
@@ -259,11 +312,11 @@ func (d *Daemon) phases(ctx context.Context) error {
 	return nil
 }
 
-func (d *Daemon) setControl(st *State) {
+func (d *Daemon) setControl(st *state.Migration) {
 	// Operator actions are logged once, when the daemon first sees them.
 	if was := d.paused.Swap(st.Paused); was != st.Paused {
 		if st.Paused {
-			d.log.Info("paused by operator: batches stop; the stream keeps the table in sync", "phase", st.Phase, "rows_done", st.RowsDone)
+			d.log.Info("paused by operator: batches and phase changes stop; the stream keeps checking the table", "phase", st.Phase, "rows_done", st.RowsDone)
 		} else {
 			d.log.Info("resumed by operator", "phase", st.Phase, "rows_done", st.RowsDone)
 		}
@@ -271,19 +324,27 @@ func (d *Daemon) setControl(st *State) {
 	if !d.abort.Swap(st.AbortRequested) && st.AbortRequested {
 		d.log.Info("abort requested by operator", "phase", st.Phase, "rollback", st.RollbackRequested)
 	}
-	approved := ""
+	var approved state.Phase
 	if st.ApprovedPhase != nil {
 		approved = *st.ApprovedPhase
 	}
 	if was := d.approved.Swap(approved); was != approved && approved != "" {
-		d.log.Info("approved by operator", "phase", approved)
+		d.log.Info("approved by operator", "phase", approved, "force", st.ForceApproved)
 	}
+}
+
+// approvedFor reports whether an operator approved phase.
+func (d *Daemon) approvedFor(p state.Phase) bool { return d.approved.Load().(state.Phase) == p }
+
+// abortable is true until the contract DDL has committed.
+func abortable(st *state.Migration) bool {
+	return !st.Phase.Ended() && !(st.Phase == state.Contract && st.ContractDone > 0)
 }
 
 // watch polls the state row for operator actions, publishes live figures,
 // and checks that the leader lock's connection lives.
 func (d *Daemon) watch(ctx context.Context, stop context.CancelCauseFunc, lock *pgx.Conn) {
-	conn, err := Connect(ctx, d.cfg.Database.DSN)
+	conn, err := dbconn.Connect(ctx, d.cfg.Database.DSN)
 	if err != nil {
 		stop(err)
 		return
@@ -304,16 +365,39 @@ func (d *Daemon) watch(ctx context.Context, stop context.CancelCauseFunc, lock *
 		st, err := d.store.Load(ctx, conn)
 		if err != nil {
 			if ctx.Err() == nil {
-				d.log.Warn("read state", "err", err)
+				d.rlog.Warn("read state", "err", err)
 			}
 			continue
 		}
 		d.setControl(st)
 		d.obs.progressed()
-		if st.AbortRequested && st.Phase != Contract && st.Phase != Done && st.Phase != Aborted {
+		if st.AbortRequested && abortable(st) {
+			// Everything in hand ends (a cut-over in flight rolls back).
 			stop(ErrAborted)
 			return
 		}
 		d.publishStatsOn(ctx, conn, st)
+		d.rlog.Flush(false)
 	}
+}
+
+// setHandover makes the application the owner of the new columns from lsn
+// (0: the expressions again), in the running applier and any later one.
+func (d *Daemon) setHandover(lsn pglogrepl.LSN) {
+	d.handover.Store(uint64(lsn))
+	if p := d.pipe.Load(); p != nil {
+		if _, ap := p.current(); ap != nil {
+			ap.SetHandover(lsn)
+		}
+	}
+}
+
+// insertLSN is the server's current WAL insert position: every transaction
+// committed so far ends before it.
+func insertLSN(ctx context.Context, q dbconn.Querier) (pglogrepl.LSN, error) {
+	var at string
+	if err := q.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&at); err != nil {
+		return 0, fmt.Errorf("read the WAL insert position: %w", err)
+	}
+	return pglogrepl.ParseLSN(at)
 }

@@ -7,8 +7,10 @@ import (
 	"math/rand/v2"
 	"time"
 
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/sessions"
 )
 
@@ -44,7 +46,7 @@ func (d DDLRunner) Run(ctx context.Context, conn *pgx.Conn, stmt string, record 
 		if err == nil {
 			return res, nil
 		}
-		if !isLockTimeout(err) {
+		if !dbconn.IsLockTimeout(err) {
 			return res, fmt.Errorf("DDL %q: %w", stmt, err)
 		}
 		res.LockWait += time.Since(start)
@@ -63,7 +65,7 @@ func (d DDLRunner) Run(ctx context.Context, conn *pgx.Conn, stmt string, record 
 			d.Log.Warn("DDL waits for a lock; retrying", "try", res.Tries, "of", d.MaxRetries+1, "lock_timeout", d.LockTimeout,
 				"blocked_by", blockers, "retry_in", wait.Round(time.Millisecond), "statement", stmt)
 		}
-		if err := sleep(ctx, wait); err != nil {
+		if err := dbconn.Sleep(ctx, wait); err != nil {
 			return res, err
 		}
 		backoff = min(backoff*2, 10*time.Second)
@@ -80,7 +82,7 @@ func (d DDLRunner) try(ctx context.Context, conn *pgx.Conn, stmt string, record 
 		return err
 	}
 	if _, err := tx.Exec(ctx, stmt); err != nil {
-		if sqlState(err) == "25001" {
+		if dbconn.SQLState(err) == pgerrcode.ActiveSQLTransaction {
 			tx.Rollback(ctx)
 			return d.outsideTx(ctx, conn, stmt, record)
 		}
@@ -119,18 +121,6 @@ func (d DDLRunner) blockers(ctx context.Context, conn *pgx.Conn) string {
 		return "a session that has since ended"
 	}
 	return held
-}
-
-// sleep is the one place phases waits on the clock.
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
 }
 
 // lockTimeoutMS is at least 1: lock_timeout = 0 would mean no time-out,

@@ -6,11 +6,13 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
 // expand runs each expand statement not yet done, each once.
-func (d *Daemon) expand(ctx context.Context, st *State) error {
-	if err := d.runDDL(ctx, Expand, d.cfg.Expand, st.ExpandDone, "expand_done"); err != nil {
+func (d *Daemon) expand(ctx context.Context, st *state.Migration) error {
+	if err := d.runDDL(ctx, state.Expand, d.cfg.Expand, st.ExpandDone); err != nil {
 		return err
 	}
 	if err := d.table.Refresh(ctx, d.conn); err != nil {
@@ -24,7 +26,8 @@ func (d *Daemon) expand(ctx context.Context, st *State) error {
 	if _, err := d.conn.Prepare(ctx, "", d.table.KeysSQL()); err != nil {
 		return fmt.Errorf("recompute statement for %s does not prepare: %w", d.table.Ident(), err)
 	}
-	return d.store.SetPhase(ctx, d.conn, Expand, Backfill, nil)
+	d.findSources(ctx)
+	return d.store.Move(ctx, d.conn, state.Expand, state.Backfill, nil)
 }
 
 func (d *Daemon) ddlRunner() DDLRunner {
@@ -38,20 +41,20 @@ func (d *Daemon) ddlRunner() DDLRunner {
 }
 
 // runDDL runs the statements of a phase from index done on, each once: the
-// count of completed statements (column, a constant) is saved in each
-// statement's own transaction.
-func (d *Daemon) runDDL(ctx context.Context, phase string, stmts []string, done int, column string) error {
+// count of completed statements is saved in each statement's own
+// transaction.
+func (d *Daemon) runDDL(ctx context.Context, phase state.Phase, stmts []string, done int) error {
 	runner := d.ddlRunner()
 	for i := done; i < len(stmts); i++ {
 		stmt := stmts[i]
-		d.log.Info(phase+": running DDL", "statement", stmt, "step", i+1, "of", len(stmts))
+		d.log.Info(string(phase)+": running DDL", "statement", stmt, "step", i+1, "of", len(stmts))
 		res, err := runner.Run(ctx, d.conn, stmt, func(tx pgx.Tx) error {
-			return d.store.Update(ctx, tx, column+" = $2", i+1)
+			return d.store.StatementDone(ctx, tx, phase, i+1)
 		})
 		if err != nil {
 			return fmt.Errorf("%s: %w", phase, err)
 		}
-		d.log.Info(phase+": DDL done", "statement", stmt, "tries", res.Tries, "lock_wait", res.LockWait)
+		d.log.Info(string(phase)+": DDL done", "statement", stmt, "tries", res.Tries, "lock_wait", res.LockWait)
 		if err := d.store.Event(ctx, d.conn, phase, "ddl", map[string]any{
 			"statement": stmt, "tries": res.Tries, "lock_wait_ms": res.LockWait.Milliseconds()}); err != nil {
 			return err

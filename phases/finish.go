@@ -3,54 +3,12 @@ package phases
 import (
 	"context"
 	"fmt"
-	"time"
 
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
+	"github.com/cdcbackfill/cdcbackfill/state"
 )
-
-// contract waits for approval (manual) or goes on (auto), then runs the
-// contract DDL, each statement once, and drops slot, publication and
-// origins. The stream stops before the DDL: the expressions read the
-// column the DDL drops. It first catches up, so nothing the application
-// wrote before the DDL is left unapplied.
-func (d *Daemon) contract(ctx context.Context, st *State) error {
-	if st.ContractDone == 0 {
-		if err := d.startPipeline(ctx); err != nil {
-			return err
-		}
-		if d.cfg.ContractPolicy.Mode == "manual" && d.approved.Load() != Contract {
-			d.log.Info("contract: parity holds; waiting for approval (cdcbackfill approve)")
-			for d.approved.Load() != Contract {
-				if err := d.pipe.Load().failure(); err != nil {
-					return fmt.Errorf("sync stream: %w", err)
-				}
-				if err := sleep(ctx, 200*time.Millisecond); err != nil {
-					return nil
-				}
-			}
-		}
-		lsn, err := d.insertLSN(ctx)
-		if err != nil {
-			return err
-		}
-		if err := d.pipe.Load().waitApplied(ctx, lsn); err != nil {
-			return fmt.Errorf("contract: catch up the stream: %w", err)
-		}
-	}
-	if p := d.pipe.Swap(nil); p != nil {
-		p.stop()
-	}
-	if err := d.runDDL(ctx, Contract, d.cfg.Contract, st.ContractDone, "contract_done"); err != nil {
-		return err
-	}
-	if err := d.dropReplication(ctx); err != nil {
-		return err
-	}
-	d.log.Info("migration done: contract DDL ran; slot, publication and origins dropped")
-	return d.store.SetPhase(ctx, d.conn, Contract, Done, nil)
-}
 
 // dropReplication removes everything the daemon made for the stream.
 func (d *Daemon) dropReplication(ctx context.Context) error {
@@ -63,15 +21,12 @@ func (d *Daemon) dropReplication(ctx context.Context) error {
 	if err := dropOrigins(ctx, d.conn, d.cfg.OriginPrefix()); err != nil {
 		return err
 	}
-	if _, err := d.conn.Exec(ctx, `DELETE FROM cdcbackfill.retry_keys WHERE name = $1`, d.cfg.Name); err != nil {
-		return fmt.Errorf("forget skipped keys: %w", err)
-	}
-	return nil
+	return d.store.ForgetKeys(ctx, d.conn)
 }
 
-// performAbort ends the migration before contract: the stream stops, the
-// slot, publication and origins are dropped, and with rollback the
-// rollback statements run (each once).
+// performAbort ends the migration before the contract DDL commits: the
+// stream stops, the slot, publication and origins are dropped, and with
+// rollback the rollback statements run (each once).
 func (d *Daemon) performAbort(ctx context.Context) error {
 	if p := d.pipe.Swap(nil); p != nil {
 		p.stop()
@@ -87,43 +42,57 @@ type abortPlan struct {
 }
 
 func (d *Daemon) cfgAbort() abortPlan {
-	r := d.ddlRunner()
 	return abortPlan{slot: d.cfg.SlotName(), publication: d.cfg.PublicationName(), originPrefix: d.cfg.OriginPrefix(),
-		rollback: d.cfg.Rollback, runner: r}
+		rollback: d.cfg.Rollback, runner: d.ddlRunner()}
 }
 
-func abortNow(ctx context.Context, conn *pgx.Conn, store Store, p abortPlan) error {
+// tooLate explains why a migration past its contract DDL cannot be aborted.
+func tooLate(name string, st *state.Migration) error {
+	return fmt.Errorf("abort: too late: the contract DDL of migration %q has committed (phase %s): the old column is gone and the application's data lives in the new columns; there is nothing to roll back to",
+		name, st.Phase)
+}
+
+func abortNow(ctx context.Context, conn *pgx.Conn, store state.Store, p abortPlan) error {
 	st, err := store.Load(ctx, conn)
 	if err != nil {
 		return err
 	}
-	if st.Phase == Aborted {
+	if st.Phase == state.Aborted {
 		return nil
 	}
-	if st.Phase == Contract && st.ContractDone > 0 || st.Phase == Done {
-		return fmt.Errorf("abort: migration %q is past the contract DDL (phase %s): it cannot be aborted", store.Name, st.Phase)
+	if !abortable(st) {
+		return tooLate(store.Name, st)
 	}
 	if err := snapshot.DropSlot(ctx, conn, p.slot); err != nil {
 		return fmt.Errorf("abort: %w", err)
 	}
-	if err := snapshot.DropPublication(ctx, conn, p.publication); err != nil {
-		return fmt.Errorf("abort: %w", err)
+	// The application keeps writing: the publication is dropped while a
+	// SHARE lock keeps its writes out for that moment (a DROP PUBLICATION
+	// that commits while a write is building its view of the table's
+	// publications fails the write), under lock_timeout, retried.
+	if _, err := p.runner.Run(ctx, conn, "LOCK TABLE "+p.runner.Table+" IN SHARE MODE; DROP PUBLICATION IF EXISTS "+
+		pgx.Identifier{p.publication}.Sanitize(), func(pgx.Tx) error { return nil }); err != nil {
+		return fmt.Errorf("abort: drop publication %q: %w", p.publication, err)
 	}
 	if err := dropOrigins(ctx, conn, p.originPrefix); err != nil {
 		return fmt.Errorf("abort: %w", err)
 	}
-	if _, err := conn.Exec(ctx, `DELETE FROM cdcbackfill.retry_keys WHERE name = $1`, store.Name); err != nil {
-		return fmt.Errorf("abort: forget skipped keys: %w", err)
+	if err := store.ForgetKeys(ctx, conn); err != nil {
+		return fmt.Errorf("abort: %w", err)
+	}
+	if st.RollbackRequested && st.ExpandDone == 0 {
+		// Nothing of expand ran: there is nothing to roll back, and the
+		// statements would fail on columns that were never added.
+		p.rollback = nil
 	}
 	if st.RollbackRequested {
 		for i := st.RollbackDone; i < len(p.rollback); i++ {
-			stmt := p.rollback[i]
-			if _, err := p.runner.Run(ctx, conn, stmt, func(tx pgx.Tx) error {
-				return store.Update(ctx, tx, "rollback_done = $2", i+1)
+			if _, err := p.runner.Run(ctx, conn, p.rollback[i], func(tx pgx.Tx) error {
+				return store.StatementDone(ctx, tx, state.Aborted, i+1)
 			}); err != nil {
 				return fmt.Errorf("abort --rollback: %w", err)
 			}
 		}
 	}
-	return store.SetPhase(ctx, conn, st.Phase, Aborted, map[string]any{"rollback": st.RollbackRequested})
+	return store.Move(ctx, conn, st.Phase, state.Aborted, map[string]any{"rollback": st.RollbackRequested})
 }

@@ -12,8 +12,11 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cdcbackfill/cdcbackfill/config"
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 	"github.com/cdcbackfill/cdcbackfill/internal/sqlcheck"
+	"github.com/cdcbackfill/cdcbackfill/snapshot"
+	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
 // Check is one line of `plan`: what was checked, and if it failed, the
@@ -29,7 +32,7 @@ type Check struct {
 type Report struct {
 	Checks []Check
 	Table  *recompute.Table
-	State  *State // nil when the migration has not started
+	State  *state.Migration // nil when the migration has not started
 	Lo, Hi recompute.Key
 	Rows   int64
 }
@@ -61,36 +64,9 @@ func (r *Report) add(status, name, problem, fix string) {
 	r.Checks = append(r.Checks, Check{Name: name, Status: status, Problem: problem, Fix: fix})
 }
 
-// ConnectTimeout bounds how long plan and run wait for a database that
-// does not answer.
-const ConnectTimeout = 10 * time.Second
-
-// Connect opens one connection with a time-out, with an error that names
-// the (redacted) DSN.
-func Connect(ctx context.Context, dsn string) (*pgx.Conn, error) {
-	cfg, err := pgx.ParseConfig(dsn)
-	if err != nil {
-		return nil, fmt.Errorf("database.dsn %s does not parse", config.RedactDSN(dsn))
-	}
-	if cfg.ConnectTimeout == 0 || cfg.ConnectTimeout > ConnectTimeout {
-		cfg.ConnectTimeout = ConnectTimeout
-	}
-	cfg.RuntimeParams["application_name"] = "cdcbackfill"
-	conn, err := pgx.ConnectConfig(ctx, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("connect to %s: %s", config.RedactDSN(dsn), scrub(err, cfg.Password))
-	}
-	return conn, nil
-}
-
-// scrub removes a password from an error's text.
-func scrub(err error, password string) string {
-	msg := err.Error()
-	if password != "" {
-		msg = strings.ReplaceAll(msg, password, "xxxxx")
-	}
-	return msg
-}
+// minServerVersion is the oldest server the daemon runs on
+// (server_version_num).
+const minServerVersion = 150000
 
 // addColumnRE finds the columns an expand statement adds.
 var addColumnRE = regexp.MustCompile(`(?i)\bADD\s+(?:COLUMN\s+)?(?:IF\s+NOT\s+EXISTS\s+)?("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)`)
@@ -120,13 +96,25 @@ func AddedColumns(stmts []string) map[string]bool {
 // nothing. Checks after a failed one that they depend on are left out.
 func Inspect(ctx context.Context, cfg *config.Config) (*Report, error) {
 	r := &Report{}
-	conn, err := Connect(ctx, cfg.Database.DSN)
+	conn, err := dbconn.Connect(ctx, cfg.Database.DSN)
 	if err != nil {
 		r.fail("connect", err.Error(), "check database.dsn (or CDCBACKFILL_DATABASE_DSN) and that the server answers")
 		return r, nil
 	}
 	defer conn.Close(context.Background())
 	r.ok("connect to " + config.RedactDSN(cfg.Database.DSN))
+
+	var version int
+	var versionText string
+	if err := conn.QueryRow(ctx, "SELECT current_setting('server_version_num')::int, current_setting('server_version')").Scan(&version, &versionText); err != nil {
+		return nil, fmt.Errorf("read the server's version: %w", err)
+	}
+	if version < minServerVersion {
+		r.fail("server version", fmt.Sprintf("PostgreSQL %s found; cdcbackfill needs PostgreSQL %d or later (pgoutput's origin message and the replication functions it uses)", versionText, minServerVersion/10000),
+			fmt.Sprintf("upgrade the server to PostgreSQL %d or later", minServerVersion/10000))
+		return r, nil
+	}
+	r.ok("PostgreSQL " + versionText)
 
 	var walLevel string
 	if err := conn.QueryRow(ctx, "SHOW wal_level").Scan(&walLevel); err != nil {
@@ -139,11 +127,11 @@ func Inspect(ctx context.Context, cfg *config.Config) (*Report, error) {
 		r.ok("wal_level is logical")
 	}
 
-	st, err := Store{Name: cfg.Name}.Load(ctx, conn)
+	st, err := state.Store{Name: cfg.Name}.Load(ctx, conn)
 	switch {
 	case err == nil:
 		r.State = st
-	case errors.Is(err, ErrNoMigration):
+	case errors.Is(err, state.ErrNoMigration):
 	default:
 		return nil, err
 	}
@@ -178,6 +166,7 @@ func Inspect(ctx context.Context, cfg *config.Config) (*Report, error) {
 	r.checkExpressions(ctx, conn, t)
 	r.checkReplication(ctx, conn, cfg)
 	r.checkPrivileges(ctx, conn, t)
+	r.checkStatements(ctx, conn, cfg)
 
 	if r.Table != nil {
 		lo, hi, rows, err := t.Bounds(ctx, conn)
@@ -239,7 +228,7 @@ func (r *Report) checkExpressions(ctx context.Context, conn *pgx.Conn, t *recomp
 			allValid = false
 			continue
 		}
-		sd, err := conn.Prepare(ctx, "", "SELECT ("+c.Expr+") FROM "+t.Ident()+" LIMIT 0")
+		sd, err := conn.Prepare(ctx, "", "SELECT ("+c.Expr+") AS _cdcb_check FROM "+t.Ident()+" LIMIT 0")
 		if err == nil && len(sd.Fields) != 1 {
 			err = fmt.Errorf("it yields %d values, want 1", len(sd.Fields))
 		}
@@ -283,7 +272,7 @@ func (r *Report) checkReplication(ctx context.Context, conn *pgx.Conn, cfg *conf
 		r.fail("replication slot", err.Error(), "")
 		return
 	}
-	owned := r.State != nil && r.State.SlotLSN != nil && r.State.Phase != Done && r.State.Phase != Aborted
+	owned := r.State != nil && r.State.SlotLSN != nil && !r.State.Phase.Ended()
 	switch {
 	case exists && !owned:
 		r.fail("replication slot", fmt.Sprintf("a replication slot named %q already exists and is not this migration's", cfg.SlotName()),
@@ -308,6 +297,21 @@ func (r *Report) checkReplication(ctx context.Context, conn *pgx.Conn, cfg *conf
 		r.warn("max_slot_wal_keep_size", "is unlimited: a daemon that stops for good leaves a slot that holds WAL until the disk fills",
 			"ALTER SYSTEM SET max_slot_wal_keep_size = '50GB' (a size your disk can hold); SELECT pg_reload_conf()")
 	}
+}
+
+// checkStatements says whether the contract can wait until nothing uses
+// the old column (pg_stat_statements).
+func (r *Report) checkStatements(ctx context.Context, conn *pgx.Conn, cfg *config.Config) {
+	old := DroppedColumns(cfg.Contract)
+	if len(old) == 0 {
+		return
+	}
+	if _, err := statementsView(ctx, conn); err != nil {
+		r.add("info", "old column usage", fmt.Sprintf("not watched: %v; the contract then relies on parity alone to tell that nothing still writes %s", err, strings.Join(old, ", ")),
+			"CREATE EXTENSION pg_stat_statements (with shared_preload_libraries = 'pg_stat_statements') to have the contract wait until no statement uses it")
+		return
+	}
+	r.ok(fmt.Sprintf("old column usage: pg_stat_statements shows the statements that still use %s; the contract waits (auto) or needs approve --force (manual) while any runs", strings.Join(old, ", ")))
 }
 
 func (r *Report) checkPrivileges(ctx context.Context, conn *pgx.Conn, t *recompute.Table) {
@@ -374,9 +378,15 @@ func (r *Report) Print(w io.Writer, cfg *config.Config) {
 	for _, c := range cfg.Columns {
 		fmt.Fprintf(w, "       %s = %s\n", c.Name, c.Expr)
 	}
-	fmt.Fprintf(w, "  3. sync until dual-write is %s\n", map[string]string{"manual": "approved (cdcbackfill approve)", "auto": "detected (no corrections for " + cfg.DualWrite.QuietPeriod.String() + ")"}[cfg.DualWrite.Detect])
-	fmt.Fprintf(w, "  4. verify parity over the whole table, hold %s\n", cfg.ContractPolicy.Hold)
-	fmt.Fprintf(w, "  5. contract (%s):\n", cfg.ContractPolicy.Mode)
+	if cfg.DualWrite.Detect == "auto" {
+		fmt.Fprintf(w, "  3. sync until dual-write is detected: %d application writes of the new columns that needed no correction, and none that did, over %s of stream time\n",
+			cfg.DualWrite.MinEvidence, cfg.DualWrite.QuietPeriod)
+	} else {
+		fmt.Fprintln(w, "  3. sync until dual-write is approved (cdcbackfill approve)")
+	}
+	fmt.Fprintf(w, "  4. verify: the application owns the new columns (never overwritten); one pass over the table, then parity proven clean for %s\n", cfg.ContractPolicy.Hold)
+	fmt.Fprintf(w, "  5. contract (%s): one transaction under the table's ACCESS EXCLUSIVE lock (lock_timeout %s, kept below deadlock_timeout) checks what the stream delivered, then runs:\n",
+		cfg.ContractPolicy.Mode, cfg.ContractPolicy.LockTimeout)
 	printList(w, cfg.Contract)
 	fmt.Fprintln(w, "plan: all checks passed; nothing was changed")
 }
@@ -390,19 +400,14 @@ func printList(w io.Writer, stmts []string) {
 	}
 }
 
-// countBriefly counts a table that was never analyzed, giving up after a
-// few seconds (-1: unknown) so plan stays quick on a big table.
+// countBriefly counts a table that was never analyzed, in chunks, giving
+// up after a few seconds (-1: unknown) so plan stays quick on a big table.
 func countBriefly(ctx context.Context, conn *pgx.Conn, t *recompute.Table) int64 {
-	n := int64(-1)
-	_ = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "SET LOCAL statement_timeout = '5s'"); err != nil {
-			return err
-		}
-		c, err := t.Count(ctx, tx)
-		if err == nil {
-			n = c
-		}
-		return err
-	})
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	n, err := snapshot.CountRows(cctx, conn, t)
+	if err != nil {
+		return -1
+	}
 	return n
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/metrics"
+	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
 // observer is what the operator's window (metrics.Server) reads: it lives
@@ -34,18 +35,26 @@ func (o *observer) snapshot(ctx context.Context) (metrics.Snapshot, error) {
 		snap.LastProgress = time.Unix(0, ns)
 	}
 	r, err := statusOn(ctx, o.pool, o.cfg)
-	if errors.Is(err, ErrNoMigration) {
+	if errors.Is(err, state.ErrNoMigration) {
 		return snap, nil // not started yet: the figures are zero
 	}
 	if err != nil {
 		return snap, err
 	}
-	snap.Phase, snap.Paused, snap.ThrottleReason = r.Phase, r.Paused, r.Throttle
+	snap.Phase, snap.Paused, snap.ThrottleReason = string(r.Phase), r.Paused, r.Throttle
 	snap.RowsDone, snap.RowsTotal = r.Backfill.RowsDone, r.Backfill.RowsTotal
 	snap.RowsPerSecond, snap.EtaSeconds = r.Backfill.RowsPerSecond, r.Backfill.EtaSeconds
 	snap.SlotLagBytes, snap.ApplyLagSeconds = r.Sync.LagBytes, r.Sync.LagSeconds
 	snap.StreamEvents, snap.Corrections = r.Sync.Events, r.Sync.Corrections
 	snap.VerifyRowsChecked, snap.VerifyMismatches = r.Verify.RowsChecked, r.Verify.Mismatches
+	snap.MismatchesFound, snap.PrematureDetections = r.Verify.MismatchesFound, int64(r.Verify.PrematureDetections)
+	snap.HoldProvenSeconds = r.Verify.HoldProven
+	if dw := r.Sync.DualWrite; dw != nil {
+		snap.DualWriteEvidence = int64(dw.Evidence)
+	}
+	if c := r.Contract.Cutover; c != nil {
+		snap.CutoverStallSeconds = c.LongestStallMS / 1000
+	}
 	snap.Status = r
 	return snap, nil
 }

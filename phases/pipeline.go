@@ -8,11 +8,13 @@ import (
 	"sync"
 	"time"
 
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cdcbackfill/cdcbackfill/applier"
 	"github.com/cdcbackfill/cdcbackfill/cdc"
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
 )
 
@@ -66,8 +68,8 @@ func (d *Daemon) supervise(ctx context.Context, p *pipeline) {
 			d.log.Error("sync stream stopped", "err", err)
 			return
 		}
-		d.log.Warn("sync stream interrupted; restarting from the slot's confirmed position", "err", err, "retry_in", backoff)
-		if sleep(ctx, backoff) != nil {
+		d.rlog.Warn("sync stream interrupted; restarting from the slot's confirmed position", "err", err, "retry_in", backoff)
+		if dbconn.Sleep(ctx, backoff) != nil {
 			return
 		}
 		backoff = min(backoff*2, 5*time.Second)
@@ -80,7 +82,7 @@ func permanentPipelineError(err error) bool {
 		errors.Is(err, applier.ErrForeignRelation) {
 		return true
 	}
-	s := sqlState(err)
+	s := dbconn.SQLState(err)
 	return len(s) == 5 && (s[:2] == "22" || s[:2] == "23" || s[:2] == "42")
 }
 
@@ -103,20 +105,31 @@ func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 	ap := applier.New(w, d.table, applier.Config{
 		FlushInterval: d.cfg.Sync.FlushInterval,
 		MaxBatchKeys:  d.cfg.Sync.MaxBatchKeys,
+		LockTimeout:   d.cfg.DDL.LockTimeout,
+		Checks:        &d.checks,
 		Logger:        d.log,
 	})
 	ap.SetConfirmed(info.ConfirmedLSN)
+	ap.SetHandover(pglogrepl.LSN(d.handover.Load()))
+	newCols := make([]string, len(d.table.Columns))
+	for i, c := range d.table.Columns {
+		newCols[i] = c.Name
+	}
 	st := cdc.New(cdc.Config{
-		DSN:          d.cfg.Database.DSN,
-		Slot:         d.cfg.SlotName(),
-		Publication:  d.cfg.PublicationName(),
-		OriginPrefix: d.cfg.OriginPrefix(),
-		KeyColumns:   d.table.KeyNames(),
-		Logger:       d.log,
+		DSN:           d.cfg.Database.DSN,
+		Slot:          d.cfg.SlotName(),
+		Publication:   d.cfg.PublicationName(),
+		OriginPrefix:  d.cfg.OriginPrefix(),
+		KeyColumns:    d.table.KeyNames(),
+		SourceColumns: d.sources,
+		NewColumns:    newCols,
+		Logger:        d.log,
 	})
 	p.mu.Lock()
 	p.stream, p.applier = st, ap
 	p.mu.Unlock()
+	// A handover recorded while this applier was being made reaches it too.
+	ap.SetHandover(pglogrepl.LSN(d.handover.Load()))
 
 	// Shutdown order (see cdc and applier docs): the applier stops first and
 	// flushes what it holds; only then does the stream stop, so its final
@@ -183,19 +196,44 @@ func (p *pipeline) guard(ctx context.Context, fn func(context.Context) error) er
 	return err
 }
 
-// waitApplied blocks until the applier has confirmed lsn.
+// waitApplied blocks until the applier has confirmed lsn (applied, or
+// checked, every change committed before it), asking the stream for the
+// server's position now and then so WAL that brings no change (other
+// tables, the daemon's own writes) is passed at once.
 func (p *pipeline) waitApplied(ctx context.Context, lsn pglogrepl.LSN) error {
+	poke := time.Now()
 	for {
 		if err := p.failure(); err != nil {
 			return err
 		}
-		if _, ap := p.current(); ap != nil && ap.ConfirmedLSN() >= lsn {
+		st, ap := p.current()
+		if ap != nil && ap.ConfirmedLSN() >= lsn {
 			return nil
 		}
-		if err := sleep(ctx, 50*time.Millisecond); err != nil {
+		if st != nil && time.Since(poke) >= 100*time.Millisecond {
+			st.Poke()
+			poke = time.Now()
+		}
+		if err := dbconn.Sleep(ctx, 10*time.Millisecond); err != nil {
 			return err
 		}
 	}
+}
+
+// caughtUp reports whether the stream has applied (or checked) everything
+// committed before now, waiting at most wait.
+func (d *Daemon) caughtUp(ctx context.Context, wait time.Duration) (bool, error) {
+	lsn, err := insertLSN(ctx, d.conn)
+	if err != nil {
+		return false, err
+	}
+	wctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	err = d.pipe.Load().waitApplied(wctx, lsn)
+	if err != nil && wctx.Err() != nil && ctx.Err() == nil {
+		return false, nil
+	}
+	return err == nil, err
 }
 
 func (p *pipeline) stop() {
@@ -206,7 +244,7 @@ func (p *pipeline) stop() {
 // writer is a connection for the daemon's own writes, tagged with a
 // replication origin when the role may set one.
 func (d *Daemon) writerConn(ctx context.Context, kind string, i int) (*pgx.Conn, error) {
-	conn, err := Connect(ctx, d.cfg.Database.DSN)
+	conn, err := dbconn.Connect(ctx, d.cfg.Database.DSN)
 	if err != nil {
 		return nil, err
 	}
@@ -216,16 +254,16 @@ func (d *Daemon) writerConn(ctx context.Context, kind string, i int) (*pgx.Conn,
 		for try := 0; ; try++ {
 			_, err = conn.Exec(ctx, `SELECT pg_replication_origin_session_setup($1)`, name)
 			// 55006: a session of a daemon that just died still holds it.
-			if sqlState(err) != "55006" || try == 50 {
+			if dbconn.SQLState(err) != pgerrcode.ObjectInUse || try == 50 {
 				break
 			}
-			if sleep(ctx, 200*time.Millisecond) != nil {
+			if dbconn.Sleep(ctx, 200*time.Millisecond) != nil {
 				break
 			}
 		}
 	}
 	if err != nil {
-		if sqlState(err) != "42501" {
+		if dbconn.SQLState(err) != pgerrcode.InsufficientPrivilege {
 			conn.Close(context.Background())
 			return nil, fmt.Errorf("set replication origin %q: %w", name, err)
 		}
@@ -260,7 +298,7 @@ func closeAll(conns []*pgx.Conn) {
 // dropOrigins removes the daemon's replication origins.
 func dropOrigins(ctx context.Context, conn *pgx.Conn, prefix string) error {
 	_, err := conn.Exec(ctx, `SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE starts_with(roname, $1)`, prefix)
-	if err != nil && sqlState(err) != "42501" {
+	if err != nil && dbconn.SQLState(err) != pgerrcode.InsufficientPrivilege {
 		return fmt.Errorf("drop replication origins %s*: %w", prefix, err)
 	}
 	return nil

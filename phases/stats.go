@@ -8,6 +8,7 @@ import (
 
 	"github.com/cdcbackfill/cdcbackfill/applier"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
+	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
 // totalEvents and totalCorrections are the stream's figures since this
@@ -62,7 +63,7 @@ func (d *Daemon) publishStats(ctx context.Context) {
 
 // publishStatsOn writes rows/s, ETA, lag, throttle reason and the stream's
 // new counts into the state row.
-func (d *Daemon) publishStatsOn(ctx context.Context, conn *pgx.Conn, st *State) {
+func (d *Daemon) publishStatsOn(ctx context.Context, conn *pgx.Conn, st *state.Migration) {
 	now := time.Now()
 	d.live.mu.Lock()
 	if !d.live.lastAt.IsZero() {
@@ -73,11 +74,12 @@ func (d *Daemon) publishStatsOn(ctx context.Context, conn *pgx.Conn, st *State) 
 		}
 	}
 	d.live.lastRows, d.live.lastAt = st.RowsDone, now
-	stats := Stats{RowsPerSecond: d.live.rate, HeartbeatAt: now.UTC().Format(time.RFC3339Nano)}
-	if st.Phase == Backfill && d.live.rate > 1 && st.RowsTotal > st.RowsDone {
+	stats := state.Stats{RowsPerSecond: d.live.rate, HeartbeatAt: now.UTC().Format(time.RFC3339Nano),
+		DualWrite: d.dualWrite.Load(), Waiting: d.waiting.Load().(string)}
+	if st.Phase == state.Backfill && d.live.rate > 1 && st.RowsTotal > st.RowsDone {
 		stats.EtaSeconds = float64(st.RowsTotal-st.RowsDone) / d.live.rate
 	}
-	if d.live.throttleReason != nil && st.Phase == Backfill {
+	if d.live.throttleReason != nil && (st.Phase == state.Backfill || st.Phase == state.Verify) {
 		stats.ThrottleReason = d.live.throttleReason()
 	}
 	if st.Paused {
@@ -106,18 +108,18 @@ func (d *Daemon) publishStatsOn(ctx context.Context, conn *pgx.Conn, st *State) 
 			stats.LagSeconds = now.Sub(lastCommit).Seconds()
 		}
 	}
-	err := d.store.Update(ctx, conn, `stats = $2, sync_events = sync_events + $3, corrections = corrections + $4,
-		last_correction_at = CASE WHEN $4 > 0 THEN now() ELSE last_correction_at END`,
-		stats, int64(newEvents), int64(newFixes))
-	if err != nil && ctx.Err() == nil {
-		d.log.Warn("publish status", "err", err)
+	if err := d.store.PublishStats(ctx, conn, stats, int64(newEvents), int64(newFixes)); err != nil && ctx.Err() == nil {
+		d.rlog.Warn("publish status", "err", err)
 	}
 }
 
 // follow starts counting afresh when the pipeline restarted with a new
-// applier.
+// applier; the evidence of the one that ended is kept.
 func (l *live) follow(ap *applier.Applier) {
 	if l.ap != ap {
-		l.ap, l.apEvents, l.apFixes = ap, 0, 0
+		if l.ap != nil {
+			l.savedEvidence += l.ap.Stats().Evidence - l.apEvidence
+		}
+		l.ap, l.apEvents, l.apFixes, l.apEvidence = ap, 0, 0, 0
 	}
 }

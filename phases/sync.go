@@ -2,52 +2,143 @@ package phases
 
 import (
 	"context"
+	"fmt"
 	"time"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
+	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
 // sync keeps the new columns in sync from the stream until the
-// application dual-writes: approved by an operator (manual) or seen as a
-// quiet period with application changes and no correction (auto).
-func (d *Daemon) sync(ctx context.Context, st *State) error {
+// application dual-writes: approved by an operator (manual) or proven by
+// evidence (auto, see evidenceWatch). Then the application owns the new
+// columns from a WAL position read at that moment (the hand-over), and the
+// migration moves to verify.
+func (d *Daemon) sync(ctx context.Context, st *state.Migration) error {
 	if err := d.startPipeline(ctx); err != nil {
 		return err
 	}
+	d.setHandover(0)
 	d.log.Info("sync: the stream keeps the new columns in sync; waiting for dual-write", "detect", d.cfg.DualWrite.Detect)
-	q := quietWatch{period: d.cfg.DualWrite.QuietPeriod}
+	w := evidenceWatch{minEvidence: d.cfg.DualWrite.MinEvidence, period: d.cfg.DualWrite.QuietPeriod, syncSince: time.Now()}
+	defer d.dualWrite.Store(nil)
 	return d.pipe.Load().guard(ctx, func(ctx context.Context) error {
 		for {
-			if err := sleep(ctx, 200*time.Millisecond); err != nil {
+			if err := dbconn.Sleep(ctx, 200*time.Millisecond); err != nil {
 				return nil
+			}
+			if d.paused.Load() {
+				d.waiting.Store("paused by operator: dual-write is neither detected nor taken from approve until resume")
+				continue
 			}
 			switch d.cfg.DualWrite.Detect {
 			case "manual":
-				if d.approved.Load() == Sync {
-					return d.store.SetPhase(ctx, d.conn, Sync, Verify, map[string]any{"by": "approve"})
+				d.waiting.Store("the application to dual-write: cdcbackfill approve once it does")
+				if d.approvedFor(state.Sync) {
+					return d.handOver(ctx, map[string]any{"by": "approve"})
 				}
 			case "auto":
-				if q.quiet(time.Now(), d.totalEvents(), d.totalCorrections()) {
-					d.log.Info("sync: dual-write detected: the application's changes needed no correction for the quiet period",
-						"quiet_period", d.cfg.DualWrite.QuietPeriod)
-					return d.store.SetPhase(ctx, d.conn, Sync, Verify, map[string]any{"by": "quiet period", "quiet_period": d.cfg.DualWrite.QuietPeriod.String()})
+				ev, fixes, streamTime := d.evidence()
+				dw := w.observe(time.Now(), ev, fixes, streamTime)
+				d.dualWrite.Store(&dw)
+				d.waiting.Store("evidence of dual-write: " + dw.Missing)
+				if dw.Missing != "" {
+					continue
 				}
+				// Enough evidence in stream time; it counts only with the
+				// stream caught up and no correction found meanwhile.
+				ok, err := d.caughtUp(ctx, 2*time.Second)
+				if err != nil || !ok {
+					continue
+				}
+				if _, now, _ := d.evidence(); now != fixes {
+					continue
+				}
+				d.log.Info("sync: dual-write detected: application writes of the new columns needed no correction for the quiet period",
+					"evidence", dw.Evidence, "quiet_period", d.cfg.DualWrite.QuietPeriod)
+				return d.handOver(ctx, map[string]any{"by": "evidence", "evidence": dw.Evidence,
+					"quiet_period": d.cfg.DualWrite.QuietPeriod.String()})
 			}
 		}
 	})
 }
 
-// quietWatch decides that the application dual-writes: for a whole
-// period, the stream saw application changes and none needed a correction.
-type quietWatch struct {
-	period      time.Duration
-	since       time.Time
-	events      uint64
-	corrections uint64
+// handOver makes the application the owner of the new columns from now: a
+// WAL position read now, given to the applier before the state says so.
+func (d *Daemon) handOver(ctx context.Context, detail map[string]any) error {
+	lsn, err := insertLSN(ctx, d.conn)
+	if err != nil {
+		return err
+	}
+	d.setHandover(lsn)
+	d.log.Info("sync: the application owns the new columns from now on: the daemon checks them and never writes them", "handover_lsn", lsn)
+	return d.store.HandOver(ctx, d.conn, lsn, detail)
 }
 
-func (q *quietWatch) quiet(now time.Time, events, corrections uint64) bool {
-	if q.since.IsZero() || corrections != q.corrections {
-		q.since, q.events, q.corrections = now, events, corrections
-		return false
+// evidence is the stream's evidence of dual-write so far: the count, the
+// corrections, and the commit time of the last transaction received
+// (stream time).
+func (d *Daemon) evidence() (evidence, corrections uint64, streamTime time.Time) {
+	d.live.mu.Lock()
+	defer d.live.mu.Unlock()
+	evidence, corrections = d.live.savedEvidence, d.live.savedFixes+d.pendingFixes()
+	if p := d.pipe.Load(); p != nil {
+		if _, ap := p.current(); ap != nil {
+			d.live.follow(ap)
+			s := ap.Stats()
+			evidence += s.Evidence - d.live.apEvidence
+			streamTime = s.StreamTime
+		}
 	}
-	return now.Sub(q.since) >= q.period && events > q.events
+	return evidence, corrections, streamTime
+}
+
+// evidenceWatch decides, from positive evidence only, that the application
+// dual-writes: at least minEvidence application writes of the new columns
+// (inserts that set them, updates that changed what they are computed
+// from) whose rows needed no correction, and none that needed one, over a
+// quiet period measured in stream time (commit timestamps). Silence is no
+// evidence: an idle application, or one writing other columns, never
+// passes.
+type evidenceWatch struct {
+	minEvidence int
+	period      time.Duration
+	syncSince   time.Time // wall clock, for "no application writes seen for ..."
+
+	started     bool
+	base        uint64    // evidence counted before the window
+	fixes       uint64    // corrections seen
+	windowStart time.Time // stream time the window began; zero until a transaction is seen
+	cleanSince  time.Time // wall clock of the last correction (or sync's start)
+}
+
+func (w *evidenceWatch) observe(now time.Time, evidence, fixes uint64, streamTime time.Time) state.DualWrite {
+	if !w.started || fixes != w.fixes {
+		// The start, or a correction: the window starts again, at the
+		// stream time the correction was seen.
+		w.cleanSince = now
+		if !w.started {
+			w.cleanSince = w.syncSince
+		}
+		w.started, w.fixes, w.base, w.windowStart = true, fixes, evidence, streamTime
+	}
+	if w.windowStart.IsZero() {
+		w.windowStart = streamTime // the first transaction seen
+	}
+	ev := evidence - w.base
+	quiet := time.Duration(0)
+	if !streamTime.IsZero() && !w.windowStart.IsZero() {
+		quiet = max(streamTime.Sub(w.windowStart), 0)
+	}
+	dw := state.DualWrite{Evidence: ev, MinEvidence: w.minEvidence, QuietSeconds: quiet.Seconds(),
+		QuietPeriodSeconds: w.period.Seconds()}
+	switch {
+	case ev == 0:
+		dw.Missing = fmt.Sprintf("no application writes of the new columns seen for %s", now.Sub(w.cleanSince).Round(time.Second))
+	case ev < uint64(w.minEvidence):
+		dw.Missing = fmt.Sprintf("%d of %d writes seen", ev, w.minEvidence)
+	case quiet < w.period:
+		dw.Missing = fmt.Sprintf("quiet for %s of %s of stream time", quiet.Round(time.Second), w.period)
+	}
+	return dw
 }

@@ -7,40 +7,37 @@ import (
 
 	"github.com/jackc/pglogrepl"
 
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
+	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
-// maxSamples bounds the mismatch keys kept for status.
-const maxSamples = 10
+// verifyTick is how often verify proves parity and credits the hold.
+const verifyTick = 500 * time.Millisecond
 
-// verify scans the whole table in key order, chunk by chunk, while the
-// application dual-writes and the stream keeps checking. A row that differs
-// is checked again once the stream has passed the position at which its
-// chunk was read; only a difference that persists is a mismatch: it is
-// repaired, logged with its key, and starts the hold period again, as does
-// any correction the stream makes. The phase ends after a whole clean pass
-// and a hold period without mismatches or corrections.
-func (d *Daemon) verify(ctx context.Context, st *State) error {
+// verify proves parity while the application owns the new columns: one
+// read-only pass over the whole table in key order, and the stream checking
+// every row the application changes. A row out of parity is kept with both
+// values, never overwritten, and holds the contract until the application
+// fixes it or an operator accepts it; with detect auto it proves the
+// detection premature and the migration goes back to sync instead.
+//
+// The hold counts only time proven clean: each tick reads the server's
+// clock and WAL position and waits until the stream has checked everything
+// before that position; the time between two such proofs, with no row
+// found out of parity in between, is added. Time the daemon is down, or the
+// stream behind, is never added, and a restarted daemon proves parity anew
+// before it counts again.
+func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 	if err := d.startPipeline(ctx); err != nil {
 		return err
 	}
-	throttle := snapshot.NewThrottle(snapshot.ThrottleConfig{
-		MaxRowsPerSecond: d.cfg.Backfill.MaxRowsPerSecond,
-		MaxReplicaLag:    d.cfg.Throttle.MaxReplicaLag,
-		MaxSlotLag:       d.cfg.Throttle.MaxSlotLag,
-		Slot:             d.cfg.SlotName(),
-	}, d.pool, d.paused.Load)
-	d.live.mu.Lock()
-	d.live.throttleReason = throttle.Reason
-	d.live.mu.Unlock()
-	if st.CleanSince == nil {
-		if err := d.store.Update(ctx, d.conn, "clean_since = now()"); err != nil {
-			return err
-		}
-	}
-	d.log.Info("verify: checking parity over the whole table", "hold", d.cfg.ContractPolicy.Hold, "contract_policy", d.cfg.ContractPolicy.Mode)
-	fixes := d.totalCorrections()
+	throttle := d.newThrottle("verify")
+	d.log.Info("verify: the application owns the new columns; checking parity over the whole table",
+		"hold", d.cfg.ContractPolicy.Hold, "contract_policy", d.cfg.ContractPolicy.Mode, "hold_proven", st.HoldProven)
+	var mark time.Time // the server's clock at the last proof of this run; zero: none yet
+	found := d.checks.found.Load()
 	saidNever := false
 	var passHi recompute.Key // the highest key of the pass in hand
 	return d.pipe.Load().guard(ctx, func(ctx context.Context) error {
@@ -49,51 +46,96 @@ func (d *Daemon) verify(ctx context.Context, st *State) error {
 			if err != nil {
 				return err
 			}
-			if now := d.totalCorrections(); now != fixes {
-				// The stream corrected rows: not everything dual-writes yet.
-				fixes = now
-				d.log.Info("verify: the stream corrected rows; the hold period starts again")
-				if err := d.store.Update(ctx, d.conn, "clean_since = now()"); err != nil {
+			outstanding, err := d.recheckKept(ctx)
+			if err != nil {
+				return err
+			}
+			if outstanding > 0 {
+				if d.cfg.DualWrite.Detect == "auto" {
+					return d.backToSync(ctx, state.Verify, outstanding)
+				}
+				mark = time.Time{}
+				if st.HoldProven > 0 {
+					if err := d.store.ResetHold(ctx, d.conn); err != nil {
+						return err
+					}
+				}
+				d.waiting.Store(fmt.Sprintf("%d rows out of parity: the application must fix them, or an operator accept them (cdcbackfill approve --accept-mismatches); the hold starts once none is left", outstanding))
+				d.rlog.Info("verify: rows out of parity hold the contract; the hold starts once none is left", "rows", outstanding)
+			}
+			if !st.PassDone {
+				if passHi, err = d.verifyChunk(ctx, st, throttle, passHi); err != nil {
 					return err
 				}
-				continue
-			}
-			held := st.CleanSince != nil && time.Since(*st.CleanSince) >= d.cfg.ContractPolicy.Hold
-			cleanPass := st.CleanPassStarted != nil && st.CleanSince != nil && !st.CleanPassStarted.Before(*st.CleanSince)
-			if held && cleanPass {
-				if d.cfg.ContractPolicy.Mode == "never" {
-					if !saidNever {
-						d.log.Info("verify: parity holds; contract_policy.mode is never, so the migration stays in verify and drops nothing")
-						saidNever = true
-					}
-				} else {
-					return d.store.SetPhase(ctx, d.conn, Verify, Contract, map[string]any{
-						"rows_checked": st.VerifyRowsChecked, "mismatches": st.VerifyMismatches})
+				if outstanding == 0 {
+					d.waiting.Store(fmt.Sprintf("the verify pass: %d rows checked", st.VerifyRowsChecked))
 				}
-			}
-			if cleanPass && st.VerifyCursor == nil {
-				// A whole pass found nothing since the hold began: no need
-				// to scan again unless a mismatch or a correction restarts
-				// the hold; the stream keeps checking every change.
-				if err := sleep(ctx, 500*time.Millisecond); err != nil {
+				if err := dbconn.Sleep(ctx, d.cfg.Backfill.Sleep); err != nil {
 					return nil
 				}
 				continue
 			}
-			if st.VerifyCursor == nil || passHi == nil {
-				// A pass covers the keys that exist when it starts; rows
-				// inserted later come through the stream.
-				if passHi, err = d.table.HighestKey(ctx, d.conn); err != nil {
-					return err
+			if outstanding > 0 {
+				if err := dbconn.Sleep(ctx, verifyTick); err != nil {
+					return nil
 				}
-				if passHi == nil {
-					continue // empty table: nothing to check yet
-				}
+				continue
 			}
-			if err := d.verifyChunk(ctx, st, throttle, passHi); err != nil {
+			now, ok, err := d.proveClean(ctx)
+			if err != nil {
 				return err
 			}
-			if err := sleep(ctx, d.cfg.Backfill.Sleep); err != nil {
+			if !ok {
+				mark = time.Time{}
+				d.waiting.Store("the stream to catch up, to prove parity up to now")
+				continue
+			}
+			if f := d.checks.found.Load(); f != found {
+				// Rows were found out of parity since the last proof and
+				// fixed since: the clean time starts over.
+				found, mark = f, now
+				d.rlog.Info("verify: rows were out of parity; the hold starts again")
+				if err := d.restartHold(ctx); err != nil {
+					return err
+				}
+				continue
+			}
+			held := st.HoldProven
+			if !mark.IsZero() {
+				if err := d.store.CreditHold(ctx, d.conn, now.Sub(mark)); err != nil {
+					return err
+				}
+				held += now.Sub(mark)
+			} else if st.HoldProven == 0 {
+				if err := d.startUsageWatch(ctx); err != nil {
+					return err
+				}
+			}
+			mark = now
+			if held < d.cfg.ContractPolicy.Hold {
+				d.waiting.Store(fmt.Sprintf("the hold: parity proven for %s of %s", held.Round(time.Second), d.cfg.ContractPolicy.Hold))
+			} else {
+				switch {
+				case d.cfg.ContractPolicy.Mode == "never":
+					d.waiting.Store("nothing: parity holds, and contract_policy.mode is never")
+					if !saidNever {
+						d.log.Info("verify: parity holds; contract_policy.mode is never, so the migration stays in verify and drops nothing")
+						saidNever = true
+					}
+				case d.paused.Load():
+					d.waiting.Store("resume: parity holds, but the migration is paused (cdcbackfill resume)")
+				default:
+					blocked, err := d.oldColumnStillUsed(ctx, st)
+					if err != nil {
+						return err
+					}
+					if !blocked {
+						return d.store.Move(ctx, d.conn, state.Verify, state.Contract, map[string]any{
+							"rows_checked": st.VerifyRowsChecked, "hold_proven": held.String()})
+					}
+				}
+			}
+			if err := dbconn.Sleep(ctx, verifyTick); err != nil {
 				return nil
 			}
 		}
@@ -101,92 +143,101 @@ func (d *Daemon) verify(ctx context.Context, st *State) error {
 	})
 }
 
-// verifyChunk checks the next chunk and saves its cursor and counts.
-func (d *Daemon) verifyChunk(ctx context.Context, st *State, throttle *snapshot.Throttle, hi recompute.Key) error {
+// restartHold starts the hold over from now: nothing proven yet, and a new
+// baseline of the statements that use the old column.
+func (d *Daemon) restartHold(ctx context.Context) error {
+	if err := d.store.ResetHold(ctx, d.conn); err != nil {
+		return err
+	}
+	return d.startUsageWatch(ctx)
+}
+
+// proveClean reads the server's clock and WAL insert position and waits
+// (boundedly) until the stream has checked everything committed before
+// that position: parity held up to that clock time, since every change
+// before it has been checked. ok is false when the stream did not get there.
+func (d *Daemon) proveClean(ctx context.Context) (now time.Time, ok bool, err error) {
+	var at string
+	if err := d.conn.QueryRow(ctx, "SELECT clock_timestamp(), pg_current_wal_insert_lsn()::text").Scan(&now, &at); err != nil {
+		return now, false, fmt.Errorf("read the server's clock: %w", err)
+	}
+	lsn, err := pglogrepl.ParseLSN(at)
+	if err != nil {
+		return now, false, err
+	}
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := d.pipe.Load().waitApplied(wctx, lsn); err != nil {
+		if wctx.Err() != nil && ctx.Err() == nil {
+			return now, false, nil
+		}
+		return now, false, err
+	}
+	return now, true, nil
+}
+
+// newThrottle bounds backfill and verify batches; it logs when it starts
+// and stops holding them back, with the reason.
+func (d *Daemon) newThrottle(what string) *snapshot.Throttle {
+	th := snapshot.NewThrottle(snapshot.ThrottleConfig{
+		MaxRowsPerSecond: d.cfg.Backfill.MaxRowsPerSecond,
+		MaxReplicaLag:    d.cfg.Throttle.MaxReplicaLag,
+		MaxSlotLag:       d.cfg.Throttle.MaxSlotLag,
+		Slot:             d.cfg.SlotName(),
+		Name:             what,
+		Logger:           d.log,
+	}, d.pool, d.paused.Load)
+	d.live.mu.Lock()
+	d.live.throttleReason = th.Reason
+	d.live.mu.Unlock()
+	return th
+}
+
+// verifyChunk checks the next chunk of the pass, read-only, and saves its
+// cursor and count. A row that differs is checked again once the stream
+// has passed the position the chunk was read at, so a change the chunk saw
+// half-way is judged as the stream judges it; one that still differs is
+// reported to the check sink. It returns the pass's highest key.
+func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle *snapshot.Throttle, hi recompute.Key) (recompute.Key, error) {
+	if st.VerifyCursor == nil || hi == nil {
+		// A pass covers the keys that exist when it starts; rows inserted
+		// later come through the stream.
+		var err error
+		if hi, err = d.table.HighestKey(ctx, d.conn); err != nil {
+			return nil, err
+		}
+		if hi == nil {
+			return nil, d.store.VerifyChunk(ctx, d.conn, 0, nil) // empty table: nothing to check
+		}
+	}
 	size := d.cfg.Backfill.BatchSize
 	if err := throttle.Wait(ctx, size); err != nil {
-		return nil
-	}
-	if st.VerifyCursor == nil {
-		if err := d.store.Update(ctx, d.conn, "verify_pass_started = now()"); err != nil {
-			return err
-		}
+		return hi, nil
 	}
 	res, err := d.table.Check(ctx, d.conn, st.VerifyCursor, hi, size)
 	if err != nil {
-		return fmt.Errorf("verify chunk after %v: %w", st.VerifyCursor, err)
+		return nil, fmt.Errorf("verify chunk after %v: %w", st.VerifyCursor, err)
 	}
-	persistent, err := d.recheck(ctx, res.Skipped)
-	if err != nil {
-		return err
-	}
-	passDone := res.Scanned < int64(size)
-	set := "verify_rows_checked = verify_rows_checked + $2, verify_mismatches = verify_mismatches + $3, verify_cursor = $4"
-	args := []any{res.Scanned, int64(len(persistent)), []string(res.Last)}
-	if passDone {
-		args = []any{res.Scanned, int64(len(persistent)), nil}
-		// A pass ends; it was clean if the hold was not restarted since it began.
-		set += ", clean_pass_started = CASE WHEN clean_since <= verify_pass_started THEN verify_pass_started ELSE clean_pass_started END, verify_pass_started = NULL"
-	}
-	if len(persistent) > 0 {
-		samples := make([]string, len(persistent))
-		for i, k := range persistent {
-			samples[i] = d.table.KeyString(k)
+	if len(res.Skipped) > 0 {
+		lsn, err := insertLSN(ctx, d.conn)
+		if err != nil {
+			return nil, err
 		}
-		set += fmt.Sprintf(", clean_since = now(), mismatch_samples = ($5::text[] || mismatch_samples)[1:%d]", maxSamples)
-		args = append(args, samples)
-		d.log.Warn("verify: rows out of parity that the stream did not explain; repaired, hold restarts",
-			"count", len(persistent), "keys", samples)
-	}
-	return d.store.Update(ctx, d.conn, set, args...)
-}
-
-// recheck waits until the stream has applied everything committed before
-// now (a WAL position read after the chunk: any change the chunk saw
-// committed before it), then recomputes each differing key; the ones the
-// recompute still had to change are persistent mismatches (now repaired).
-func (d *Daemon) recheck(ctx context.Context, keys []recompute.Key) ([]recompute.Key, error) {
-	if len(keys) == 0 {
-		return nil, nil
-	}
-	lsn, err := d.insertLSN(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if err := d.pipe.Load().waitApplied(ctx, lsn); err != nil {
-		return nil, err
-	}
-	var persistent []recompute.Key
-	for len(keys) > 0 {
-		var held []recompute.Key
-		for _, k := range keys {
-			res, err := d.table.Keys(ctx, d.conn, []recompute.Key{k})
-			if err != nil {
-				return nil, fmt.Errorf("verify: repair %s: %w", d.table.KeyString(k), err)
-			}
-			if res.Corrected > 0 {
-				persistent = append(persistent, k)
-			}
-			held = append(held, res.Skipped...)
+		if err := d.pipe.Load().waitApplied(ctx, lsn); err != nil {
+			return nil, err
 		}
-		if len(held) > 0 {
-			// The application holds these rows: its commit will come
-			// through the stream; check them again after it.
-			if err := sleep(ctx, 100*time.Millisecond); err != nil {
-				return nil, err
-			}
+		found, err := d.table.CheckKeys(ctx, d.conn, res.Skipped)
+		if err != nil {
+			return nil, fmt.Errorf("verify: check again %d rows: %w", len(res.Skipped), err)
 		}
-		keys = held
+		if err := d.checks.Report(ctx, found, nil); err != nil {
+			return nil, err
+		}
 	}
-	return persistent, nil
-}
-
-// insertLSN is the server's current WAL insert position: every transaction
-// committed so far ends before it.
-func (d *Daemon) insertLSN(ctx context.Context) (pglogrepl.LSN, error) {
-	var at string
-	if err := d.conn.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&at); err != nil {
-		return 0, err
+	cursor := res.Last
+	if res.Scanned < int64(size) {
+		cursor = nil // the pass ended
+		d.log.Info("verify: a whole pass over the table ended", "rows_checked", st.VerifyRowsChecked+res.Scanned)
 	}
-	return pglogrepl.ParseLSN(at)
+	return hi, d.store.VerifyChunk(ctx, d.conn, res.Scanned, cursor)
 }

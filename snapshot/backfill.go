@@ -71,9 +71,12 @@ type Backfiller struct {
 	BatchSize       int           // first batch
 	TargetBatchTime time.Duration // 0: BatchSize stays fixed
 	Sleep           time.Duration // between batches
-	Throttle        *Throttle
-	Checkpoint      Checkpoint
-	Log             *slog.Logger
+	// LockTimeout bounds every lock wait of a batch (the table's lock, the
+	// state row); a batch that times out is rolled back and tried again.
+	LockTimeout time.Duration
+	Throttle    *Throttle
+	Checkpoint  Checkpoint
+	Log         *slog.Logger
 }
 
 // Batch sizes stay within these bounds when adapting to the target time.
@@ -117,6 +120,17 @@ func (b *Backfiller) walk(ctx context.Context, conn *pgx.Conn, worker int, r Ran
 			return fmt.Errorf("backfill worker %d: throttle: %w", worker, err)
 		}
 		took, res, err := b.batch(ctx, conn, worker, &r, size)
+		if recompute.IsLockTimeout(err) {
+			// Another session holds the table (DDL, LOCK TABLE) or the
+			// state row: nothing was done; try again after a pause.
+			if b.Log != nil {
+				b.Log.Warn("backfill: a batch waited longer than ddl.lock_timeout for a lock; retrying", "worker", worker, "err", err)
+			}
+			if sleep(ctx, time.Second) != nil {
+				return nil
+			}
+			continue
+		}
 		if err != nil {
 			return err
 		}
@@ -184,8 +198,13 @@ func (b *Backfiller) rangeBatch(ctx context.Context, tx pgx.Tx, lo, hi recompute
 		return recompute.Result{}, err
 	}
 	res, err := b.Table.FastRange(ctx, tx, lo, hi, size)
+	lt := b.LockTimeout
+	if lt <= 0 {
+		lt = 2 * time.Second
+	}
+	bounded := fmt.Sprintf("SET LOCAL lock_timeout = %d", lt.Milliseconds())
 	if err == nil {
-		_, err = tx.Exec(ctx, "SET LOCAL lock_timeout = 0")
+		_, err = tx.Exec(ctx, bounded)
 		return res, err
 	}
 	if !recompute.IsLockTimeout(err) {
@@ -194,7 +213,9 @@ func (b *Backfiller) rangeBatch(ctx context.Context, tx pgx.Tx, lo, hi recompute
 	if _, err := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT cdcb_fast"); err != nil {
 		return recompute.Result{}, err
 	}
-	if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = 0"); err != nil {
+	// SKIP LOCKED passes over held rows, but the statement can still queue
+	// behind a lock on the table: bounded too.
+	if _, err := tx.Exec(ctx, bounded); err != nil {
 		return recompute.Result{}, err
 	}
 	return b.Table.Range(ctx, tx, lo, hi, size)

@@ -4,13 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 	"github.com/cdcbackfill/cdcbackfill/internal/sessions"
 )
@@ -40,8 +40,10 @@ func (s *Slot) Release() {
 	}
 }
 
-// EnsurePublication creates the publication for the table unless it exists.
-func EnsurePublication(ctx context.Context, q recompute.Querier, name string, t *recompute.Table) error {
+// EnsurePublication creates the publication for the table unless it exists;
+// run runs the CREATE statement (under the caller's lock_timeout and
+// retries).
+func EnsurePublication(ctx context.Context, q recompute.Querier, name string, t *recompute.Table, run func(stmt string) error) error {
 	var exists bool
 	if err := q.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, name).Scan(&exists); err != nil {
 		return fmt.Errorf("look up publication %q: %w", name, err)
@@ -58,7 +60,7 @@ func EnsurePublication(ctx context.Context, q recompute.Querier, name string, t 
 	target := t.Ident()
 	// publish_via_partition_root: a partitioned table's changes then name
 	// the table itself, not its partitions, so none is passed over.
-	if _, err := q.Exec(ctx, "CREATE PUBLICATION "+pgx.Identifier{name}.Sanitize()+" FOR TABLE "+target+" WITH (publish_via_partition_root = true)"); err != nil {
+	if err := run("CREATE PUBLICATION " + pgx.Identifier{name}.Sanitize() + " FOR TABLE " + target + " WITH (publish_via_partition_root = true)"); err != nil {
 		return fmt.Errorf("create publication %q for %s: %w", name, t.Ident(), err)
 	}
 	return nil
@@ -165,7 +167,8 @@ func describeWriters(ctx context.Context, dsn string) string {
 
 // ReadPlan reads the plan inside the slot's exported snapshot, so the
 // bounds are exactly those of the consistent point, then ends the
-// transaction: no snapshot of the daemon outlives this call.
+// transaction: no snapshot of the daemon outlives this call. The estimate
+// is the planner's (0 for a table never analyzed: see CountRows).
 func ReadPlan(ctx context.Context, conn *pgx.Conn, snapshotName string, t *recompute.Table) (Plan, error) {
 	tx, err := conn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
 	if err != nil {
@@ -174,7 +177,7 @@ func ReadPlan(ctx context.Context, conn *pgx.Conn, snapshotName string, t *recom
 	defer tx.Rollback(context.Background())
 	// SET TRANSACTION SNAPSHOT takes a literal only; the name comes from
 	// the server, quoted as a literal all the same.
-	if _, err := tx.Exec(ctx, "SET TRANSACTION SNAPSHOT "+quoteLiteral(snapshotName)); err != nil {
+	if _, err := tx.Exec(ctx, "SET TRANSACTION SNAPSHOT "+dbconn.QuoteLiteral(snapshotName)); err != nil {
 		return Plan{}, fmt.Errorf("import snapshot %q: %w", snapshotName, err)
 	}
 	lo, hi, n, err := t.Bounds(ctx, tx)
@@ -183,13 +186,6 @@ func ReadPlan(ctx context.Context, conn *pgx.Conn, snapshotName string, t *recom
 	}
 	if err := tx.Commit(ctx); err != nil {
 		return Plan{}, err
-	}
-	if n == 0 && hi != nil {
-		// Never analyzed: count, but outside the snapshot, which would
-		// hold back vacuum for as long as the count takes.
-		if n, err = t.Count(ctx, conn); err != nil {
-			return Plan{}, err
-		}
 	}
 	return Plan{Lo: lo, Hi: hi, Estimate: n}, nil
 }
@@ -201,12 +197,33 @@ func ReadPlan(ctx context.Context, conn *pgx.Conn, snapshotName string, t *recom
 func ReadPlanNow(ctx context.Context, q recompute.Querier, t *recompute.Table) (Plan, error) {
 	lo, hi, n, err := t.Bounds(ctx, q)
 	if err == nil && n == 0 && hi != nil {
-		n, err = t.Count(ctx, q)
+		n, err = CountRows(ctx, q, t)
 	}
 	return Plan{Lo: lo, Hi: hi, Estimate: n}, err
 }
 
-func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
+// countChunk is the keys one counting statement covers.
+const countChunk = 100000
+
+// CountRows counts the table's rows in key-ordered chunks, an index-only
+// walk of countChunk keys per statement, so no statement scans the whole
+// table or runs long; for a table never analyzed, whose size the planner
+// does not know.
+func CountRows(ctx context.Context, q recompute.Querier, t *recompute.Table) (int64, error) {
+	var total int64
+	var after recompute.Key
+	for {
+		n, last, err := t.CountAfter(ctx, q, after, countChunk)
+		if err != nil {
+			return 0, err
+		}
+		total += n
+		if n < countChunk || last == nil {
+			return total, nil
+		}
+		after = last
+	}
+}
 
 // DropSlot drops the slot if it exists, ending a walsender still holding it.
 func DropSlot(ctx context.Context, q recompute.Querier, name string) error {

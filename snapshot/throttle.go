@@ -3,6 +3,7 @@ package snapshot
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"sync"
 	"time"
 
@@ -18,6 +19,10 @@ type ThrottleConfig struct {
 	MaxSlotLag       int64         // bytes; 0: not checked
 	Slot             string
 	CheckEvery       time.Duration // how often lags are read (default 1s)
+	// Name ("backfill", "verify") and Logger: the throttle logs when it
+	// starts holding batches back, with the reason, and when it stops.
+	Name   string
+	Logger *slog.Logger // may be nil
 }
 
 // Throttle decides when the next batch may run: not while paused, not
@@ -31,6 +36,7 @@ type Throttle struct {
 
 	mu        sync.Mutex
 	reason    string
+	since     time.Time // when reason began
 	checkedAt time.Time
 	lagReason string
 }
@@ -57,25 +63,29 @@ func (th *Throttle) Reason() string {
 
 func (th *Throttle) setReason(r string) {
 	th.mu.Lock()
-	th.reason = r
+	was, since := th.reason, th.since
+	if r != was {
+		th.reason, th.since = r, time.Now()
+	}
 	th.mu.Unlock()
+	if r == was || th.cfg.Logger == nil {
+		return
+	}
+	switch {
+	case r == "":
+		th.cfg.Logger.Info(th.cfg.Name+": throttle released", "was", was, "after", time.Since(since).Round(time.Millisecond))
+	case was == "":
+		th.cfg.Logger.Info(th.cfg.Name+": throttled: batches wait", "reason", r)
+	default:
+		th.cfg.Logger.Info(th.cfg.Name+": still throttled, for another reason", "reason", r, "was", was)
+	}
 }
 
 // Wait blocks until a batch of rows may run. It returns ctx.Err() when ctx
 // ends first.
 func (th *Throttle) Wait(ctx context.Context, rows int) error {
-	for {
-		reason, err := th.blocked(ctx)
-		if err != nil {
-			return err
-		}
-		th.setReason(reason)
-		if reason == "" {
-			break
-		}
-		if err := sleep(ctx, 200*time.Millisecond); err != nil {
-			return err
-		}
+	if err := th.waitUnblocked(ctx); err != nil {
+		return err
 	}
 	if th.limiter == nil {
 		return nil
@@ -88,7 +98,25 @@ func (th *Throttle) Wait(ctx context.Context, rows int) error {
 		}
 		rows -= n
 	}
-	return nil
+	// The rate's wait may have been long: a pause (or a lag) that came
+	// meanwhile holds this batch too.
+	return th.waitUnblocked(ctx)
+}
+
+func (th *Throttle) waitUnblocked(ctx context.Context) error {
+	for {
+		reason, err := th.blocked(ctx)
+		if err != nil {
+			return err
+		}
+		th.setReason(reason)
+		if reason == "" {
+			return nil
+		}
+		if err := sleep(ctx, 200*time.Millisecond); err != nil {
+			return err
+		}
+	}
 }
 
 func (th *Throttle) blocked(ctx context.Context) (string, error) {

@@ -38,6 +38,13 @@ import (
 // column is gone and no slot, publication or origin is left. The fault
 // choices and timings are replayable from the seed; the interleaving with
 // the daemon and the server is not, as in production.
+//
+// The straggler fault is an old-release writer (a pod not yet rolled, a cron
+// job) that writes full_name only, at a low rate, for a few seconds, from
+// sync on through verify and contract. The migration must never contract
+// while it writes (its writes would then fail on the dropped column), and
+// nothing it wrote may be lost: each of its writes is recorded in
+// `expected` like the application's.
 
 const (
 	faultKill = iota
@@ -45,10 +52,11 @@ const (
 	faultTerminate
 	faultLock
 	faultPause
+	faultStraggler
 	numFaults
 )
 
-var faultNames = [numFaults]string{"kill", "server_restart", "terminate", "lock", "pause"}
+var faultNames = [numFaults]string{"kill", "server_restart", "terminate", "lock", "pause", "straggler"}
 
 const (
 	chaosRows        = 20000
@@ -81,6 +89,9 @@ type chaosTally struct {
 	appRestartFailures int64 // failed in a server restart window: expected
 	appOtherFailures   int64 // anything else: must be 0
 	selfExits          int   // the daemon exited non-zero without being killed: must be 0
+	stragglerWrites    int64
+	stragglerLate      int64 // straggler writes that found the old column dropped: must be 0
+	premature          int64 // auto-detected dual-writes proved premature
 	seedsFailed        []uint64
 }
 
@@ -126,7 +137,7 @@ func TestChaos(t *testing.T) {
 
 func printChaosTable(seed uint64, tally *chaosTally, took time.Duration) {
 	var b strings.Builder
-	row := func(name string, v any) { fmt.Fprintf(&b, "  %-38s %10v\n", name, v) }
+	row := func(name string, v any) { fmt.Fprintf(&b, "  %-44s %10v\n", name, v) }
 	fmt.Fprintf(&b, "\nchaos summary (seed=%d)\n", seed)
 	row("iterations", tally.iterations)
 	row("iterations failed", tally.failed)
@@ -149,6 +160,9 @@ func printChaosTable(seed uint64, tally *chaosTally, took time.Duration) {
 	row("app transactions", tally.appTxns)
 	row("app failures in server restarts", tally.appRestartFailures)
 	row("app failures otherwise (must be 0)", tally.appOtherFailures)
+	row("straggler writes", tally.stragglerWrites)
+	row("straggler writes after contract (must be 0)", tally.stragglerLate)
+	row("premature dual-write detections", tally.premature)
 	row("rows checked", tally.rows)
 	row("mismatches (must be 0)", tally.mismatches)
 	row("total time", took.Round(time.Second))
@@ -177,6 +191,7 @@ type chaosRun struct {
 	killed  int // backends terminated
 	exits   int // daemon exits on its own
 	windows []window
+	strag   *straggler
 }
 
 type window struct{ from, to time.Time }
@@ -216,6 +231,13 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 	t.Cleanup(appPool.Close)
 	c.app = startChaosApp(appPool, chaosWriters, chaosRows, iterSeed)
 	defer c.app.stop()
+	stragPool, err := pgxpool.New(context.Background(), withParam(dsn, "application_name=chaos-straggler"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stragPool.Close)
+	c.strag = &straggler{pool: stragPool}
+	defer c.strag.stop()
 	c.phases = watchPhases(pool, c.app.app, c.begin)
 	defer c.phases.stop()
 	defer func() {
@@ -241,6 +263,11 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 		tally.appTxns += c.app.ops.Load()
 		tally.appRestartFailures += int64(inRestart)
 		tally.appOtherFailures += int64(len(other))
+		tally.stragglerWrites += c.strag.writes.Load()
+		tally.stragglerLate += c.strag.late.Load()
+		var premature int64
+		_ = pool.QueryRow(context.Background(), `SELECT premature_detections FROM cdcbackfill.migrations`).Scan(&premature)
+		tally.premature += premature
 	}()
 
 	if c.rng.IntN(3) == 0 {
@@ -259,7 +286,7 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 		c.note("daemon started")
 	}
 
-	kinds := []int{faultKill, faultTerminate, faultLock, faultPause}
+	kinds := []int{faultKill, faultTerminate, faultLock, faultPause, faultStraggler}
 	if srv.Kind() == "local" {
 		kinds = append(kinds, faultServerRestart)
 	} else {
@@ -283,6 +310,9 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 		if kind == faultPause && ph == "" {
 			kind = faultKill // no state row to pause yet
 		}
+		if kind == faultStraggler && ph != "sync" && ph != "verify" && ph != "contract" {
+			kind = faultLock // the old release's writes matter once the new one dual-writes
+		}
 		c.inject(kind, ph)
 	}
 	c.note("faults stop (phase %s)", c.phases.current())
@@ -304,7 +334,11 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 	c.phases.saw("done")
 	waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return c.app.mode.Load() == writeNew })
 	c.app.stop()
+	c.strag.stop()
 	c.phases.stop()
+	if n := c.strag.late.Load(); n > 0 {
+		t.Errorf("the old column was dropped while the straggler still wrote it: %d of its writes failed on it", n)
+	}
 
 	rows = query[int64](t, pool, `SELECT count(*) FROM users`)
 	bad = differFromExpected(t, pool)
@@ -316,6 +350,9 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 	}
 	nothingLeft(t, pool)
 	inRestart, other = c.app.classify(c.windows)
+	sInRestart, sOther := c.strag.classify(c.windows)
+	inRestart += sInRestart
+	other = append(other, sOther...)
 	if len(other) > 0 {
 		var b strings.Builder
 		for i, f := range other {
@@ -447,6 +484,15 @@ func (c *chaosRun) inject(kind int, ph string) {
 		hold, release := c.lock(ph)
 		time.Sleep(hold)
 		release()
+
+	case faultStraggler:
+		dur := 1500*time.Millisecond + time.Duration(c.rng.Int64N(int64(3*time.Second)))
+		every := 100*time.Millisecond + time.Duration(c.rng.Int64N(int64(300*time.Millisecond)))
+		if c.strag.start(c.rng.Uint64(), dur, every) {
+			c.note("[%s] straggler: writes full_name only, every %s for %s", ph, every.Round(time.Millisecond), dur.Round(time.Millisecond))
+		} else {
+			c.note("[%s] straggler: already writing", ph)
+		}
 
 	case faultPause:
 		hold := 500*time.Millisecond + time.Duration(c.rng.Int64N(int64(1500*time.Millisecond)))
@@ -728,4 +774,86 @@ func (w *phaseWatch) stop() {
 		w.cancel()
 		<-w.done
 	})
+}
+
+// straggler is an old-release writer: full_name only, recorded in
+// expected with what the expressions make of it.
+type straggler struct {
+	pool *pgxpool.Pool
+
+	mu       sync.Mutex
+	cancel   context.CancelFunc
+	done     chan struct{}
+	failures []appFailure
+
+	writes, late atomic.Int64
+}
+
+// start begins a bout of writes unless one runs; it reports whether it
+// started one.
+func (s *straggler) start(seed uint64, dur, every time.Duration) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done != nil {
+		select {
+		case <-s.done:
+		default:
+			return false
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), dur)
+	s.cancel, s.done = cancel, make(chan struct{})
+	done := s.done
+	go func() {
+		defer close(done)
+		r := rand.New(rand.NewPCG(seed, 5))
+		for ctx.Err() == nil {
+			id := r.Int64N(chaosRows) + 1
+			name := fmt.Sprintf("late%d straggler%d", r.IntN(100000), r.IntN(100000))
+			err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+				if _, err := tx.Exec(ctx, `UPDATE users SET full_name = $2 WHERE id = $1`, id, name); err != nil {
+					return err
+				}
+				_, err := tx.Exec(ctx, `INSERT INTO expected (id, first, last) SELECT $1, split_part($2, ' ', 1), split_part($2, ' ', 2)
+					WHERE EXISTS (SELECT 1 FROM users WHERE id = $1)
+					ON CONFLICT (id) DO UPDATE SET first = EXCLUDED.first, last = EXCLUDED.last`, id, name)
+				return err
+			})
+			var pgErr *pgconn.PgError
+			switch {
+			case err == nil:
+				s.writes.Add(1)
+			case errors.As(err, &pgErr) && pgErr.Code == "42703":
+				s.late.Add(1)
+			case ctx.Err() == nil:
+				s.mu.Lock()
+				s.failures = append(s.failures, appFailure{time.Now(), err})
+				s.mu.Unlock()
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(every):
+			}
+		}
+	}()
+	return true
+}
+
+func (s *straggler) stop() {
+	s.mu.Lock()
+	cancel, done := s.cancel, s.done
+	s.mu.Unlock()
+	if cancel != nil {
+		cancel()
+		<-done
+	}
+}
+
+// classify splits its failures as chaosApp.classify does.
+func (s *straggler) classify(windows []window) (inRestart int, other []appFailure) {
+	s.mu.Lock()
+	failures := s.failures
+	s.mu.Unlock()
+	c := &chaosApp{app: &app{}, failures: failures}
+	return c.classify(windows)
 }

@@ -62,23 +62,39 @@ func statusCmd() *cobra.Command {
 
 func controlCmd(name string) *cobra.Command {
 	short := map[string]string{
-		"pause":   "Pause the backfill and verify batches (the stream keeps the table in sync)",
+		"pause":   "Pause batches and phase changes (the stream keeps the table in sync)",
 		"resume":  "Resume after pause",
 		"approve": "Approve the step the migration waits for: dual-write (sync) or contract",
 		"recover": "After the server invalidated the slot (wal_status lost): drop it and backfill again with a new one",
 	}[name]
-	return &cobra.Command{
+	cmd := &cobra.Command{
 		Use:   name + " --config FILE",
 		Short: short,
 		Args:  cobra.NoArgs,
 		RunE:  controlE(name),
 	}
+	if name == "approve" {
+		cmd.Use = "approve --config FILE [--accept-mismatches] [--force]"
+		cmd.Long = `approve approves the step the migration waits for: in sync, that the application
+dual-writes (from then on the application owns the new columns and the daemon never
+writes them again); in contract, the cut-over that drops the old column.
+
+--accept-mismatches (verify or contract) accepts the rows whose new columns differ from
+their expressions as the application wrote them: they keep their values and no longer
+hold the contract. It is recorded in the state row and the event log.
+
+--force (contract) approves although statements that use the old column without the
+new ones ran during the hold (pg_stat_statements): only once nothing needs it.`
+		cmd.Flags().Bool("accept-mismatches", false, "accept the rows out of parity as the application wrote them")
+		cmd.Flags().Bool("force", false, "contract although statements still use the old column")
+	}
+	return cmd
 }
 
 func abortCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "abort --config FILE [--rollback]",
-		Short: "Stop the migration before contract: drop slot and publication; --rollback also undoes expand",
+		Short: "Stop the migration until the contract DDL commits: drop slot and publication; --rollback also undoes expand",
 		Args:  cobra.NoArgs,
 		RunE:  controlE("abort"),
 	}

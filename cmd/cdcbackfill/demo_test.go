@@ -27,7 +27,7 @@ func TestDemo(t *testing.T) {
 		"done      nothing left behind",
 		"deploys release 2", "deploys release 3",
 		"summary:", "phase times:", "stream corrections:", "peak slot lag:",
-		"lock wait, expand DDL:", "lock wait, contract DDL:",
+		"lock wait, expand DDL:", "contract cut-over:", "longest application stall",
 		"application transactions:", "failed 0",
 		"parity: OK (")
 	if strings.Contains(r.stdout, "\r") {

@@ -6,6 +6,8 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -49,11 +51,13 @@ func controlE(action string) func(*cobra.Command, []string) error {
 		if err != nil {
 			return err
 		}
-		rollback := false
-		if f := cmd.Flags().Lookup("rollback"); f != nil {
-			rollback = f.Value.String() == "true"
+		flag := func(name string) bool {
+			f := cmd.Flags().Lookup(name)
+			return f != nil && f.Value.String() == "true"
 		}
-		msg, err := phases.Control(cmd.Context(), cfg, action, rollback)
+		opts := phases.ControlOptions{Rollback: flag("rollback"), AcceptMismatches: flag("accept-mismatches"), Force: flag("force"),
+			Progress: func(s string) { fmt.Fprintln(cmd.ErrOrStderr(), s) }}
+		msg, err := phases.Control(cmd.Context(), cfg, action, opts)
 		if err != nil {
 			return err
 		}
@@ -86,7 +90,7 @@ func statusE(cmd *cobra.Command, _ []string) error {
 			}
 			printStatus(out, r)
 		}
-		if !watch || r.Phase == phases.Done || r.Phase == phases.Aborted {
+		if !watch || r.Phase.Ended() {
 			return nil
 		}
 		select {
@@ -98,7 +102,8 @@ func statusE(cmd *cobra.Command, _ []string) error {
 }
 
 // printStatus renders the status for a person: a progress bar with rows/s
-// and ETA, then the stream's figures.
+// and ETA while a daemon runs, then the stream's and verify's figures, and
+// what the phase waits for.
 func printStatus(w io.Writer, r *phases.StatusReport) {
 	state := "no daemon running"
 	if r.Running {
@@ -108,6 +113,9 @@ func printStatus(w io.Writer, r *phases.StatusReport) {
 		state += ", PAUSED"
 	}
 	fmt.Fprintf(w, "migration %s: phase %s (%s, since %s)\n", r.Name, r.Phase, state, r.PhaseStartedAt.Local().Format(time.DateTime))
+	if r.Waiting != "" {
+		fmt.Fprintf(w, "waiting for: %s\n", r.Waiting)
+	}
 	total := max(r.Backfill.RowsTotal, r.Backfill.RowsDone, 1)
 	var sb strings.Builder
 	bar := progressbar.NewOptions64(total,
@@ -123,18 +131,44 @@ func printStatus(w io.Writer, r *phases.StatusReport) {
 	if i := strings.LastIndex(drawn, "\r"); i >= 0 {
 		drawn = drawn[i+1:]
 	}
-	fmt.Fprintf(w, "%s  %.0f rows/s", strings.TrimSpace(drawn), r.Backfill.RowsPerSecond)
-	if r.Backfill.EtaSeconds > 0 {
-		fmt.Fprintf(w, ", ETA %s", (time.Duration(r.Backfill.EtaSeconds) * time.Second).String())
+	fmt.Fprint(w, strings.TrimSpace(drawn))
+	if r.Running {
+		// A rate and an ETA mean something only while a daemon works.
+		fmt.Fprintf(w, "  %.0f rows/s", r.Backfill.RowsPerSecond)
+		if r.Backfill.EtaSeconds > 0 {
+			fmt.Fprintf(w, ", ETA %s", (time.Duration(r.Backfill.EtaSeconds) * time.Second).String())
+		}
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintf(w, "sync: slot lag %s (%.1fs), events %d, corrections %d\n", humanBytes(r.Sync.LagBytes), r.Sync.LagSeconds, r.Sync.Events, r.Sync.Corrections)
 	if len(r.Sync.CorrectionSamples) > 0 {
 		fmt.Fprintf(w, "      recent corrections (the application does not write these as the expressions say): %s\n", strings.Join(r.Sync.CorrectionSamples, " "))
 	}
-	fmt.Fprintf(w, "verify: rows checked %d, mismatches %d\n", r.Verify.RowsChecked, r.Verify.Mismatches)
-	if len(r.Verify.MismatchSamples) > 0 {
-		fmt.Fprintf(w, "      mismatch samples: %s\n", strings.Join(r.Verify.MismatchSamples, " "))
+	if dw := r.Sync.DualWrite; dw != nil {
+		fmt.Fprintf(w, "      dual-write evidence: %d of %d writes, quiet %s of %s (stream time)\n", dw.Evidence, dw.MinEvidence,
+			(time.Duration(dw.QuietSeconds) * time.Second).String(), (time.Duration(dw.QuietPeriodSeconds) * time.Second).String())
+	}
+	v := r.Verify
+	fmt.Fprintf(w, "verify: rows checked %d, out of parity now %d (found %d, accepted %d), hold proven %s of %s\n",
+		v.RowsChecked, v.Mismatches, v.MismatchesFound, v.Accepted,
+		(time.Duration(v.HoldProven) * time.Second).String(), (time.Duration(v.Hold) * time.Second).String())
+	for _, m := range v.MismatchSamples {
+		cols := make([]string, 0, len(m.Columns))
+		for name, vals := range m.Columns {
+			cols = append(cols, fmt.Sprintf("%s=%s (expression %s)", name, quoted(vals.Actual), quoted(vals.Expected)))
+		}
+		sort.Strings(cols)
+		fmt.Fprintf(w, "      %s: %s\n", m.Key, strings.Join(cols, ", "))
+	}
+	if v.PrematureDetections > 0 {
+		fmt.Fprintf(w, "      premature dual-write detections: %d (each sent the migration back to sync)\n", v.PrematureDetections)
+	}
+	for _, u := range v.OldColumnStatements {
+		fmt.Fprintf(w, "      still uses the old column: %q (%d calls during the hold)\n", u.Query, u.Calls)
+	}
+	if c := r.Contract.Cutover; c != nil {
+		fmt.Fprintf(w, "contract: cut-over in %d tries; longest application stall %.1f ms (lock wait %.1f ms, held %.1f ms, %d keys checked under the lock)\n",
+			c.Tries, c.LongestStallMS, c.LockWaitMS, c.HeldMS, c.KeysChecked)
 	}
 	if r.Throttle != "" {
 		fmt.Fprintf(w, "throttled: %s\n", r.Throttle)
@@ -142,6 +176,13 @@ func printStatus(w io.Writer, r *phases.StatusReport) {
 	if r.Error != nil {
 		fmt.Fprintf(w, "last error: %s\n", *r.Error)
 	}
+}
+
+func quoted(s *string) string {
+	if s == nil {
+		return "NULL"
+	}
+	return strconv.Quote(*s)
 }
 
 func humanBytes(n int64) string {

@@ -309,7 +309,8 @@ func TestExpandWaitsBehindLockWithoutBlockingApp(t *testing.T) {
 func TestExpressionFailsOnARow(t *testing.T) {
 	dsn, pool := seed(t, 3000)
 	yaml := strings.Replace(usersConfig(dsn), "split_part(full_name, ' ', 2)", "(100 / (id - 1234))::text", 1)
-	d := startDaemon(t, writeConfig(t, yaml))
+	cfgPath := writeConfig(t, yaml)
+	d := startDaemon(t, cfgPath)
 	code := d.wait(t, time.Minute)
 	if code == 0 {
 		t.Fatalf("daemon exit 0 on a failing expression\n%s", d.output())
@@ -322,6 +323,13 @@ func TestExpressionFailsOnARow(t *testing.T) {
 	}
 	if e := query[string](t, pool, `SELECT coalesce(error, '') FROM cdcbackfill.migrations`); !strings.Contains(e, "(id)=(1234)") {
 		t.Errorf("state row error %q does not name the row", e)
+	}
+	// status tells from the leader lock that no daemon runs, and shows no
+	// stale rate or ETA.
+	r := cli(t, 10*time.Second, nil, "status", "--config", cfgPath)
+	mustContain(t, r, "no daemon running", "last error:", "(id)=(1234)")
+	if strings.Contains(r.stdout, "rows/s") || strings.Contains(r.stdout, "ETA") {
+		t.Errorf("status of a stopped daemon shows a rate\n%s", r)
 	}
 }
 

@@ -19,6 +19,7 @@ import (
 	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
 	"github.com/cdcbackfill/cdcbackfill/phases"
+	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
 // Options of one demo run.
@@ -135,7 +136,7 @@ func story(ctx context.Context, out io.Writer, dsn string, rows int, logger *slo
 	// deploy follows the migration with the application's releases; the
 	// last one ships by itself when a write finds full_name gone.
 	deploy := func() {
-		if p.status != nil && p.status.Phase != phases.Expand && p.status.Phase != phases.Backfill {
+		if p.status != nil && p.status.Phase != state.Expand && p.status.Phase != state.Backfill {
 			app.Deploy(WritesBoth)
 		}
 		if rel := app.Release(); rel != shown {
@@ -160,7 +161,7 @@ wait:
 		}
 	}
 	p.observe(ctx)
-	if runErr == nil && p.status != nil && p.status.Phase == phases.Done {
+	if runErr == nil && p.status != nil && p.status.Phase == state.Done {
 		// The application finds out that full_name is gone on its next write.
 		for deadline := time.Now().Add(10 * time.Second); app.Release() != WritesNew && time.Now().Before(deadline); {
 			time.Sleep(20 * time.Millisecond)
@@ -188,10 +189,10 @@ wait:
 	if runErr != nil {
 		return sum, fmt.Errorf("demo: the daemon failed: %w", runErr)
 	}
-	if p.status == nil || p.status.Phase != phases.Done {
+	if p.status == nil || p.status.Phase != state.Done {
 		phase := "unknown"
 		if p.status != nil {
-			phase = p.status.Phase
+			phase = string(p.status.Phase)
 		}
 		return sum, fmt.Errorf("demo: the migration stopped in phase %s, not done", phase)
 	}
@@ -211,8 +212,8 @@ func migrationConfig(dsn string) *config.Config {
 		{Name: "last_name", Expr: "split_part(full_name, ' ', 2)"},
 	}
 	cfg.Contract = []string{"ALTER TABLE users DROP COLUMN full_name"}
-	cfg.DualWrite = config.DualWrite{Detect: "auto", QuietPeriod: 3 * time.Second}
-	cfg.ContractPolicy = config.ContractPolicy{Mode: "auto", Hold: 3 * time.Second}
+	cfg.DualWrite.Detect, cfg.DualWrite.QuietPeriod, cfg.DualWrite.MinEvidence = "auto", 3*time.Second, 100
+	cfg.ContractPolicy.Mode, cfg.ContractPolicy.Hold = "auto", 3*time.Second
 	cfg.HTTP.Listen = ""
 	return cfg
 }

@@ -13,17 +13,18 @@ import (
 
 	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/phases"
+	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
 // whatHappens is the line shown when the migration enters a phase.
-var whatHappens = map[string]string{
-	phases.Expand:   "add first_name and last_name, under lock_timeout",
-	phases.Backfill: "slot with an exported snapshot; keyset batches fill the new columns while the stream runs",
-	phases.Sync:     "the slot's stream fixes every row the application changes; waiting for dual-write",
-	phases.Verify:   "the application dual-writes; parity scan over the whole table",
-	phases.Contract: "drop full_name under lock_timeout; drop slot and publication",
-	phases.Done:     "nothing left behind but the state row",
-	phases.Aborted:  "aborted",
+var whatHappens = map[state.Phase]string{
+	state.Expand:   "add first_name and last_name, under lock_timeout",
+	state.Backfill: "slot with an exported snapshot; keyset batches fill the new columns while the stream runs",
+	state.Sync:     "the slot's stream fixes every row the application changes; waiting for dual-write",
+	state.Verify:   "the application dual-writes; parity scan over the whole table",
+	state.Contract: "drop full_name under lock_timeout; drop slot and publication",
+	state.Done:     "nothing left behind but the state row",
+	state.Aborted:  "aborted",
 }
 
 // progress is what the person at the terminal sees while the daemon runs:
@@ -37,8 +38,8 @@ type progress struct {
 	conn   *pgx.Conn // reads the event log
 
 	lastEvent int64
-	started   time.Time // the migration's "created" event
-	phase     string    // the last phase printed
+	started   time.Time   // the migration's "created" event
+	phase     state.Phase // the last phase printed
 
 	bar      *progressbar.ProgressBar
 	lastLine time.Time // of the plain backfill line
@@ -67,7 +68,7 @@ func (p *progress) observe(ctx context.Context) {
 		p.peakLag = max(p.peakLag, r.Sync.LagBytes)
 	}
 	p.printPhases(ctx)
-	if p.phase == phases.Backfill && p.status != nil && p.status.Phase == phases.Backfill {
+	if p.phase == state.Backfill && p.status != nil && p.status.Phase == state.Backfill {
 		p.showBackfill(p.status)
 	}
 }
@@ -83,7 +84,7 @@ func (p *progress) printPhases(ctx context.Context) {
 	type change struct {
 		id    int64
 		at    time.Time
-		phase string
+		phase state.Phase
 	}
 	var changes []change
 	var c change
@@ -98,7 +99,7 @@ func (p *progress) printPhases(ctx context.Context) {
 		if p.started.IsZero() {
 			p.started = c.at
 		}
-		if p.phase == phases.Backfill {
+		if p.phase == state.Backfill {
 			p.endBackfill()
 		}
 		p.phase = c.phase

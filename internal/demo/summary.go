@@ -2,6 +2,7 @@ package demo
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -9,7 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/cdcbackfill/cdcbackfill/phases"
+	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
 // Summary is the account of one demo run.
@@ -20,6 +21,7 @@ type Summary struct {
 	Corrections  int64
 	PeakLag      int64 // bytes of WAL the slot held back, at most
 	DDL          []DDLCost
+	Cutover      *Cutover // nil until the contract cut-over committed
 	AppTxs       int64
 	AppFailed    int64
 	AppFirstErr  string
@@ -82,11 +84,30 @@ func (s *Summary) readHistory(ctx context.Context, conn *pgx.Conn, name string) 
 	if err != nil {
 		return fmt.Errorf("read the event log: %w", err)
 	}
-	if cur != "" && cur != phases.Done && cur != phases.Aborted {
+	if cur != "" && cur != string(state.Done) && cur != string(state.Aborted) {
 		s.Phases = append(s.Phases, PhaseTime{Phase: cur, Took: now.Sub(entered), Unfinished: true})
+	}
+	var c Cutover
+	var wait, held, stall float64
+	err = conn.QueryRow(ctx, `SELECT (detail->>'tries')::int, (detail->>'lock_wait_ms')::float8, (detail->>'held_ms')::float8,
+			(detail->>'longest_stall_ms')::float8
+		FROM cdcbackfill.events WHERE name = $1 AND kind = 'cutover' ORDER BY id DESC LIMIT 1`, name).Scan(&c.Tries, &wait, &held, &stall)
+	if err == nil {
+		c.LockWait, c.Held, c.Stall = msDuration(wait), msDuration(held), msDuration(stall)
+		s.Cutover = &c
+	} else if !errors.Is(err, pgx.ErrNoRows) {
+		return fmt.Errorf("read the event log: %w", err)
 	}
 	return nil
 }
+
+// Cutover is what the contract's cut-over cost the application.
+type Cutover struct {
+	Tries                 int
+	LockWait, Held, Stall time.Duration
+}
+
+func msDuration(ms float64) time.Duration { return time.Duration(ms * float64(time.Millisecond)) }
 
 // parityAgainstApp compares every row's new columns with what the
 // application last wrote, by SQL of its own: no daemon figure is trusted.
@@ -111,6 +132,8 @@ func checkParity(ctx context.Context, conn *pgx.Conn) (Parity, error) {
 	return p, nil
 }
 
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
 // Print writes the summary; the parity line last.
 func (s *Summary) Print(w io.Writer) {
 	fmt.Fprintln(w, "summary:")
@@ -127,7 +150,7 @@ func (s *Summary) Print(w io.Writer) {
 		}
 		parts = append(parts, part)
 		total += p.Took
-		if p.Phase == phases.Backfill {
+		if p.Phase == string(state.Backfill) {
 			backfill = p.Took
 		}
 	}
@@ -145,6 +168,10 @@ func (s *Summary) Print(w io.Writer) {
 			tries = "try"
 		}
 		line("lock wait, "+d.Phase+" DDL", "%d ms in %d %s (%s)", d.LockWait.Milliseconds(), d.Tries, tries, d.Statement)
+	}
+	if c := s.Cutover; c != nil {
+		line("contract cut-over", "longest application stall %.1f ms (lock wait %.1f ms, held %.1f ms; %d %s)",
+			ms(c.Stall), ms(c.LockWait), ms(c.Held), c.Tries, map[bool]string{true: "try", false: "tries"}[c.Tries == 1])
 	}
 	line("application transactions", "%d, failed %d", s.AppTxs, s.AppFailed)
 	if s.AppFailed > 0 {

@@ -14,9 +14,27 @@ import (
 // Key is a primary key value, each column in its text form.
 type Key []string
 
-// String renders a key as PostgreSQL does in its messages: (a, b)=(1, x).
-func (t *Table) KeyString(k Key) string {
-	return t.keyLabel() + "=(" + strings.Join(k, ", ") + ")"
+// KeyString renders a key as PostgreSQL does in its messages: (a, b)=(1, x).
+func (t *Table) KeyString(k Key) string { return FormatKey(t.KeyNames(), k) }
+
+// FormatKey renders key k of columns names as PostgreSQL does in its
+// messages: (a, b)=(1, x).
+func FormatKey(names []string, k Key) string {
+	return "(" + strings.Join(names, ", ") + ")=(" + strings.Join(k, ", ") + ")"
+}
+
+// KeyNamesOf reads the primary key's column names of table (quoted,
+// schema-qualified), in index order.
+func KeyNamesOf(ctx context.Context, q Querier, table string) ([]string, error) {
+	rows, err := q.Query(ctx, keyColumnsSQL, table)
+	if err != nil {
+		return nil, fmt.Errorf("read primary key of %s: %w", table, err)
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (string, error) {
+		var name, typ string
+		err := r.Scan(&name, &typ)
+		return name, err
+	})
 }
 
 // Result is what one recompute statement did.
@@ -350,14 +368,24 @@ func (t *Table) Bounds(ctx context.Context, q Querier) (lo, hi Key, estimate int
 	return lo, hi, estimate, nil
 }
 
-// Count counts the rows, for a table never analyzed (no estimate). It is
-// never run inside a long-lived snapshot: on a big table it takes a while.
-func (t *Table) Count(ctx context.Context, q Querier) (int64, error) {
-	var n int64
-	if err := q.QueryRow(ctx, "SELECT count(*) FROM "+t.Ident()).Scan(&n); err != nil {
-		return 0, fmt.Errorf("count rows of %s: %w", t.Ident(), err)
+// CountAfter counts up to limit rows with keys after after (nil: from the
+// first), in key order, and returns the count and the last key counted: one
+// chunk of a count that never scans the whole table in one statement.
+func (t *Table) CountAfter(ctx context.Context, q Querier, after Key, limit int) (int64, Key, error) {
+	where := "true"
+	args := []any{limit}
+	if after != nil {
+		where = fmt.Sprintf("ROW(%s) > ROW(%s)", t.keyList(), t.keyParams(2))
+		args = append(args, keyArgs(after)...)
 	}
-	return n, nil
+	sql := fmt.Sprintf(`WITH _cdcb_keys AS (SELECT %s FROM %s WHERE %s ORDER BY %s LIMIT $1)
+SELECT (SELECT count(*) FROM _cdcb_keys), %s`, t.selectSlots(), t.Ident(), where, t.keyList(), t.lastKey())
+	var n int64
+	var last Key
+	if err := q.QueryRow(ctx, sql, args...).Scan(&n, &last); err != nil {
+		return 0, nil, fmt.Errorf("count rows of %s: %w", t.Ident(), err)
+	}
+	return n, last, nil
 }
 
 func (t *Table) textKeys() string {
@@ -496,4 +524,93 @@ func (t *Table) HighestKey(ctx context.Context, q Querier) (Key, error) {
 		return nil, fmt.Errorf("read highest key of %s: %w", t.Ident(), err)
 	}
 	return hi, nil
+}
+
+// Mismatch is a row whose new columns differ from their expressions: the
+// values it holds and the values the expressions give, as text (nil for
+// NULL), in the order of Table.Columns.
+type Mismatch struct {
+	Key      Key
+	Actual   []*string
+	Expected []*string
+}
+
+// checkKeysSQL reads, never writes or locks, the rows of the given keys
+// (parameters: see keysCTE) that are out of parity, with both values.
+func (t *Table) checkKeysSQL() string {
+	cte, keysIn := t.keysCTE()
+	actual := make([]string, len(t.Columns))
+	expected := make([]string, len(t.Columns))
+	for i, c := range t.Columns {
+		actual[i] = pgx.Identifier{c.Name}.Sanitize() + "::text"
+		expected[i] = "(" + c.Expr + ")::text"
+	}
+	return cte + fmt.Sprintf(`
+SELECT ARRAY[%s], ARRAY[%s], ARRAY[%s] FROM %s WHERE %s AND %s`,
+		t.textKeys(), strings.Join(actual, ", "), strings.Join(expected, ", "), t.Ident(), keysIn, t.outOfParity())
+}
+
+// CheckKeys reports which of keys are out of parity, with both values. It
+// only reads: where the application owns the new columns the daemon reports,
+// it never writes. Missing rows are ignored.
+func (t *Table) CheckKeys(ctx context.Context, q Querier, keys []Key) ([]Mismatch, error) {
+	if len(keys) == 0 {
+		return nil, nil
+	}
+	rows, err := q.Query(ctx, t.checkKeysSQL(), keyColumns(t, keys)...)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (Mismatch, error) {
+		var m Mismatch
+		var key []string
+		err := r.Scan(&key, &m.Actual, &m.Expected)
+		m.Key = key
+		return m, err
+	})
+}
+
+// guardedSQL recomputes the rows of the given keys (parameters: see
+// keysCTE, then one xid per key) only where the row is still the version
+// that transaction wrote (its xmin): a row changed since, by a transaction
+// the stream has not delivered yet, is left alone.
+func (t *Table) guardedSQL() string {
+	n := len(t.Key)
+	unnest := make([]string, n+1)
+	casts := make([]string, n)
+	for i, k := range t.Key {
+		unnest[i] = fmt.Sprintf("$%d::text[]", i+1)
+		casts[i] = fmt.Sprintf("_cdcb_k%d::%s AS _cdcb_k%d", i, k.Type, i)
+	}
+	unnest[n] = fmt.Sprintf("$%d::text[]", n+1)
+	return fmt.Sprintf(`WITH _cdcb_keys AS (
+	SELECT %s, _cdcb_x::xid AS _cdcb_x FROM unnest(%s) AS u(%s, _cdcb_x)
+),
+_cdcb_upd AS (
+	UPDATE %s SET %s FROM _cdcb_keys k
+	WHERE ROW(%s) = ROW(%s) AND %s.xmin = k._cdcb_x AND %s
+	RETURNING 1
+)
+SELECT count(*) FROM _cdcb_upd`,
+		strings.Join(casts, ", "), strings.Join(unnest, ", "), t.slots("", ""),
+		t.Ident(), t.setList(), t.keyList(), t.slots("k.", ""), t.Ident(), t.outOfParity())
+}
+
+// KeysGuarded recomputes keys[i] only where its row's current version is
+// the one transaction xids[i] wrote, and returns how many rows it wrote. It
+// serves the hand-over of the new columns to the application: a change made
+// before the hand-over is still the expression's to correct, unless the
+// application has changed the row again since.
+func (t *Table) KeysGuarded(ctx context.Context, q Querier, keys []Key, xids []uint32) (int64, error) {
+	if len(keys) == 0 {
+		return 0, nil
+	}
+	args := keyColumns(t, keys)
+	xs := make([]string, len(xids))
+	for i, x := range xids {
+		xs[i] = fmt.Sprint(x)
+	}
+	var n int64
+	err := q.QueryRow(ctx, t.guardedSQL(), append(args, xs)...).Scan(&n)
+	return n, err
 }

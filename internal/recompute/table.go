@@ -273,3 +273,30 @@ func (t *Table) setList() string {
 	}
 	return strings.Join(parts, ", ")
 }
+
+// SourceColumns lists the table's columns the expressions read, as
+// PostgreSQL resolves them: a temporary view over the expressions, created
+// in a transaction that is rolled back, records a dependency on each.
+func (t *Table) SourceColumns(ctx context.Context, conn *pgx.Conn) ([]string, error) {
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback(context.Background())
+	cols := make([]string, len(t.Columns))
+	for i, c := range t.Columns {
+		cols[i] = fmt.Sprintf("(%s) AS _cdcb_c%d", c.Expr, i)
+	}
+	if _, err := tx.Exec(ctx, "CREATE TEMPORARY VIEW _cdcb_sources AS SELECT "+strings.Join(cols, ", ")+" FROM "+t.Ident()); err != nil {
+		return nil, fmt.Errorf("find the columns the expressions read: %w", err)
+	}
+	rows, err := tx.Query(ctx, `SELECT DISTINCT a.attname FROM pg_depend d
+		JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+		JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+		WHERE r.ev_class = 'pg_temp._cdcb_sources'::regclass AND d.refobjid = $1::regclass AND d.refobjsubid > 0
+		ORDER BY 1`, t.Ident())
+	if err != nil {
+		return nil, fmt.Errorf("find the columns the expressions read: %w", err)
+	}
+	return pgx.CollectRows(rows, pgx.RowTo[string])
+}

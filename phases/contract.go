@@ -1,0 +1,378 @@
+package phases
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgerrcode"
+	"github.com/jackc/pgx/v5"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
+	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
+	"github.com/cdcbackfill/cdcbackfill/snapshot"
+	"github.com/cdcbackfill/cdcbackfill/state"
+)
+
+// contract waits for approval (manual) or goes on (auto), then runs the
+// cut-over: the contract DDL in one transaction with the check of every
+// key the stream delivered since the last check, under the table's lock, so
+// no write can slip between the last check and the DROP. Then it drops
+// slot, publication and origins. Abort and pause are honoured until the
+// DDL commits.
+func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
+	if st.ContractDone > 0 {
+		return d.finishContract(ctx, st)
+	}
+	if err := d.startPipeline(ctx); err != nil {
+		return err
+	}
+	var tries int
+	var longest time.Duration
+	backoff := 100 * time.Millisecond
+	for {
+		if err := d.pipe.Load().failure(); err != nil {
+			return fmt.Errorf("sync stream: %w", err)
+		}
+		st, err := d.store.Load(ctx, d.conn)
+		if err != nil {
+			return err
+		}
+		outstanding, err := d.recheckKept(ctx)
+		if err != nil {
+			return err
+		}
+		switch {
+		case outstanding > 0 && d.cfg.DualWrite.Detect == "auto":
+			return d.backToSync(ctx, state.Contract, outstanding)
+		case outstanding > 0:
+			d.log.Warn("contract: rows out of parity appeared; back to verify, where the hold starts again once none is left", "rows", outstanding)
+			return d.store.BackToVerify(ctx, d.conn, map[string]any{"rows": outstanding})
+		case d.paused.Load():
+			d.waiting.Store("resume: the migration is paused before the contract DDL (cdcbackfill resume)")
+		case d.cfg.ContractPolicy.Mode == "manual" && !d.approvedFor(state.Contract):
+			msg := "approval of the contract: cdcbackfill approve"
+			if st.OldUsage != nil && len(st.OldUsage.Still) > 0 {
+				msg = fmt.Sprintf("approval of the contract: %d statements still use the old column (see status); cdcbackfill approve --force once nothing needs it", len(st.OldUsage.Still))
+			}
+			d.waiting.Store(msg)
+			d.rlog.Info("contract: parity holds; waiting for " + msg)
+		case d.cfg.ContractPolicy.Mode == "manual" && st.OldUsage != nil && len(st.OldUsage.Still) > 0 && !st.ForceApproved:
+			d.waiting.Store("cdcbackfill approve --force: statements still use the old column (see status)")
+		default:
+			tries++
+			res, err := d.cutover(ctx, st, tries, &longest)
+			switch {
+			case err != nil:
+				return err
+			case res == cutoverDone:
+				return d.finishContract(ctx, nil)
+			case res == cutoverMismatch:
+				continue // the loop sends the migration back
+			case res == cutoverPaused:
+				tries--
+				continue
+			}
+			if tries > d.cfg.DDL.MaxRetries {
+				return fmt.Errorf("contract: the cut-over did not succeed in %d tries (last: %s); end the sessions that hold %s, or retry later (raise ddl.max_retries to try longer)",
+					tries, res, d.table.Ident())
+			}
+			wait := backoff/2 + rand.N(backoff)
+			if err := dbconn.Sleep(ctx, wait); err != nil {
+				return nil
+			}
+			backoff = min(2*backoff, 10*time.Second)
+			continue
+		}
+		if err := dbconn.Sleep(ctx, 200*time.Millisecond); err != nil {
+			return nil
+		}
+	}
+}
+
+// cutoverResult is how one try of the cut-over ended.
+type cutoverResult string
+
+const (
+	cutoverDone     cutoverResult = "done"
+	cutoverLocked   cutoverResult = "the table's lock was not granted within contract_policy.lock_timeout"
+	cutoverBehind   cutoverResult = "the stream did not receive everything before the lock within contract_policy.catchup_timeout"
+	cutoverMismatch cutoverResult = "rows out of parity under the lock"
+	cutoverPaused   cutoverResult = "paused by operator"
+)
+
+// cutover is one try: in one transaction it takes the ACCESS EXCLUSIVE lock
+// the DDL needs anyway (first, under a lock_timeout below deadlock_timeout:
+// a weaker lock upgraded later deadlocks with transactions that read then
+// write, and if a lock cycle forms it is the daemon that gives up), reads
+// the WAL insert position, waits until the stream has received everything
+// up to it, checks in this transaction every key the stream delivered
+// since the applier last checked (the applier is held: its own statements
+// would wait on the lock), and only then runs the contract DDL and commits.
+// Anything else rolls back and releases the lock at once.
+func (d *Daemon) cutover(ctx context.Context, st *state.Migration, try int, longest *time.Duration) (cutoverResult, error) {
+	stream, ap := d.pipe.Load().current()
+	if ap == nil || stream == nil {
+		return cutoverBehind, nil
+	}
+	if err := ap.Hold(ctx); err != nil {
+		return "", err
+	}
+	committed := false
+	defer func() {
+		if !committed {
+			_ = ap.Release(context.WithoutCancel(ctx))
+		}
+	}()
+	lockTimeout, err := d.cutoverLockTimeout(ctx)
+	if err != nil {
+		return "", err
+	}
+	tx, err := d.conn.Begin(ctx)
+	if err != nil {
+		return "", err
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx))
+	if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", max(lockTimeout.Milliseconds(), 1))); err != nil {
+		return "", err
+	}
+	asked := time.Now()
+	stall := func() time.Duration { // how long the application may have queued behind us
+		s := time.Since(asked)
+		*longest = max(*longest, s)
+		return s
+	}
+	if _, err := tx.Exec(ctx, "LOCK TABLE "+d.table.Ident()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
+		if dbconn.IsLockTimeout(err) {
+			tx.Rollback(ctx)
+			d.rlog.Warn("contract: cut-over could not get the table's lock; retrying", "try", try,
+				"lock_timeout", lockTimeout, "blocked_by", d.ddlRunner().blockers(ctx, d.conn), "stall", stall().Round(time.Millisecond))
+			return cutoverLocked, nil
+		}
+		return "", fmt.Errorf("contract: lock %s: %w", d.table.Ident(), err)
+	}
+	granted := time.Now()
+	lsn, err := insertLSN(ctx, tx)
+	if err != nil {
+		return "", err
+	}
+	// WAL up to lsn may not be flushed yet (asynchronous commits, our own
+	// lock record) and the walsender reads only what is: a synchronous
+	// commit of our own flushes it and wakes the walsender at once, rather
+	// than at the WAL writer's next round (up to wal_writer_delay).
+	if err := d.store.FlushWAL(ctx, d.pool); err != nil {
+		return "", fmt.Errorf("contract: %w", err)
+	}
+	stream.Poke()
+	wctx, cancel := context.WithTimeout(ctx, d.cfg.ContractPolicy.CatchupTimeout)
+	lastPoke := time.Now()
+	keys, err := ap.PendingThrough(wctx, lsn, func() {
+		if time.Since(lastPoke) >= 50*time.Millisecond {
+			stream.Poke()
+			lastPoke = time.Now()
+		}
+	})
+	cancel()
+	if err != nil {
+		if wctx.Err() != nil && ctx.Err() == nil {
+			tx.Rollback(ctx)
+			d.rlog.Warn("contract: cut-over gave up: the stream did not receive everything up to the lock in time; retrying",
+				"try", try, "catchup_timeout", d.cfg.ContractPolicy.CatchupTimeout, "position", lsn, "stall", stall().Round(time.Millisecond))
+			return cutoverBehind, nil
+		}
+		return "", err
+	}
+	received := time.Now()
+	found, err := d.checkUnderLock(ctx, tx, keys)
+	if err != nil {
+		return "", err
+	}
+	if len(found) > 0 {
+		tx.Rollback(ctx)
+		s := stall()
+		if err := d.checks.Report(ctx, found, nil); err != nil {
+			return "", err
+		}
+		d.log.Warn("contract: rows out of parity were written just before the cut-over; nothing was dropped",
+			"rows", len(found), "key", d.table.KeyString(found[0].Key), "values", d.describe(found[0]), "stall", s.Round(time.Millisecond))
+		return cutoverMismatch, nil
+	}
+	abort, paused, err := d.store.LockForCutover(ctx, tx)
+	if err != nil {
+		return "", err
+	}
+	if abort {
+		tx.Rollback(ctx)
+		stall()
+		return "", ErrAborted
+	}
+	if paused {
+		tx.Rollback(ctx)
+		stall()
+		return cutoverPaused, nil
+	}
+	checked := time.Now()
+	done, err := d.contractInTx(ctx, tx, st.ContractDone)
+	if err != nil {
+		return "", err
+	}
+	// The publication goes in this transaction too, while the table's lock
+	// keeps the application's writes out: a DROP PUBLICATION that commits
+	// while a write is building its view of the table's publications fails
+	// that write ("cache lookup failed for publication").
+	if err := snapshot.DropPublication(ctx, tx, d.cfg.PublicationName()); err != nil {
+		return "", fmt.Errorf("contract: %w", err)
+	}
+	c := state.Cutover{Tries: try, LockWaitMS: ms(granted.Sub(asked)), HeldMS: ms(time.Since(granted)), KeysChecked: len(keys)}
+	c.LongestStallMS = ms(max(*longest, time.Since(asked)))
+	if err := d.store.RecordCutover(ctx, tx, done, c); err != nil {
+		return "", err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return "", fmt.Errorf("contract: commit the cut-over: %w", err)
+	}
+	committed = true
+	s := stall()
+	c.LongestStallMS, c.HeldMS = ms(*longest), ms(time.Since(granted))
+	_ = ap.Discard(context.WithoutCancel(ctx))
+	if err := d.store.SaveCutover(context.WithoutCancel(ctx), d.conn, c); err != nil {
+		return "", err
+	}
+	d.log.Info("contract: cut-over committed: the contract DDL ran with nothing unseen since the last check",
+		"tries", try, "lock_wait", granted.Sub(asked).Round(time.Microsecond), "held", time.Since(granted).Round(time.Microsecond),
+		"stall", s.Round(time.Microsecond), "longest_stall", longest.Round(time.Microsecond), "keys_checked", len(keys),
+		"stream_wait", received.Sub(granted).Round(time.Microsecond), "check", checked.Sub(received).Round(time.Microsecond),
+		"ddl", time.Since(checked).Round(time.Microsecond))
+	return cutoverDone, d.store.Event(context.WithoutCancel(ctx), d.conn, state.Contract, "cutover", map[string]any{
+		"tries": try, "lock_wait_ms": c.LockWaitMS, "held_ms": c.HeldMS, "longest_stall_ms": c.LongestStallMS, "keys_checked": len(keys)})
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// checkUnderLock checks, inside the cut-over's transaction, the keys the
+// stream delivered since the applier's last check and the rows kept out of
+// parity; it returns the rows out of parity that are not accepted as they
+// are.
+func (d *Daemon) checkUnderLock(ctx context.Context, tx pgx.Tx, keys []recompute.Key) ([]recompute.Mismatch, error) {
+	kept, err := d.store.MismatchKeys(ctx, tx, 100000)
+	if err != nil {
+		return nil, err
+	}
+	all := append(keys, kept...)
+	var found []recompute.Mismatch
+	for len(all) > 0 {
+		n := min(len(all), 1000)
+		f, err := d.table.CheckKeys(ctx, tx, all[:n])
+		if err != nil {
+			return nil, fmt.Errorf("contract: check the keys delivered since the last check: %w", err)
+		}
+		found = append(found, f...)
+		all = all[n:]
+	}
+	if len(found) == 0 {
+		return nil, nil
+	}
+	accepted, err := d.acceptedAsIs(ctx, tx, found)
+	if err != nil {
+		return nil, err
+	}
+	var out []recompute.Mismatch
+	seen := map[string]bool{}
+	for _, m := range found {
+		k := keyID(m.Key)
+		if accepted[k] || seen[k] {
+			continue
+		}
+		seen[k] = true
+		out = append(out, m)
+	}
+	return out, nil
+}
+
+// acceptedAsIs returns the keys of found that an operator accepted with the
+// values they hold now.
+func (d *Daemon) acceptedAsIs(ctx context.Context, q dbconn.Querier, found []recompute.Mismatch) (map[string]bool, error) {
+	out := map[string]bool{}
+	for _, m := range found {
+		var ok bool
+		err := q.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM cdcbackfill.mismatches
+			WHERE name = $1 AND key = $2 AND accepted AND actual IS NOT DISTINCT FROM $3)`, d.cfg.Name, []string(m.Key), m.Actual).Scan(&ok)
+		if err != nil {
+			return nil, fmt.Errorf("contract: look up accepted rows: %w", err)
+		}
+		if ok {
+			out[keyID(m.Key)] = true
+		}
+	}
+	return out, nil
+}
+
+func keyID(k recompute.Key) string { return strings.Join(k, "\x00") }
+
+// contractInTx runs the contract statements from index from on inside the
+// cut-over's transaction. A statement that refuses a transaction block
+// (CREATE or DROP INDEX CONCURRENTLY) and every one after it run after the
+// commit (finishContract): the old column is gone by then. It returns the
+// number of statements done.
+func (d *Daemon) contractInTx(ctx context.Context, tx pgx.Tx, from int) (int, error) {
+	for i := from; i < len(d.cfg.Contract); i++ {
+		stmt := d.cfg.Contract[i]
+		if _, err := tx.Exec(ctx, "SAVEPOINT cdcb_contract"); err != nil {
+			return 0, err
+		}
+		if _, err := tx.Exec(ctx, stmt); err != nil {
+			if dbconn.SQLState(err) == pgerrcode.ActiveSQLTransaction {
+				if _, rerr := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT cdcb_contract"); rerr != nil {
+					return 0, rerr
+				}
+				if i == from {
+					return 0, fmt.Errorf("contract: the first contract statement %q cannot run in a transaction block; the cut-over needs it to (put a statement that drops the old column first)", stmt)
+				}
+				return i, nil
+			}
+			return 0, fmt.Errorf("contract: DDL %q: %w", stmt, err)
+		}
+		d.log.Info("contract: DDL ran in the cut-over", "statement", stmt, "step", i+1, "of", len(d.cfg.Contract))
+	}
+	return len(d.cfg.Contract), nil
+}
+
+// cutoverLockTimeout is contract_policy.lock_timeout, kept below the
+// server's deadlock_timeout.
+func (d *Daemon) cutoverLockTimeout(ctx context.Context) (time.Duration, error) {
+	var ms float64
+	if err := d.conn.QueryRow(ctx, `SELECT setting::float8 FROM pg_settings WHERE name = 'deadlock_timeout'`).Scan(&ms); err != nil {
+		return 0, fmt.Errorf("read deadlock_timeout: %w", err)
+	}
+	deadlock := time.Duration(ms * float64(time.Millisecond))
+	lt := d.cfg.ContractPolicy.LockTimeout
+	if lt >= deadlock {
+		lt = deadlock / 2
+	}
+	return lt, nil
+}
+
+// finishContract runs what is left after the cut-over committed: the
+// statements that could not run in its transaction, then drops slot,
+// publication and origins.
+func (d *Daemon) finishContract(ctx context.Context, st *state.Migration) error {
+	if p := d.pipe.Swap(nil); p != nil {
+		p.stop()
+	}
+	if st == nil {
+		var err error
+		if st, err = d.store.Load(ctx, d.conn); err != nil {
+			return err
+		}
+	}
+	if err := d.runDDL(ctx, state.Contract, d.cfg.Contract, st.ContractDone); err != nil {
+		return err
+	}
+	if err := d.dropReplication(ctx); err != nil {
+		return err
+	}
+	d.log.Info("migration done: contract DDL ran; slot, publication and origins dropped")
+	return d.store.Move(ctx, d.conn, state.Contract, state.Done, nil)
+}

@@ -1,0 +1,182 @@
+package phases
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
+	"github.com/cdcbackfill/cdcbackfill/state"
+)
+
+// Beyond parity: contract only when nothing uses the old column. Where
+// pg_stat_statements is installed (and its query texts are readable), the
+// calls of every statement that names an old column are counted at the
+// start of the hold and again at its end; a statement that ran meanwhile
+// and names none of the new columns is an old release, a report or a cron
+// job that the DROP would break. Auto contract waits until a whole hold
+// passes without one; manual contract needs approve --force.
+
+// dropColumnRE finds the columns a contract statement drops.
+var dropColumnRE = regexp.MustCompile(`(?i)\bDROP\s+(?:COLUMN\s+)?(?:IF\s+EXISTS\s+)?("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)`)
+
+// DroppedColumns lists the columns the statements drop.
+func DroppedColumns(stmts []string) []string {
+	var out []string
+	for _, s := range stmts {
+		for _, m := range dropColumnRE.FindAllStringSubmatch(s, -1) {
+			name := m[1]
+			if strings.HasPrefix(name, `"`) {
+				name = strings.ReplaceAll(name[1:len(name)-1], `""`, `"`)
+			} else {
+				name = strings.ToLower(name)
+			}
+			switch strings.ToLower(name) {
+			case "constraint", "default", "not", "index", "table", "view", "trigger", "expression", "identity":
+				continue
+			}
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
+// errNoStatements says why the protection is not available.
+var errNoStatements = errors.New("pg_stat_statements is not installed in this database")
+
+// statementsView finds pg_stat_statements and checks that it answers and
+// that its query texts are readable by the role.
+func statementsView(ctx context.Context, q dbconn.Querier) (string, error) {
+	var schema string
+	err := q.QueryRow(ctx, `SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+		WHERE e.extname = 'pg_stat_statements'`).Scan(&schema)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return "", errNoStatements
+	}
+	if err != nil {
+		return "", err
+	}
+	view := pgx.Identifier{schema, "pg_stat_statements"}.Sanitize()
+	var readable bool
+	if err := q.QueryRow(ctx, `SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+		OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')`).Scan(&readable); err != nil {
+		return "", err
+	}
+	if !readable {
+		return "", errors.New("the role may not read other roles' statements: GRANT pg_read_all_stats TO <role>")
+	}
+	if _, err := q.Exec(ctx, "SELECT 1 FROM "+view+" LIMIT 1"); err != nil {
+		return "", fmt.Errorf("pg_stat_statements does not answer (is it in shared_preload_libraries?): %w", err)
+	}
+	return view, nil
+}
+
+// oldColumnCalls returns, per statement of this database that names an old
+// column and none of the new ones (and is not the daemon's own), its calls
+// and text.
+func (d *Daemon) oldColumnCalls(ctx context.Context, view string) (map[string]state.UsedBy, error) {
+	old := DroppedColumns(d.cfg.Contract)
+	if len(old) == 0 {
+		return nil, nil
+	}
+	newCols := make([]string, len(d.cfg.Columns))
+	for i, c := range d.cfg.Columns {
+		newCols[i] = c.Name
+	}
+	words := func(names []string) string {
+		parts := make([]string, len(names))
+		for i, n := range names {
+			parts[i] = regexp.QuoteMeta(n)
+		}
+		return `\m(` + strings.Join(parts, "|") + `)\M`
+	}
+	rows, err := d.conn.Query(ctx, `SELECT queryid::text, sum(calls)::bigint, min(query) FROM `+view+`
+		WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+		  AND query ~* $1 AND query !~* $2
+		  AND query NOT LIKE '%\_cdcb\_%' AND query NOT LIKE '%cdcbackfill%' AND query NOT LIKE '%pg_stat_statements%'
+		GROUP BY queryid`, words(old), words(newCols))
+	if err != nil {
+		return nil, fmt.Errorf("read pg_stat_statements: %w", err)
+	}
+	out := map[string]state.UsedBy{}
+	for rows.Next() {
+		var id string
+		var u state.UsedBy
+		if err := rows.Scan(&id, &u.Calls, &u.Query); err != nil {
+			return nil, err
+		}
+		out[id] = u
+	}
+	return out, rows.Err()
+}
+
+// startUsageWatch takes the baseline at the start of the hold, where the
+// protection is available.
+func (d *Daemon) startUsageWatch(ctx context.Context) error {
+	view, err := statementsView(ctx, d.conn)
+	if err != nil {
+		return nil // plan says whether it is available; nothing to watch
+	}
+	calls, err := d.oldColumnCalls(ctx, view)
+	if err != nil || calls == nil {
+		return err
+	}
+	u := &state.OldUsage{Since: time.Now(), Baseline: map[string]int64{}}
+	for id, c := range calls {
+		u.Baseline[id] = c.Calls
+	}
+	return d.store.SetOldUsage(ctx, d.conn, u)
+}
+
+// oldColumnStillUsed compares with the baseline at the end of the hold. It
+// records the statements that ran, and with contract_policy.mode auto
+// reports them as blocking: the hold then starts again from a new baseline.
+func (d *Daemon) oldColumnStillUsed(ctx context.Context, st *state.Migration) (bool, error) {
+	if st.OldUsage == nil {
+		return false, nil
+	}
+	view, err := statementsView(ctx, d.conn)
+	if err != nil {
+		return false, nil
+	}
+	calls, err := d.oldColumnCalls(ctx, view)
+	if err != nil {
+		return false, err
+	}
+	u := *st.OldUsage
+	u.Still = nil
+	for id, c := range calls {
+		if ran := c.Calls - u.Baseline[id]; ran > 0 {
+			u.Still = append(u.Still, state.UsedBy{Query: c.Query, Calls: ran})
+		}
+	}
+	if len(u.Still) == 0 {
+		return false, d.store.SetOldUsage(ctx, d.conn, &u)
+	}
+	queries := make([]string, 0, len(u.Still))
+	for _, s := range u.Still[:min(len(u.Still), 3)] {
+		queries = append(queries, strconv.Quote(s.Query)+" ("+strconv.FormatInt(s.Calls, 10)+" calls)")
+	}
+	if d.cfg.ContractPolicy.Mode == "manual" {
+		d.rlog.Warn("verify: statements that use the old column without the new ones ran during the hold; the contract will need approve --force",
+			"statements", len(u.Still), "e.g.", strings.Join(queries, "; "))
+		return false, d.store.SetOldUsage(ctx, d.conn, &u)
+	}
+	d.rlog.Warn("verify: statements that use the old column without the new ones ran during the hold; the contract waits for a hold without them",
+		"statements", len(u.Still), "e.g.", strings.Join(queries, "; "))
+	d.waiting.Store(fmt.Sprintf("a hold during which nothing uses the old column: %d statements still did (see status)", len(u.Still)))
+	next := &state.OldUsage{Since: time.Now(), Baseline: map[string]int64{}, Still: u.Still}
+	for id, c := range calls {
+		next.Baseline[id] = c.Calls
+	}
+	if err := d.store.ResetHold(ctx, d.conn); err != nil {
+		return false, err
+	}
+	return true, d.store.SetOldUsage(ctx, d.conn, next)
+}
