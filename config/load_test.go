@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -148,7 +149,7 @@ func TestLoadMinimalFillsDefaults(t *testing.T) {
 		t.Errorf("Default() = %+v", d)
 	}
 	for _, k := range Keys() {
-		if _, ok := specByKey[k]; !ok {
+		if _, ok := findKey(k); !ok {
 			t.Errorf("Keys() has unknown %q", k)
 		}
 	}
@@ -258,7 +259,7 @@ func TestLoadErrors(t *testing.T) {
 		}
 		var b strings.Builder
 		for _, k := range []string{"name", "dsn", "table", "columns"} {
-			if !contains(drop, k) {
+			if !slices.Contains(drop, k) {
 				b.WriteString(lines[k])
 			}
 		}
