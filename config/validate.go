@@ -7,6 +7,8 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+
+	"github.com/jackc/pgx/v5"
 )
 
 var (
@@ -130,12 +132,7 @@ func (c *Config) TableIdent() (schema, table string) {
 // QuotedTable is TableIdent quoted for SQL: "schema"."table".
 func (c *Config) QuotedTable() string {
 	s, t := c.TableIdent()
-	return QuoteIdent(s) + "." + QuoteIdent(t)
-}
-
-// QuoteIdent double-quotes a PostgreSQL identifier.
-func QuoteIdent(s string) string {
-	return `"` + strings.ReplaceAll(strings.ReplaceAll(s, "\x00", ""), `"`, `""`) + `"`
+	return pgx.Identifier{s, t}.Sanitize()
 }
 
 // parseTable splits "table", "schema.table", `"Schema"."Table"`.
