@@ -144,6 +144,13 @@ func Keys() []string {
 	return out
 }
 
+// ListKey says whether key takes a list: a list-valued flag gives one SQL
+// statement per item, or one NAME=EXPRESSION for columns.
+func ListKey(name string) bool {
+	k, _ := findKey(name)
+	return k.typ != nil && k.typ.Kind() == reflect.Slice
+}
+
 // EnvVar is the environment variable that overrides key, e.g.
 // "backfill.batch_size" -> "CDCBACKFILL_BACKFILL_BATCH_SIZE".
 func EnvVar(key string) string {

@@ -559,4 +559,9 @@ func TestValidateDefault(t *testing.T) {
 	if DefaultValue("backfill.batch_size") != "5000" || EnvVar("dual_write.quiet_period") != "CDCBACKFILL_DUAL_WRITE_QUIET_PERIOD" {
 		t.Error("DefaultValue/EnvVar")
 	}
+	for _, k := range Keys() {
+		if want := k == "expand" || k == "columns" || k == "contract" || k == "rollback"; ListKey(k) != want {
+			t.Errorf("ListKey(%q) = %v", k, !want)
+		}
+	}
 }
