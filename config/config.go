@@ -69,11 +69,19 @@ type Sync struct {
 type DualWrite struct {
 	Detect      string        `mapstructure:"detect" default:"manual" check:"manual|auto"`
 	QuietPeriod time.Duration `mapstructure:"quiet_period" default:"2m" check:">=0"`
+	// Application writes that needed no correction, required before auto
+	// detection.
+	MinEvidence int `mapstructure:"min_evidence" default:"1000" check:">0"`
 }
 
 type ContractPolicy struct {
 	Mode string        `mapstructure:"mode" default:"manual" check:"manual|auto|never"`
 	Hold time.Duration `mapstructure:"hold" default:"10m" check:">=0"`
+	// The cut-over's lock_timeout, kept below the server's deadlock_timeout.
+	LockTimeout time.Duration `mapstructure:"lock_timeout" default:"500ms" check:">0"`
+	// How long the cut-over waits, holding the lock, for the stream to
+	// receive everything up to the WAL position read under it.
+	CatchupTimeout time.Duration `mapstructure:"catchup_timeout" default:"1s" check:">0"`
 }
 
 type DDL struct {

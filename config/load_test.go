@@ -100,8 +100,8 @@ func defaultsWant() Config {
 		Backfill:       Backfill{BatchSize: 5000, TargetBatchTime: 200 * time.Millisecond, Sleep: 10 * time.Millisecond, MaxRowsPerSecond: 0, Workers: 1},
 		Throttle:       Throttle{MaxReplicaLag: 10 * time.Second, MaxSlotLag: 1 << 30},
 		Sync:           Sync{FlushInterval: 50 * time.Millisecond, MaxBatchKeys: 5000},
-		DualWrite:      DualWrite{Detect: "manual", QuietPeriod: 2 * time.Minute},
-		ContractPolicy: ContractPolicy{Mode: "manual", Hold: 10 * time.Minute},
+		DualWrite:      DualWrite{Detect: "manual", QuietPeriod: 2 * time.Minute, MinEvidence: 1000},
+		ContractPolicy: ContractPolicy{Mode: "manual", Hold: 10 * time.Minute, LockTimeout: 500 * time.Millisecond, CatchupTimeout: time.Second},
 		DDL:            DDL{LockTimeout: 2 * time.Second, MaxRetries: 30},
 		HTTP:           HTTP{Listen: "127.0.0.1:9187"},
 		Log:            Log{Level: "info", Format: "text"},
@@ -153,7 +153,7 @@ func TestLoadMinimalFillsDefaults(t *testing.T) {
 			t.Errorf("Keys() has unknown %q", k)
 		}
 	}
-	if len(Keys()) != 25 {
+	if len(Keys()) != 28 {
 		t.Errorf("Keys() has %d keys", len(Keys()))
 	}
 }
@@ -318,6 +318,10 @@ func TestLoadErrors(t *testing.T) {
 		{"bad float", base() + "backfill:\n  max_rows_per_second: -5\n", []string{`config: backfill.max_rows_per_second: must be a number >= 0`}, nil},
 		{"bad workers", base() + "backfill:\n  workers: 65\n", []string{`config: backfill.workers: must be an integer from 1 to 64, got 65`}, nil},
 		{"int is a list", base() + "backfill:\n  workers: [1]\n", []string{`config: backfill.workers: must be an integer from 1 to 64, got a list`}, nil},
+		{"zero min evidence", base() + "dual_write:\n  min_evidence: 0\n", []string{`config: dual_write.min_evidence: must be a positive integer, got 0`}, nil},
+		{"bad min evidence", base() + "dual_write:\n  min_evidence: lots\n", []string{`config: dual_write.min_evidence: must be a positive integer, got "lots"`, "migration.yaml:8"}, nil},
+		{"zero cut-over lock timeout", base() + "contract_policy:\n  lock_timeout: 0s\n", []string{"config: contract_policy.lock_timeout: must be greater than 0, got 0s"}, nil},
+		{"negative catch-up timeout", base() + "contract_policy:\n  catchup_timeout: -1s\n", []string{"config: contract_policy.catchup_timeout: must be greater than 0, got -1s"}, nil},
 		{"bad listen", base() + "http:\n  listen: localhost\n", []string{`config: http.listen: must be host:port`, `got "localhost"`}, nil},
 		{"top level not a mapping", "- a\n- b\n", []string{"the top level must be a mapping"}, nil},
 	}
