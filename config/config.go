@@ -1,6 +1,19 @@
 // Package config loads a migration's configuration from YAML, the
 // environment (CDCBACKFILL_*) and flags, fills in the defaults of DESIGN.md
 // and validates it with errors that name the key at fault.
+//
+// The Config struct is the one list of keys: each leaf field is a key, in
+// the order of DESIGN.md. Its tags say all there is to say about it:
+//
+//	mapstructure:"batch_size"  the key's name, under its section's
+//	default:"5000"             the default, written as a user would
+//	check:">0"                 what Validate requires: >0, >=0, lo..hi, or
+//	                           a|b|c (one of, lower-cased on load)
+//	zero:"no cap"              what 0 means, said in errors
+//
+// The field's Go type says how the text of a value is read: string, int,
+// float64, time.Duration ("200ms"), int64 (a byte size, "1GB"), []string
+// (SQL statements) or []Column (a map of column to expression).
 package config
 
 import "time"
@@ -11,7 +24,7 @@ type Config struct {
 	Database       Database       `mapstructure:"database"`
 	Table          string         `mapstructure:"table"`
 	Expand         []string       `mapstructure:"expand"`
-	Columns        []Column       `mapstructure:"-"` // from the `columns` map, sorted by name
+	Columns        []Column       `mapstructure:"columns"` // from the `columns` map, sorted by name
 	Contract       []string       `mapstructure:"contract"`
 	Rollback       []string       `mapstructure:"rollback"`
 	Backfill       Backfill       `mapstructure:"backfill"`
@@ -36,53 +49,53 @@ type Database struct {
 }
 
 type Backfill struct {
-	BatchSize        int           `mapstructure:"batch_size"`
-	TargetBatchTime  time.Duration `mapstructure:"target_batch_time"`
-	Sleep            time.Duration `mapstructure:"sleep"`
-	MaxRowsPerSecond float64       `mapstructure:"max_rows_per_second"`
-	Workers          int           `mapstructure:"workers"`
+	BatchSize        int           `mapstructure:"batch_size" default:"5000" check:">0"`
+	TargetBatchTime  time.Duration `mapstructure:"target_batch_time" default:"200ms" check:">=0"`
+	Sleep            time.Duration `mapstructure:"sleep" default:"10ms" check:">=0"`
+	MaxRowsPerSecond float64       `mapstructure:"max_rows_per_second" default:"0" check:">=0" zero:"no cap"`
+	Workers          int           `mapstructure:"workers" default:"1" check:"1..64"`
 }
 
 type Throttle struct {
-	MaxReplicaLag time.Duration `mapstructure:"max_replica_lag"`
-	MaxSlotLag    int64         `mapstructure:"-"` // bytes, from a size such as "1GB"
+	MaxReplicaLag time.Duration `mapstructure:"max_replica_lag" default:"10s" check:">=0"`
+	MaxSlotLag    int64         `mapstructure:"max_slot_lag" default:"1GB" check:">=0" zero:"no cap"` // bytes
 }
 
 type Sync struct {
-	FlushInterval time.Duration `mapstructure:"flush_interval"`
-	MaxBatchKeys  int           `mapstructure:"max_batch_keys"`
+	FlushInterval time.Duration `mapstructure:"flush_interval" default:"50ms" check:">0"`
+	MaxBatchKeys  int           `mapstructure:"max_batch_keys" default:"5000" check:">0"`
 }
 
 type DualWrite struct {
-	Detect      string        `mapstructure:"detect"` // manual | auto
-	QuietPeriod time.Duration `mapstructure:"quiet_period"`
-	// MinEvidence is how many application writes of the new columns that
-	// needed no correction auto detection requires.
-	MinEvidence int `mapstructure:"min_evidence"`
+	Detect      string        `mapstructure:"detect" default:"manual" check:"manual|auto"`
+	QuietPeriod time.Duration `mapstructure:"quiet_period" default:"2m" check:">=0"`
+	// Application writes that needed no correction, required before auto
+	// detection.
+	MinEvidence int `mapstructure:"min_evidence" default:"1000" check:">0"`
 }
 
 type ContractPolicy struct {
-	Mode string        `mapstructure:"mode"` // manual | auto | never
-	Hold time.Duration `mapstructure:"hold"`
-	// LockTimeout is the cut-over's lock_timeout (kept below the server's
-	// deadlock_timeout); CatchupTimeout how long it waits, holding the
-	// lock, for the stream to receive everything up to it.
-	LockTimeout    time.Duration `mapstructure:"lock_timeout"`
-	CatchupTimeout time.Duration `mapstructure:"catchup_timeout"`
+	Mode string        `mapstructure:"mode" default:"manual" check:"manual|auto|never"`
+	Hold time.Duration `mapstructure:"hold" default:"10m" check:">=0"`
+	// The cut-over's lock_timeout, kept below the server's deadlock_timeout.
+	LockTimeout time.Duration `mapstructure:"lock_timeout" default:"500ms" check:">0"`
+	// How long the cut-over waits, holding the lock, for the stream to
+	// receive everything up to the WAL position read under it.
+	CatchupTimeout time.Duration `mapstructure:"catchup_timeout" default:"1s" check:">0"`
 }
 
 type DDL struct {
-	LockTimeout time.Duration `mapstructure:"lock_timeout"`
-	MaxRetries  int           `mapstructure:"max_retries"`
+	LockTimeout time.Duration `mapstructure:"lock_timeout" default:"2s" check:">0"`
+	MaxRetries  int           `mapstructure:"max_retries" default:"30" check:">=0"`
 }
 
 type HTTP struct {
-	Listen string `mapstructure:"listen"` // empty disables the HTTP server
+	Listen string `mapstructure:"listen" default:"127.0.0.1:9187"` // empty disables the HTTP server
 }
 
 type Log struct {
-	Level  string `mapstructure:"level"`  // debug | info | warn | error
-	Format string `mapstructure:"format"` // text | json
+	Level  string `mapstructure:"level" default:"info" check:"debug|info|warn|error"`
+	Format string `mapstructure:"format" default:"text" check:"text|json"`
 }
 
 // SlotName is the logical replication slot this migration owns.

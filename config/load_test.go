@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -148,7 +149,7 @@ func TestLoadMinimalFillsDefaults(t *testing.T) {
 		t.Errorf("Default() = %+v", d)
 	}
 	for _, k := range Keys() {
-		if _, ok := specByKey[k]; !ok {
+		if _, ok := findKey(k); !ok {
 			t.Errorf("Keys() has unknown %q", k)
 		}
 	}
@@ -258,7 +259,7 @@ func TestLoadErrors(t *testing.T) {
 		}
 		var b strings.Builder
 		for _, k := range []string{"name", "dsn", "table", "columns"} {
-			if !contains(drop, k) {
+			if !slices.Contains(drop, k) {
 				b.WriteString(lines[k])
 			}
 		}
@@ -317,6 +318,10 @@ func TestLoadErrors(t *testing.T) {
 		{"bad float", base() + "backfill:\n  max_rows_per_second: -5\n", []string{`config: backfill.max_rows_per_second: must be a number >= 0`}, nil},
 		{"bad workers", base() + "backfill:\n  workers: 65\n", []string{`config: backfill.workers: must be an integer from 1 to 64, got 65`}, nil},
 		{"int is a list", base() + "backfill:\n  workers: [1]\n", []string{`config: backfill.workers: must be an integer from 1 to 64, got a list`}, nil},
+		{"zero min evidence", base() + "dual_write:\n  min_evidence: 0\n", []string{`config: dual_write.min_evidence: must be a positive integer, got 0`}, nil},
+		{"bad min evidence", base() + "dual_write:\n  min_evidence: lots\n", []string{`config: dual_write.min_evidence: must be a positive integer, got "lots"`, "migration.yaml:8"}, nil},
+		{"zero cut-over lock timeout", base() + "contract_policy:\n  lock_timeout: 0s\n", []string{"config: contract_policy.lock_timeout: must be greater than 0, got 0s"}, nil},
+		{"negative catch-up timeout", base() + "contract_policy:\n  catchup_timeout: -1s\n", []string{"config: contract_policy.catchup_timeout: must be greater than 0, got -1s"}, nil},
 		{"bad listen", base() + "http:\n  listen: localhost\n", []string{`config: http.listen: must be host:port`, `got "localhost"`}, nil},
 		{"top level not a mapping", "- a\n- b\n", []string{"the top level must be a mapping"}, nil},
 	}
@@ -557,5 +562,10 @@ func TestValidateDefault(t *testing.T) {
 	}
 	if DefaultValue("backfill.batch_size") != "5000" || EnvVar("dual_write.quiet_period") != "CDCBACKFILL_DUAL_WRITE_QUIET_PERIOD" {
 		t.Error("DefaultValue/EnvVar")
+	}
+	for _, k := range Keys() {
+		if want := k == "expand" || k == "columns" || k == "contract" || k == "rollback"; ListKey(k) != want {
+			t.Errorf("ListKey(%q) = %v", k, !want)
+		}
 	}
 }

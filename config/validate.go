@@ -3,10 +3,12 @@ package config
 import (
 	"fmt"
 	"net"
+	"reflect"
 	"regexp"
 	"strconv"
 	"strings"
-	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 var (
@@ -27,6 +29,7 @@ func (c *Config) Validate() error {
 	return nil
 }
 
+// problems checks first the keys whose rules are their own, in key order.
 func (c *Config) problems() []Problem {
 	var ps []Problem
 	add := func(key, format string, a ...any) {
@@ -52,15 +55,6 @@ func (c *Config) problems() []Problem {
 		add("table", `must be "table" or "schema.table" (identifiers, double-quoted if needed): %s, got %q`, err, c.Table)
 	}
 
-	checkList := func(key string, list []string) {
-		for i, s := range list {
-			if strings.TrimSpace(s) == "" {
-				add(fmt.Sprintf("%s[%d]", key, i), "must be a non-empty SQL statement")
-			}
-		}
-	}
-	checkList("expand", c.Expand)
-
 	if len(c.Columns) == 0 {
 		add("columns", "is required: %s, such as first_name: split_part(full_name, ' ', 1)", wantColumns)
 	}
@@ -80,66 +74,8 @@ func (c *Config) problems() []Problem {
 			add(key, "must be a non-empty SQL expression that computes the column from the same row")
 		}
 	}
-
 	if len(c.Contract) > 0 && len(c.Columns) == 0 {
 		add("contract", "needs columns to be set: contract runs only after the new columns are backfilled and in sync")
-	}
-	checkList("contract", c.Contract)
-	checkList("rollback", c.Rollback)
-
-	if c.Backfill.BatchSize <= 0 {
-		add("backfill.batch_size", "must be %s, got %d", wantPositiveInt, c.Backfill.BatchSize)
-	}
-	nonNeg := func(key string, d time.Duration) {
-		if d < 0 {
-			add(key, "must not be negative, got %s", d)
-		}
-	}
-	positive := func(key string, d time.Duration) {
-		if d <= 0 {
-			add(key, "must be greater than 0, got %s", d)
-		}
-	}
-	nonNeg("backfill.target_batch_time", c.Backfill.TargetBatchTime)
-	nonNeg("backfill.sleep", c.Backfill.Sleep)
-	if !(c.Backfill.MaxRowsPerSecond >= 0) { // also NaN
-		add("backfill.max_rows_per_second", "must be %s (0 means no cap), got %v", wantNonNegNumber, c.Backfill.MaxRowsPerSecond)
-	}
-	if c.Backfill.Workers < 1 || c.Backfill.Workers > 64 {
-		add("backfill.workers", "must be %s, got %d", wantWorkers, c.Backfill.Workers)
-	}
-
-	nonNeg("throttle.max_replica_lag", c.Throttle.MaxReplicaLag)
-	if c.Throttle.MaxSlotLag < 0 {
-		add("throttle.max_slot_lag", "must not be negative (0 means no cap), got %d", c.Throttle.MaxSlotLag)
-	}
-
-	positive("sync.flush_interval", c.Sync.FlushInterval)
-	if c.Sync.MaxBatchKeys <= 0 {
-		add("sync.max_batch_keys", "must be %s, got %d", wantPositiveInt, c.Sync.MaxBatchKeys)
-	}
-
-	oneOf := func(key, v string, allowed ...string) {
-		for _, a := range allowed {
-			if v == a {
-				return
-			}
-		}
-		add(key, "must be one of %s, got %q", strings.Join(allowed, ", "), v)
-	}
-	oneOf("dual_write.detect", c.DualWrite.Detect, "manual", "auto")
-	nonNeg("dual_write.quiet_period", c.DualWrite.QuietPeriod)
-	if c.DualWrite.MinEvidence < 1 {
-		add("dual_write.min_evidence", "must be %s, got %d", wantPositiveInt, c.DualWrite.MinEvidence)
-	}
-	oneOf("contract_policy.mode", c.ContractPolicy.Mode, "manual", "auto", "never")
-	nonNeg("contract_policy.hold", c.ContractPolicy.Hold)
-	positive("contract_policy.lock_timeout", c.ContractPolicy.LockTimeout)
-	positive("contract_policy.catchup_timeout", c.ContractPolicy.CatchupTimeout)
-
-	positive("ddl.lock_timeout", c.DDL.LockTimeout)
-	if c.DDL.MaxRetries < 0 {
-		add("ddl.max_retries", "must be %s, got %d", wantNonNegInt, c.DDL.MaxRetries)
 	}
 
 	if c.HTTP.Listen != "" {
@@ -148,8 +84,20 @@ func (c *Config) problems() []Problem {
 		}
 	}
 
-	oneOf("log.level", c.Log.Level, "debug", "info", "warn", "error")
-	oneOf("log.format", c.Log.Format, "text", "json")
+	// The other rules follow from a key's type and check tag.
+	for _, k := range keys {
+		v := reflect.ValueOf(c).Elem().FieldByIndex(k.index)
+		if k.typ == statementsType {
+			for i, s := range v.Interface().([]string) {
+				if strings.TrimSpace(s) == "" {
+					add(fmt.Sprintf("%s[%d]", k.name, i), "must be a non-empty SQL statement")
+				}
+			}
+		} else if msg := k.problem(v); msg != "" {
+			add(k.name, "%s", msg)
+		}
+	}
+	sortProblems(ps)
 	return ps
 }
 
@@ -184,12 +132,7 @@ func (c *Config) TableIdent() (schema, table string) {
 // QuotedTable is TableIdent quoted for SQL: "schema"."table".
 func (c *Config) QuotedTable() string {
 	s, t := c.TableIdent()
-	return QuoteIdent(s) + "." + QuoteIdent(t)
-}
-
-// QuoteIdent double-quotes a PostgreSQL identifier.
-func QuoteIdent(s string) string {
-	return `"` + strings.ReplaceAll(strings.ReplaceAll(s, "\x00", ""), `"`, `""`) + `"`
+	return pgx.Identifier{s, t}.Sanitize()
 }
 
 // parseTable splits "table", "schema.table", `"Schema"."Table"`.

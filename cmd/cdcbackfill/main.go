@@ -67,10 +67,9 @@ named after the key (e.g. --database.dsn, --backfill.batch_size).`,
 // set on the command line; config.Load reads only the ones that were set.
 func addKeyFlags(fs *pflag.FlagSet) {
 	for _, key := range config.Keys() {
-		switch key {
-		case "expand", "contract", "rollback", "columns":
+		if config.ListKey(key) {
 			fs.StringArray(key, nil, "config key "+key)
-		default:
+		} else {
 			fs.String(key, "", "config key "+key)
 		}
 		_ = fs.MarkHidden(key)
