@@ -252,8 +252,9 @@ type server struct {
 	db      string // the demo's database
 }
 
-// startServer starts the embedded PostgreSQL and prints where it runs. The
-// starter's own progress lines are shown only when it fails.
+// startServer starts the embedded PostgreSQL and prints where it runs. A
+// first run on a machine without the server binaries shows their download
+// or installation; the starter's other lines are shown only when it fails.
 func startServer(ctx context.Context, out io.Writer) (*server, error) {
 	o, err := pgserver.OptionsFromEnv()
 	if err != nil {
@@ -261,6 +262,7 @@ func startServer(ctx context.Context, out io.Writer) (*server, error) {
 	}
 	var startLog bytes.Buffer
 	o.Logf = func(format string, args ...any) { fmt.Fprintf(&startLog, format+"\n", args...) }
+	o.Progress = out
 	pg, err := pgserver.Start(ctx, o)
 	if err != nil {
 		if ctx.Err() != nil {

@@ -53,9 +53,9 @@ func TestObtainBinDir(t *testing.T) {
 	}
 }
 
-func TestObtainNotInstalled(t *testing.T) {
+func TestObtainUnknownVersion(t *testing.T) {
 	_, err := Obtain(context.Background(), Options{Version: 99})
-	if err == nil || !strings.Contains(err.Error(), "no PostgreSQL 99 installed") {
+	if err == nil || !strings.Contains(err.Error(), "no PostgreSQL 99 here") {
 		t.Fatalf("Obtain(99): %v", err)
 	}
 }

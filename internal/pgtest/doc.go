@@ -9,11 +9,12 @@
 //  2. a postgres:<version>-alpine container through testcontainers-go, when
 //     a Docker engine answers and CDCBACKFILL_PG_BINDIR is not set;
 //  3. a server of internal/pgserver: the binaries installed on this machine,
-//     run from a temporary directory.
+//     or those it installs or fetches once, run from a temporary directory.
 //
 // CDCBACKFILL_PG_VERSION picks the major version for 2 and 3 (default: the
-// container's postgres:16, or the highest installed); CDCBACKFILL_PG_BINDIR
-// the binaries for 3. Server.Major tells what a test runs on.
+// container's postgres:16, or the highest installed, else
+// pgserver.DefaultVersion); CDCBACKFILL_PG_BINDIR the binaries for 3.
+// Server.Major tells what a test runs on.
 //
 // Containers live here rather than in internal/pgserver so that the daemon's
 // binary, which links pgserver for its demo, does not link a container

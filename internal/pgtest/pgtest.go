@@ -33,6 +33,7 @@ func StartWithLog(ctx context.Context, log io.Writer) (*Server, error) {
 	o.Logf = func(string, ...any) {}
 	if log != nil {
 		o.Logf = func(format string, args ...any) { fmt.Fprintf(log, "pgtest: "+format+"\n", args...) }
+		o.Progress = log
 	}
 	if o.DSN != "" {
 		return pgserver.Start(ctx, o)
