@@ -24,11 +24,12 @@ var errPortInUse = errors.New("port in use")
 type localServer struct {
 	binDir  string
 	major   int
-	root    string // temporary directory holding all below; removed by stop
+	root    string // temporary directory holding all below; removed by Stop
 	dataDir string
 	logPath string
 	port    int
 	cred    *syscall.Credential // run as this user (set when we are root)
+	logf    func(string, ...any)
 
 	cmd  *exec.Cmd     // running postmaster, nil when stopped
 	done chan struct{} // closed when cmd has exited
@@ -49,6 +50,7 @@ func startLocal(ctx context.Context, bin Binaries, logf func(string, ...any)) (_
 		root:    root,
 		dataDir: filepath.Join(root, "data"),
 		logPath: filepath.Join(root, "postgres.log"),
+		logf:    logf,
 	}
 	defer func() {
 		if err != nil {
@@ -193,7 +195,7 @@ func (l *localServer) start(ctx context.Context) error {
 	l.cmd, l.done = cmd, done
 
 	if err := WaitReady(ctx, l.dsn(), done); err != nil {
-		_ = l.signal(syscall.SIGQUIT)
+		_, _ = l.shutdown(syscall.SIGQUIT)
 		tail := l.logSince(logStart)
 		if strings.Contains(tail, "could not bind") || strings.Contains(tail, "could not create any TCP/IP sockets") {
 			err = fmt.Errorf("%w: %w", errPortInUse, err)
@@ -203,43 +205,71 @@ func (l *localServer) start(ctx context.Context) error {
 	return nil
 }
 
-// signal sends sig to the running server and waits for it to exit, killing
-// it after a minute.
-func (l *localServer) signal(sig syscall.Signal) error {
+// shutdownWait is how long each step of shutdown waits for the server to
+// exit before the next.
+const shutdownWait = 20 * time.Second
+
+// shutdown stops the running server: fast (SIGINT, clean) or immediate
+// (SIGQUIT, a crash the next start recovers from). A fast shutdown waits for
+// the client of each walsender to confirm all WAL, up to wal_sender_timeout
+// (a minute) for one that does not answer, so after shutdownWait it turns
+// immediate; an immediate one that hangs is killed. It returns what it had
+// to do beyond sig, "" if nothing.
+func (l *localServer) shutdown(sig syscall.Signal) (escalated string, err error) {
 	if l.cmd == nil {
-		return nil
+		return "", nil
 	}
 	defer func() { l.cmd, l.done = nil, nil }()
-	select {
-	case <-l.done:
-		return nil
-	default:
-	}
-	if err := l.cmd.Process.Signal(sig); err != nil {
-		return fmt.Errorf("signal postgres: %w", err)
-	}
-	select {
-	case <-l.done:
-		return nil
-	case <-time.After(time.Minute):
-		_ = syscall.Kill(-l.cmd.Process.Pid, syscall.SIGKILL)
-		<-l.done
-		return errors.New("postgres did not stop within a minute; killed")
+	next := map[syscall.Signal]syscall.Signal{syscall.SIGINT: syscall.SIGQUIT, syscall.SIGQUIT: syscall.SIGKILL}
+	for {
+		select {
+		case <-l.done:
+			return escalated, nil
+		default:
+		}
+		if sig == syscall.SIGKILL {
+			_ = syscall.Kill(-l.cmd.Process.Pid, syscall.SIGKILL)
+			<-l.done
+			return escalated, nil
+		}
+		if err := l.cmd.Process.Signal(sig); err != nil {
+			return escalated, fmt.Errorf("signal postgres: %w", err)
+		}
+		select {
+		case <-l.done:
+			return escalated, nil
+		case <-time.After(shutdownWait):
+		}
+		escalated = fmt.Sprintf("postgres did not stop within %s of %v; sent %v", shutdownWait, sig, next[sig])
+		sig = next[sig]
 	}
 }
 
 // Restart does a fast (clean) shutdown and starts the server again on the
 // same port.
 func (l *localServer) Restart(ctx context.Context) (string, error) {
-	if err := l.signal(syscall.SIGINT); err != nil {
+	var logStart int64
+	if fi, err := os.Stat(l.logPath); err == nil {
+		logStart = fi.Size()
+	}
+	escalated, err := l.shutdown(syscall.SIGINT)
+	if err != nil {
 		return "", err
+	}
+	if escalated != "" {
+		// Still a restart, as after a crash: say why, and go on.
+		l.logf("restart: %s; server log:\n%s", escalated, l.logSince(logStart))
 	}
 	return l.dsn(), l.start(ctx)
 }
 
 // Stop does an immediate shutdown and removes the temporary directory.
 func (l *localServer) Stop() error {
-	return errors.Join(l.signal(syscall.SIGQUIT), os.RemoveAll(l.root))
+	escalated, err := l.shutdown(syscall.SIGQUIT)
+	if escalated != "" {
+		err = errors.Join(err, errors.New(escalated))
+	}
+	return errors.Join(err, os.RemoveAll(l.root))
 }
 
 // logSince returns the server log from offset on, at most its last 4 KiB.
