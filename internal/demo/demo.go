@@ -17,7 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/cdcbackfill/cdcbackfill/config"
-	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
+	"github.com/cdcbackfill/cdcbackfill/internal/pgserver"
 	"github.com/cdcbackfill/cdcbackfill/phases"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
@@ -248,16 +248,23 @@ func seed(ctx context.Context, dsn string, rows int) error {
 
 // server is the embedded PostgreSQL of one demo run.
 type server struct {
-	*pgtest.Server
+	*pgserver.Server
 	dataDir string // local servers: removed by Stop, checked after
 	db      string // the demo's database
 }
 
-// startServer starts the embedded PostgreSQL and prints where it runs. The
-// starter's own progress lines are shown only when it fails.
+// startServer starts the embedded PostgreSQL and prints where it runs. A
+// first run on a machine without the server binaries shows their download
+// or installation; the starter's other lines are shown only when it fails.
 func startServer(ctx context.Context, out io.Writer) (*server, error) {
+	o, err := pgserver.OptionsFromEnv()
+	if err != nil {
+		return nil, err
+	}
 	var startLog bytes.Buffer
-	pg, err := pgtest.StartWithLog(ctx, &startLog)
+	o.Logf = func(format string, args ...any) { fmt.Fprintf(&startLog, format+"\n", args...) }
+	o.Progress = out
+	pg, err := pgserver.Start(ctx, o)
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, ErrInterrupted
@@ -294,7 +301,7 @@ func (s *server) stop(out io.Writer) error {
 		if err := s.DropDatabase(ctx, s.db); err != nil {
 			return err
 		}
-		fmt.Fprintf(out, "database %s dropped; the server from %s keeps running\n", s.db, pgtest.EnvDSN)
+		fmt.Fprintf(out, "database %s dropped; the server from %s keeps running\n", s.db, pgserver.EnvDSN)
 		return nil
 	}
 	if err := s.Stop(); err != nil {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/schollz/progressbar/v3"
+	"golang.org/x/term"
 
 	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/phases"
@@ -51,11 +52,7 @@ type progress struct {
 // isTerminal reports whether w is a terminal, where lines may be redrawn.
 func isTerminal(w io.Writer) bool {
 	f, ok := w.(*os.File)
-	if !ok {
-		return false
-	}
-	fi, err := f.Stat()
-	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+	return ok && term.IsTerminal(int(f.Fd()))
 }
 
 // observe reads the status and the new phase changes and shows them.

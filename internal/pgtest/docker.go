@@ -9,9 +9,18 @@ import (
 
 	"github.com/testcontainers/testcontainers-go"
 	"github.com/testcontainers/testcontainers-go/wait"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/pgserver"
 )
 
-const dockerImage = "postgres:16-alpine"
+// dockerImage is the image of the version asked for, postgres:16 when none
+// is (the image the tests ran on before versions could be picked).
+func dockerImage(version int) string {
+	if version == 0 {
+		version = 16
+	}
+	return fmt.Sprintf("postgres:%d-alpine", version)
+}
 
 // hbaReplication lets physical replication connections in from the host
 // too; the image only allows them from inside the container.
@@ -29,9 +38,15 @@ func dockerAvailable(ctx context.Context) error {
 	return cli.Close()
 }
 
-// startDocker runs a container and returns it with its superuser DSN.
-func startDocker(ctx context.Context) (*testcontainers.DockerContainer, string, error) {
-	ctr, err := testcontainers.Run(ctx, dockerImage,
+// container is a server in a Docker container: the pgserver.Process of a
+// Server attached to it.
+type container struct {
+	ctr *testcontainers.DockerContainer
+}
+
+// startDocker runs a container of image and returns it as a Server.
+func startDocker(ctx context.Context, image string, logf func(string, ...any)) (*pgserver.Server, error) {
+	ctr, err := testcontainers.Run(ctx, image,
 		testcontainers.WithEnv(map[string]string{"POSTGRES_HOST_AUTH_METHOD": "trust"}),
 		testcontainers.WithExposedPorts("5432/tcp"),
 		testcontainers.WithCmd("postgres",
@@ -53,21 +68,26 @@ func startDocker(ctx context.Context) (*testcontainers.DockerContainer, string, 
 	)
 	if err != nil {
 		_ = testcontainers.TerminateContainer(ctr)
-		return nil, "", fmt.Errorf("run %s: %w", dockerImage, err)
+		return nil, fmt.Errorf("run %s: %w", image, err)
 	}
 	dsn, err := containerDSN(ctx, ctr)
 	if err == nil {
-		err = waitReady(ctx, dsn, nil)
+		err = pgserver.WaitReady(ctx, dsn, nil)
+	}
+	var srv *pgserver.Server
+	if err == nil {
+		srv, err = pgserver.Attach(ctx, "docker", dsn, container{ctr}, logf)
 	}
 	if err != nil {
 		_ = testcontainers.TerminateContainer(ctr)
-		return nil, "", err
+		return nil, err
 	}
-	return ctr, dsn, nil
+	return srv, nil
 }
 
-// restartDocker stops and starts the container and returns its new DSN.
-func restartDocker(ctx context.Context, ctr *testcontainers.DockerContainer) (string, error) {
+// Restart stops and starts the container and returns its new DSN.
+func (c container) Restart(ctx context.Context) (string, error) {
+	ctr := c.ctr
 	timeout := 30 * time.Second
 	if err := ctr.Stop(ctx, &timeout); err != nil {
 		return "", err
@@ -81,7 +101,12 @@ func restartDocker(ctx context.Context, ctr *testcontainers.DockerContainer) (st
 	if err != nil {
 		return "", err
 	}
-	return dsn, waitReady(ctx, dsn, nil)
+	return dsn, pgserver.WaitReady(ctx, dsn, nil)
+}
+
+// Stop removes the container.
+func (c container) Stop() error {
+	return testcontainers.TerminateContainer(c.ctr)
 }
 
 func containerDSN(ctx context.Context, ctr *testcontainers.DockerContainer) (string, error) {

@@ -2,6 +2,8 @@ package pgtest_test
 
 import (
 	"context"
+	"os"
+	"strconv"
 	"testing"
 	"time"
 
@@ -9,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/cdcbackfill/cdcbackfill/internal/pgserver"
 	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
 )
 
@@ -37,13 +40,21 @@ func queryString(t *testing.T, conn *pgx.Conn, sql string, args ...any) string {
 
 func TestServer(t *testing.T) {
 	srv := pgtest.Shared(t)
-	t.Logf("kind %s, bin dir %q, DSN %s", srv.Kind(), srv.BinDir(), srv.DSN())
+	t.Logf("kind %s, PostgreSQL %d, bin dir %q, DSN %s", srv.Kind(), srv.Major(), srv.BinDir(), srv.DSN())
 	conn := connect(t, srv.DSN())
 	if got := queryString(t, conn, "SHOW wal_level"); got != "logical" {
 		t.Errorf("wal_level = %q, want logical", got)
 	}
-	if v := queryString(t, conn, "SHOW server_version_num"); v < "150000" {
-		t.Errorf("server_version_num = %s, want >= 150000", v)
+	num, err := strconv.Atoi(queryString(t, conn, "SHOW server_version_num"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if num/10000 != srv.Major() || srv.Major() < 15 {
+		t.Errorf("server_version_num = %d, Major() = %d, want the same major, 15 or later", num, srv.Major())
+	}
+	// The version asked for is the version run, unless a DSN decides.
+	if v := os.Getenv(pgserver.EnvVersion); v != "" && srv.Kind() != "env" && v != strconv.Itoa(srv.Major()) {
+		t.Errorf("%s=%s, but the server is PostgreSQL %d", pgserver.EnvVersion, v, srv.Major())
 	}
 }
 

@@ -1,4 +1,4 @@
-package pgtest
+package pgserver
 
 import (
 	"context"
@@ -9,28 +9,14 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 )
 
-const (
-	minMajor   = 15
-	tempPrefix = "cdcbackfill-pgtest-"
-)
-
-// binDirPatterns are where server binaries are looked for, after PATH.
-var binDirPatterns = []string{
-	"/usr/lib/postgresql/*/bin", // Debian, Ubuntu
-	"/usr/pgsql-*/bin",          // PGDG RPMs
-	"/usr/local/pgsql/bin",      // source builds
-	"/opt/homebrew/opt/postgresql@*/bin",
-	"/usr/local/opt/postgresql@*/bin",
-}
-
-var versionRE = regexp.MustCompile(`\(PostgreSQL\) (\d+)`)
+// tempPrefix starts the name of each server's temporary directory.
+const tempPrefix = "cdcbackfill-pgserver-"
 
 var errPortInUse = errors.New("port in use")
 
@@ -38,23 +24,21 @@ var errPortInUse = errors.New("port in use")
 type localServer struct {
 	binDir  string
 	major   int
-	root    string // temporary directory holding all below; removed by stop
+	root    string // temporary directory holding all below; removed by Stop
 	dataDir string
 	logPath string
 	port    int
 	cred    *syscall.Credential // run as this user (set when we are root)
+	logf    func(string, ...any)
 
 	cmd  *exec.Cmd     // running postmaster, nil when stopped
 	done chan struct{} // closed when cmd has exited
 }
 
-// startLocal initializes a cluster in a fresh temporary directory and starts
-// it on a free loopback port.
-func startLocal(ctx context.Context, logf func(string, ...any)) (_ *localServer, err error) {
-	binDir, major, err := findBinDir()
-	if err != nil {
-		return nil, err
-	}
+// startLocal initializes a cluster of bin in a fresh temporary directory and
+// starts it on a free loopback port.
+func startLocal(ctx context.Context, bin Binaries, logf func(string, ...any)) (_ *localServer, err error) {
+	binDir, major := bin.Dir, bin.Major
 	removeStale()
 	root, err := os.MkdirTemp("", tempPrefix)
 	if err != nil {
@@ -66,10 +50,11 @@ func startLocal(ctx context.Context, logf func(string, ...any)) (_ *localServer,
 		root:    root,
 		dataDir: filepath.Join(root, "data"),
 		logPath: filepath.Join(root, "postgres.log"),
+		logf:    logf,
 	}
 	defer func() {
 		if err != nil {
-			_ = l.stop()
+			_ = l.Stop()
 		}
 	}()
 	// The owner file lets removeStale find directories of dead processes.
@@ -79,21 +64,16 @@ func startLocal(ctx context.Context, logf func(string, ...any)) (_ *localServer,
 	if err := os.Chmod(root, 0o755); err != nil {
 		return nil, fmt.Errorf("chmod temp dir: %w", err)
 	}
-	if os.Geteuid() == 0 {
-		// initdb and postgres refuse to run as root.
-		u, err := user.Lookup("postgres")
-		if err != nil {
-			return nil, fmt.Errorf("running as root needs the OS user postgres to run the server: %w", err)
-		}
-		uid, _ := strconv.ParseUint(u.Uid, 10, 32)
-		gid, _ := strconv.ParseUint(u.Gid, 10, 32)
-		l.cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
-		if err := os.Chown(root, int(uid), int(gid)); err != nil {
+	if l.cred, err = serverUser(); err != nil {
+		return nil, err
+	}
+	if l.cred != nil {
+		if err := os.Chown(root, int(l.cred.Uid), int(l.cred.Gid)); err != nil {
 			return nil, fmt.Errorf("chown temp dir: %w", err)
 		}
 	}
 
-	logf("initdb (PostgreSQL %d from %s) in %s", major, binDir, root)
+	logf("initdb (PostgreSQL %d from %s, %s) in %s", major, binDir, bin.From, root)
 	out, err := l.command(ctx, "initdb", "-D", l.dataDir, "-U", "postgres", "-A", "trust",
 		"-E", "UTF8", "--locale=C", "--no-sync").CombinedOutput()
 	if err != nil {
@@ -137,6 +117,32 @@ func startLocal(ctx context.Context, logf func(string, ...any)) (_ *localServer,
 		}
 		logf("port %d taken, trying another", l.port)
 	}
+}
+
+// serverUser returns the OS user to run the server as: nil (ourselves)
+// unless we are root, which initdb and postgres refuse. Then postgres, as
+// the distributions' packages create it, or nobody on a machine that has
+// none (a container with only Go): the server's files are temporary.
+func serverUser() (*syscall.Credential, error) {
+	if os.Geteuid() != 0 {
+		return nil, nil
+	}
+	var errs []error
+	for _, name := range []string{"postgres", "nobody"} {
+		u, err := user.Lookup(name)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		uid, err1 := strconv.ParseUint(u.Uid, 10, 32)
+		gid, err2 := strconv.ParseUint(u.Gid, 10, 32)
+		if err1 != nil || err2 != nil {
+			errs = append(errs, fmt.Errorf("user %s: uid %q, gid %q", name, u.Uid, u.Gid))
+			continue
+		}
+		return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}, nil
+	}
+	return nil, fmt.Errorf("running as root needs an OS user for the server (postgres or nobody): %w", errors.Join(errs...))
 }
 
 func (l *localServer) dsn() string {
@@ -188,8 +194,8 @@ func (l *localServer) start(ctx context.Context) error {
 	}()
 	l.cmd, l.done = cmd, done
 
-	if err := waitReady(ctx, l.dsn(), done); err != nil {
-		_ = l.signal(syscall.SIGQUIT)
+	if err := WaitReady(ctx, l.dsn(), done); err != nil {
+		_, _ = l.shutdown(syscall.SIGQUIT)
 		tail := l.logSince(logStart)
 		if strings.Contains(tail, "could not bind") || strings.Contains(tail, "could not create any TCP/IP sockets") {
 			err = fmt.Errorf("%w: %w", errPortInUse, err)
@@ -199,42 +205,71 @@ func (l *localServer) start(ctx context.Context) error {
 	return nil
 }
 
-// signal sends sig to the running server and waits for it to exit, killing
-// it after a minute.
-func (l *localServer) signal(sig syscall.Signal) error {
+// shutdownWait is how long each step of shutdown waits for the server to
+// exit before the next.
+const shutdownWait = 20 * time.Second
+
+// shutdown stops the running server: fast (SIGINT, clean) or immediate
+// (SIGQUIT, a crash the next start recovers from). A fast shutdown waits for
+// the client of each walsender to confirm all WAL, up to wal_sender_timeout
+// (a minute) for one that does not answer, so after shutdownWait it turns
+// immediate; an immediate one that hangs is killed. It returns what it had
+// to do beyond sig, "" if nothing.
+func (l *localServer) shutdown(sig syscall.Signal) (escalated string, err error) {
 	if l.cmd == nil {
-		return nil
+		return "", nil
 	}
 	defer func() { l.cmd, l.done = nil, nil }()
-	select {
-	case <-l.done:
-		return nil
-	default:
-	}
-	if err := l.cmd.Process.Signal(sig); err != nil {
-		return fmt.Errorf("signal postgres: %w", err)
-	}
-	select {
-	case <-l.done:
-		return nil
-	case <-time.After(time.Minute):
-		_ = syscall.Kill(-l.cmd.Process.Pid, syscall.SIGKILL)
-		<-l.done
-		return errors.New("postgres did not stop within a minute; killed")
+	next := map[syscall.Signal]syscall.Signal{syscall.SIGINT: syscall.SIGQUIT, syscall.SIGQUIT: syscall.SIGKILL}
+	for {
+		select {
+		case <-l.done:
+			return escalated, nil
+		default:
+		}
+		if sig == syscall.SIGKILL {
+			_ = syscall.Kill(-l.cmd.Process.Pid, syscall.SIGKILL)
+			<-l.done
+			return escalated, nil
+		}
+		if err := l.cmd.Process.Signal(sig); err != nil {
+			return escalated, fmt.Errorf("signal postgres: %w", err)
+		}
+		select {
+		case <-l.done:
+			return escalated, nil
+		case <-time.After(shutdownWait):
+		}
+		escalated = fmt.Sprintf("postgres did not stop within %s of %v; sent %v", shutdownWait, sig, next[sig])
+		sig = next[sig]
 	}
 }
 
-// restart does a fast (clean) shutdown and starts the server again.
-func (l *localServer) restart(ctx context.Context) error {
-	if err := l.signal(syscall.SIGINT); err != nil {
-		return err
+// Restart does a fast (clean) shutdown and starts the server again on the
+// same port.
+func (l *localServer) Restart(ctx context.Context) (string, error) {
+	var logStart int64
+	if fi, err := os.Stat(l.logPath); err == nil {
+		logStart = fi.Size()
 	}
-	return l.start(ctx)
+	escalated, err := l.shutdown(syscall.SIGINT)
+	if err != nil {
+		return "", err
+	}
+	if escalated != "" {
+		// Still a restart, as after a crash: say why, and go on.
+		l.logf("restart: %s; server log:\n%s", escalated, l.logSince(logStart))
+	}
+	return l.dsn(), l.start(ctx)
 }
 
-// stop does an immediate shutdown and removes the temporary directory.
-func (l *localServer) stop() error {
-	return errors.Join(l.signal(syscall.SIGQUIT), os.RemoveAll(l.root))
+// Stop does an immediate shutdown and removes the temporary directory.
+func (l *localServer) Stop() error {
+	escalated, err := l.shutdown(syscall.SIGQUIT)
+	if escalated != "" {
+		err = errors.Join(err, errors.New(escalated))
+	}
+	return errors.Join(err, os.RemoveAll(l.root))
 }
 
 // logSince returns the server log from offset on, at most its last 4 KiB.
@@ -248,54 +283,6 @@ func (l *localServer) logSince(offset int64) string {
 		b = b[len(b)-4096:]
 	}
 	return string(b)
-}
-
-// findBinDir returns the directory holding initdb and postgres of the highest
-// major version >= minMajor, from PATH and binDirPatterns.
-func findBinDir() (dir string, major int, err error) {
-	var candidates []string
-	for _, name := range []string{"postgres", "initdb"} {
-		if p, err := exec.LookPath(name); err == nil {
-			if real, err := filepath.EvalSymlinks(p); err == nil {
-				p = real
-			}
-			candidates = append(candidates, filepath.Dir(p))
-		}
-	}
-	for _, pattern := range binDirPatterns {
-		matches, _ := filepath.Glob(pattern)
-		candidates = append(candidates, matches...)
-	}
-	var tooOld []string
-	for _, d := range candidates {
-		if !isFile(filepath.Join(d, "initdb")) || !isFile(filepath.Join(d, "postgres")) {
-			continue
-		}
-		out, err := exec.Command(filepath.Join(d, "postgres"), "--version").Output()
-		m := versionRE.FindSubmatch(out)
-		if err != nil || m == nil {
-			continue
-		}
-		v, _ := strconv.Atoi(string(m[1]))
-		if v < minMajor {
-			tooOld = append(tooOld, fmt.Sprintf("%d in %s", v, d))
-		} else if v > major {
-			dir, major = d, v
-		}
-	}
-	if dir == "" {
-		if len(tooOld) > 0 {
-			return "", 0, fmt.Errorf("%w (found only PostgreSQL %s; need %d or later)",
-				ErrNoPostgres, strings.Join(tooOld, ", "), minMajor)
-		}
-		return "", 0, ErrNoPostgres
-	}
-	return dir, major, nil
-}
-
-func isFile(path string) bool {
-	fi, err := os.Stat(path)
-	return err == nil && fi.Mode().IsRegular()
 }
 
 // freePort returns a loopback TCP port that was free a moment ago.
