@@ -172,6 +172,11 @@ func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *boo
 	if err := d.store.Create(ctx, conn); err != nil {
 		return err
 	}
+	// A daemon leads now: the last one's fatal error is history (the event
+	// log keeps what happened), and status must not show it as current.
+	if err := d.store.SetError(ctx, conn, nil); err != nil {
+		return err
+	}
 	if err := d.loadTable(ctx); err != nil {
 		return err
 	}

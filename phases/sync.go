@@ -48,10 +48,16 @@ func (d *Daemon) sync(ctx context.Context, st *state.Migration) error {
 				// Enough evidence in stream time; it counts only with the
 				// stream caught up and no correction found meanwhile.
 				ok, err := d.caughtUp(ctx, 2*time.Second)
-				if err != nil || !ok {
+				if err != nil {
+					return err // the conductor's connection, or the stream, is gone: start over
+				}
+				if !ok {
+					d.waiting.Store("evidence of dual-write suffices; the stream to catch up, to count it")
+					d.rlog.Info("sync: the evidence of dual-write suffices; waiting for the stream to catch up")
 					continue
 				}
 				if _, now, _ := d.evidence(); now != fixes {
+					d.rlog.Info("sync: a correction came while the stream caught up; the quiet period starts again")
 					continue
 				}
 				d.log.Info("sync: dual-write detected: application writes of the new columns needed no correction for the quiet period",
@@ -81,16 +87,8 @@ func (d *Daemon) handOver(ctx context.Context, detail map[string]any) error {
 func (d *Daemon) evidence() (evidence, corrections uint64, streamTime time.Time) {
 	d.live.mu.Lock()
 	defer d.live.mu.Unlock()
-	evidence, corrections = d.live.savedEvidence, d.live.savedFixes+d.pendingFixes()
-	if p := d.pipe.Load(); p != nil {
-		if _, ap := p.current(); ap != nil {
-			d.live.follow(ap)
-			s := ap.Stats()
-			evidence += s.Evidence - d.live.apEvidence
-			streamTime = s.StreamTime
-		}
-	}
-	return evidence, corrections, streamTime
+	_, fixes, s := d.pending()
+	return d.live.savedEvidence + s.Evidence - d.live.apEvidence, d.live.savedFixes + fixes, s.StreamTime
 }
 
 // evidenceWatch decides, from positive evidence only, that the application
