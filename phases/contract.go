@@ -2,6 +2,7 @@ package phases
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"strings"
@@ -10,6 +11,7 @@ import (
 	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/cdcbackfill/cdcbackfill/applier"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
@@ -36,11 +38,7 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 		if err := d.pipe.Load().failure(); err != nil {
 			return fmt.Errorf("sync stream: %w", err)
 		}
-		st, err := d.store.Load(ctx, d.conn)
-		if err != nil {
-			return err
-		}
-		outstanding, err := d.recheckKept(ctx)
+		st, outstanding, err := d.loadAndRecheck(ctx)
 		if err != nil {
 			return err
 		}
@@ -118,6 +116,9 @@ func (d *Daemon) cutover(ctx context.Context, st *state.Migration, try int, long
 		return cutoverBehind, nil
 	}
 	if err := ap.Hold(ctx); err != nil {
+		if errors.Is(err, applier.ErrStopped) {
+			return cutoverBehind, nil // the pipeline is restarting: try again
+		}
 		return "", err
 	}
 	committed := false
@@ -175,6 +176,11 @@ func (d *Daemon) cutover(ctx context.Context, st *state.Migration, try int, long
 		}
 	})
 	cancel()
+	if errors.Is(err, applier.ErrStopped) {
+		tx.Rollback(ctx)
+		stall()
+		return cutoverBehind, nil // the pipeline is restarting: try again
+	}
 	if err != nil {
 		if wctx.Err() != nil && ctx.Err() == nil {
 			tx.Rollback(ctx)
