@@ -107,6 +107,17 @@ func (d *Daemon) recheckKept(ctx context.Context) (int64, error) {
 	return n, err
 }
 
+// loadAndRecheck reads the state row and checks the rows kept out of
+// parity again: what verify and contract look at on every tick.
+func (d *Daemon) loadAndRecheck(ctx context.Context) (*state.Migration, int64, error) {
+	st, err := d.store.Load(ctx, d.conn)
+	if err != nil {
+		return nil, 0, err
+	}
+	outstanding, err := d.recheckKept(ctx)
+	return st, outstanding, err
+}
+
 // backToSync gives the new columns back to the expressions after an
 // auto-detected dual-write proved premature: the rows found out of parity
 // are corrected at once, later changes by the stream.

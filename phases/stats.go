@@ -11,46 +11,20 @@ import (
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
-// totalEvents and totalCorrections are the stream's figures since this
-// daemon started, across pipeline restarts.
-func (d *Daemon) totalEvents() uint64 {
-	d.live.mu.Lock()
-	defer d.live.mu.Unlock()
-	return d.live.savedEvents + d.pendingEvents()
-}
-
-func (d *Daemon) totalCorrections() uint64 {
-	d.live.mu.Lock()
-	defer d.live.mu.Unlock()
-	return d.live.savedFixes + d.pendingFixes()
-}
-
-// pendingEvents and pendingFixes are the current applier's counts not yet
-// folded into saved*; called with live.mu held.
-func (d *Daemon) pendingEvents() uint64 {
+// pending returns the running applier's counts not yet folded into the
+// saved ones, and its stats (zero without one); called with live.mu held.
+func (d *Daemon) pending() (events, fixes uint64, s applier.Stats) {
 	p := d.pipe.Load()
 	if p == nil {
-		return 0
+		return 0, 0, s
 	}
 	_, ap := p.current()
 	if ap == nil {
-		return 0
+		return 0, 0, s
 	}
 	d.live.follow(ap)
-	return ap.Stats().Events - d.live.apEvents
-}
-
-func (d *Daemon) pendingFixes() uint64 {
-	p := d.pipe.Load()
-	if p == nil {
-		return 0
-	}
-	_, ap := p.current()
-	if ap == nil {
-		return 0
-	}
-	d.live.follow(ap)
-	return ap.Stats().Corrections - d.live.apFixes
+	s = ap.Stats()
+	return s.Events - d.live.apEvents, s.Corrections - d.live.apFixes, s
 }
 
 // publishStats writes the live figures once more (at exit).
@@ -67,11 +41,7 @@ func (d *Daemon) publishStatsOn(ctx context.Context, conn *pgx.Conn, st *state.M
 	now := time.Now()
 	d.live.mu.Lock()
 	if !d.live.lastAt.IsZero() {
-		dt := now.Sub(d.live.lastAt).Seconds()
-		if dt > 0 && st.RowsDone >= d.live.lastRows {
-			inst := float64(st.RowsDone-d.live.lastRows) / dt
-			d.live.rate = 0.7*d.live.rate + 0.3*inst
-		}
+		d.live.rate = smoothRate(d.live.rate, st.RowsDone-d.live.lastRows, now.Sub(d.live.lastAt))
 	}
 	d.live.lastRows, d.live.lastAt = st.RowsDone, now
 	stats := state.Stats{RowsPerSecond: d.live.rate, HeartbeatAt: now.UTC().Format(time.RFC3339Nano),
@@ -85,18 +55,13 @@ func (d *Daemon) publishStatsOn(ctx context.Context, conn *pgx.Conn, st *state.M
 	if st.Paused {
 		stats.ThrottleReason = "paused by operator (cdcbackfill resume)"
 	}
-	newEvents, newFixes := d.pendingEvents(), d.pendingFixes()
+	newEvents, newFixes, as := d.pending()
 	d.live.apEvents += newEvents
 	d.live.apFixes += newFixes
 	d.live.savedEvents += newEvents
 	d.live.savedFixes += newFixes
-	var lastCommit time.Time
-	if p := d.pipe.Load(); p != nil {
-		if _, ap := p.current(); ap != nil {
-			as := ap.Stats()
-			lastCommit, stats.CorrectionSamples = as.LastCommitTime, as.RecentCorrections
-		}
-	}
+	lastCommit := as.LastCommitTime
+	stats.CorrectionSamples = as.RecentCorrections
 	if stats.CorrectionSamples == nil {
 		stats.CorrectionSamples = st.Stats.CorrectionSamples // keep the last known across restarts
 	}
@@ -122,4 +87,15 @@ func (l *live) follow(ap *applier.Applier) {
 		}
 		l.ap, l.apEvents, l.apFixes, l.apEvidence = ap, 0, 0, 0
 	}
+}
+
+// smoothRate folds rows done over dt into the rate (an exponential moving
+// average: a batch landing in one tick and none in the next reads as a
+// steady rate, not as a saw). A negative count (a backfill started over)
+// or no time passed leave it as it is.
+func smoothRate(rate float64, rows int64, dt time.Duration) float64 {
+	if dt <= 0 || rows < 0 {
+		return rate
+	}
+	return 0.7*rate + 0.3*float64(rows)/dt.Seconds()
 }

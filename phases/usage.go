@@ -23,30 +23,6 @@ import (
 // job that the DROP would break. Auto contract waits until a whole hold
 // passes without one; manual contract needs approve --force.
 
-// dropColumnRE finds the columns a contract statement drops.
-var dropColumnRE = regexp.MustCompile(`(?i)\bDROP\s+(?:COLUMN\s+)?(?:IF\s+EXISTS\s+)?("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)`)
-
-// DroppedColumns lists the columns the statements drop.
-func DroppedColumns(stmts []string) []string {
-	var out []string
-	for _, s := range stmts {
-		for _, m := range dropColumnRE.FindAllStringSubmatch(s, -1) {
-			name := m[1]
-			if strings.HasPrefix(name, `"`) {
-				name = strings.ReplaceAll(name[1:len(name)-1], `""`, `"`)
-			} else {
-				name = strings.ToLower(name)
-			}
-			switch strings.ToLower(name) {
-			case "constraint", "default", "not", "index", "table", "view", "trigger", "expression", "identity":
-				continue
-			}
-			out = append(out, name)
-		}
-	}
-	return out
-}
-
 // errNoStatements says why the protection is not available.
 var errNoStatements = errors.New("pg_stat_statements is not installed in this database")
 

@@ -42,11 +42,7 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 	var passHi recompute.Key // the highest key of the pass in hand
 	return d.pipe.Load().guard(ctx, func(ctx context.Context) error {
 		for ctx.Err() == nil {
-			st, err := d.store.Load(ctx, d.conn)
-			if err != nil {
-				return err
-			}
-			outstanding, err := d.recheckKept(ctx)
+			st, outstanding, err := d.loadAndRecheck(ctx)
 			if err != nil {
 				return err
 			}
