@@ -4,14 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
-	"net"
 	"os"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -19,7 +16,9 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
+	"github.com/cdcbackfill/cdcbackfill/internal/workload"
 )
 
 // The chaos suite (issue 7): the whole lifecycle under an application load,
@@ -183,7 +182,7 @@ type chaosRun struct {
 	cfg     string
 	d       *daemon   // the daemon running now
 	daemons []*daemon // all started, for the post-mortem
-	app     *chaosApp
+	app     *workload.App
 	phases  *phaseWatch
 	log     []string
 	faults  [numFaults]int
@@ -229,8 +228,9 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 		t.Fatal(err)
 	}
 	t.Cleanup(appPool.Close)
-	c.app = startChaosApp(appPool, chaosWriters, chaosRows, iterSeed)
-	defer c.app.stop()
+	c.app = workload.Start(appPool, workload.Options{Writers: chaosWriters, Pause: 3 * time.Millisecond, MaxID: chaosRows,
+		Seed: iterSeed, Mix: workload.Mix{SignUps: 2, Renames: 7, Deletes: 1}, Expected: "expected"})
+	defer c.app.Stop()
 	stragPool, err := pgxpool.New(context.Background(), withParam(dsn, "application_name=chaos-straggler"))
 	if err != nil {
 		t.Fatal(err)
@@ -238,7 +238,7 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 	t.Cleanup(stragPool.Close)
 	c.strag = &straggler{pool: stragPool}
 	defer c.strag.stop()
-	c.phases = watchPhases(pool, c.app.app, c.begin)
+	c.phases = watchPhases(pool, c.app, c.begin)
 	defer c.phases.stop()
 	defer func() {
 		if t.Failed() {
@@ -248,7 +248,7 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 	// Counted also when the iteration fails half-way.
 	var rows, bad int64
 	var inRestart int
-	var other []appFailure
+	var other []workload.Failure
 	defer func() {
 		for k, m := range c.faults {
 			tally.faults[k] += m
@@ -260,11 +260,12 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 		tally.selfExits += c.exits
 		tally.rows += rows
 		tally.mismatches += bad
-		tally.appTxns += c.app.ops.Load()
+		tally.appTxns += ops(c.app)
 		tally.appRestartFailures += int64(inRestart)
 		tally.appOtherFailures += int64(len(other))
-		tally.stragglerWrites += c.strag.writes.Load()
-		tally.stragglerLate += c.strag.late.Load()
+		writes, late, _ := c.strag.writes()
+		tally.stragglerWrites += writes
+		tally.stragglerLate += late
 		var premature int64
 		_ = pool.QueryRow(context.Background(), `SELECT premature_detections FROM cdcbackfill.migrations`).Scan(&premature)
 		tally.premature += premature
@@ -332,11 +333,11 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 		t.Fatalf("daemon exited 0 in phase %q", p)
 	}
 	c.phases.saw("done")
-	waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return c.app.mode.Load() == writeNew })
-	c.app.stop()
+	waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return c.app.Release() == workload.WritesNew })
+	c.app.Stop()
 	c.strag.stop()
 	c.phases.stop()
-	if n := c.strag.late.Load(); n > 0 {
+	if _, n, _ := c.strag.writes(); n > 0 {
 		t.Errorf("the old column was dropped while the straggler still wrote it: %d of its writes failed on it", n)
 	}
 
@@ -349,10 +350,8 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 		t.Error("full_name still exists after done")
 	}
 	nothingLeft(t, pool)
-	inRestart, other = c.app.classify(c.windows)
-	sInRestart, sOther := c.strag.classify(c.windows)
-	inRestart += sInRestart
-	other = append(other, sOther...)
+	_, _, stragFailures := c.strag.writes()
+	inRestart, other = classify(append(c.app.Failures(), stragFailures...), c.windows)
 	if len(other) > 0 {
 		var b strings.Builder
 		for i, f := range other {
@@ -360,7 +359,7 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 				fmt.Fprintf(&b, "  ... and %d more\n", len(other)-5)
 				break
 			}
-			fmt.Fprintf(&b, "  +%.2fs %v\n", f.at.Sub(c.begin).Seconds(), f.err)
+			fmt.Fprintf(&b, "  +%.2fs %v\n", f.At.Sub(c.begin).Seconds(), f.Err)
 		}
 		t.Errorf("%d application transactions failed outside server restarts:\n%s", len(other), b.String())
 	}
@@ -374,7 +373,7 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 	t.Logf("faults:\n  %s", strings.Join(c.log, "\n  "))
 	fmt.Printf("chaos iteration %d/%d seed=%d: %d faults (%s), phases %s, %d rows, %d mismatches, app %d txns (%d failed in server restarts, %d otherwise), %s\n",
 		n, of, iterSeed, total, strings.Join(parts, ", "), c.phases.path(), rows, bad,
-		c.app.ops.Load(), inRestart, len(other), time.Since(c.begin).Round(100*time.Millisecond))
+		ops(c.app), inRestart, len(other), time.Since(c.begin).Round(100*time.Millisecond))
 }
 
 // note adds a line to the iteration's fault log.
@@ -390,14 +389,14 @@ func (c *chaosRun) sleep(d time.Duration) bool {
 	until := time.Now().Add(d)
 	for {
 		select {
-		case <-c.d.done:
-			if c.d.code == 0 {
+		case <-c.d.Done():
+			if c.d.Code() == 0 {
 				return true
 			}
 			c.exits++
-			c.note("daemon EXITED %d on its own; restarting it", c.d.code)
+			c.note("daemon EXITED %d on its own; restarting it", c.d.Code())
 			c.t.Errorf("the daemon exited %d on its own at +%.2fs in phase %s; faults so far:\n  %s\nits output ends:\n%s",
-				c.d.code, time.Since(c.begin).Seconds(), c.phases.current(), strings.Join(c.log, "\n  "), tail(c.d.output(), 30))
+				c.d.Code(), time.Since(c.begin).Seconds(), c.phases.current(), strings.Join(c.log, "\n  "), tail(c.d.output(), 30))
 			if c.exits > 5 {
 				c.t.Fatal("the daemon keeps exiting")
 			}
@@ -410,7 +409,7 @@ func (c *chaosRun) sleep(d time.Duration) bool {
 			return false
 		}
 		select {
-		case <-c.d.done:
+		case <-c.d.Done():
 		case <-time.After(min(left, 100*time.Millisecond)):
 		}
 	}
@@ -577,9 +576,9 @@ func withParam(dsn, param string) string {
 
 func sampleDiffs(t *testing.T, pool *pgxpool.Pool) string {
 	rows, err := pool.Query(context.Background(), `SELECT coalesce(u.id, e.id), u.id IS NOT NULL, e.id IS NOT NULL,
-			coalesce(u.first_name, '<null>'), coalesce(u.last_name, '<null>'), coalesce(e.first, '<null>'), coalesce(e.last, '<null>')
+			coalesce(u.first_name, '<null>'), coalesce(u.last_name, '<null>'), coalesce(e.first_name, '<null>'), coalesce(e.last_name, '<null>')
 		FROM users u FULL JOIN expected e USING (id)
-		WHERE u.id IS NULL OR e.id IS NULL OR u.first_name IS DISTINCT FROM e.first OR u.last_name IS DISTINCT FROM e.last
+		WHERE u.id IS NULL OR e.id IS NULL OR u.first_name IS DISTINCT FROM e.first_name OR u.last_name IS DISTINCT FROM e.last_name
 		ORDER BY 1 LIMIT 10`)
 	if err != nil {
 		return err.Error()
@@ -609,65 +608,15 @@ func dropChaosOrigins(serverDSN string) {
 	_, _ = conn.Exec(ctx, `SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE starts_with(roname, 'cdcbackfill_split_full_name.')`)
 }
 
-// chaosApp is the application of lifecycle_test.go (app.write: the same
-// rows, modes and `expected` table, the same switch to the new columns on
-// 42703), keeping each failed transaction with its time so that failures
-// during a server restart can be told from the rest.
-type chaosApp struct {
-	*app
-	mu       sync.Mutex
-	failures []appFailure
-	stopOnce sync.Once
-}
-
-type appFailure struct {
-	at  time.Time
-	err error
-}
-
-func startChaosApp(pool *pgxpool.Pool, n int, maxID int64, seed uint64) *chaosApp {
-	ctx, cancel := context.WithCancel(context.Background())
-	c := &chaosApp{app: &app{cancel: cancel}}
-	var next atomic.Int64
-	next.Store(maxID)
-	for i := 0; i < n; i++ {
-		c.wg.Add(1)
-		go func(stream uint64) {
-			defer c.wg.Done()
-			r := rand.New(rand.NewPCG(seed, stream))
-			for ctx.Err() == nil {
-				mode := c.mode.Load()
-				err := c.write(ctx, pool, r, &next, mode)
-				var pgErr *pgconn.PgError
-				if err != nil && errors.As(err, &pgErr) && pgErr.Code == "42703" && mode != writeNew {
-					c.mode.Store(writeNew) // full_name is gone: the app's next release
-					continue
-				}
-				if err != nil && ctx.Err() == nil {
-					c.mu.Lock()
-					c.failures = append(c.failures, appFailure{time.Now(), err})
-					c.mu.Unlock()
-				}
-				c.ops.Add(1)
-				time.Sleep(3 * time.Millisecond)
-			}
-		}(uint64(i))
-	}
-	return c
-}
-
-func (c *chaosApp) stop() { c.stopOnce.Do(c.app.stop) }
-
-// classify splits the failures into those a server restart explains (a
-// lost connection, inside a restart window or just after it) and the rest.
-func (c *chaosApp) classify(windows []window) (inRestart int, other []appFailure) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, f := range c.failures {
+// classify splits an application's failures into those a server restart
+// explains (a lost connection, inside a restart window or just after it)
+// and the rest.
+func classify(failures []workload.Failure, windows []window) (inRestart int, other []workload.Failure) {
+	for _, f := range failures {
 		explained := false
-		if isConnFailure(f.err) {
+		if dbconn.IsConnLoss(f.Err) {
 			for _, w := range windows {
-				if !f.at.Before(w.from) && !f.at.After(w.to.Add(restartGrace)) {
+				if !f.At.Before(w.from) && !f.At.After(w.to.Add(restartGrace)) {
 					explained = true
 					break
 				}
@@ -682,28 +631,6 @@ func (c *chaosApp) classify(windows []window) (inRestart int, other []appFailure
 	return inRestart, other
 }
 
-// isConnFailure: the server went away (shut down, starting up, refused,
-// or the connection broke), as opposed to a statement that failed.
-func isConnFailure(err error) bool {
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		return pgErr.Code == "57P01" || pgErr.Code == "57P02" || pgErr.Code == "57P03" || strings.HasPrefix(pgErr.Code, "08")
-	}
-	var connErr *pgconn.ConnectError
-	var netErr *net.OpError
-	if errors.As(err, &connErr) || errors.As(err, &netErr) || pgconn.SafeToRetry(err) ||
-		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-		return true
-	}
-	msg := err.Error()
-	for _, s := range []string{"conn closed", "unexpected EOF", "connection reset", "broken pipe", "connection refused"} {
-		if strings.Contains(msg, s) {
-			return true
-		}
-	}
-	return false
-}
-
 // phaseWatch polls the phase, remembers the path taken, and switches the
 // application to dual-write once the migration reaches sync (as TestFullStory
 // does).
@@ -716,7 +643,7 @@ type phaseWatch struct {
 	seen   []string
 }
 
-func watchPhases(pool *pgxpool.Pool, a *app, begin time.Time) *phaseWatch {
+func watchPhases(pool *pgxpool.Pool, a *workload.App, begin time.Time) *phaseWatch {
 	ctx, cancel := context.WithCancel(context.Background())
 	w := &phaseWatch{cancel: cancel, done: make(chan struct{})}
 	go func() {
@@ -735,7 +662,7 @@ func watchPhases(pool *pgxpool.Pool, a *app, begin time.Time) *phaseWatch {
 				w.mu.Unlock()
 				switch p {
 				case "sync", "verify", "contract", "done":
-					a.mode.CompareAndSwap(writeOld, writeBoth)
+					a.Deploy(workload.WritesBoth)
 				}
 			}
 			select {
@@ -776,84 +703,54 @@ func (w *phaseWatch) stop() {
 	})
 }
 
-// straggler is an old-release writer: full_name only, recorded in
-// expected with what the expressions make of it.
+// straggler is an old-release writer (see the fault): one pinned writer
+// of the application, renames only, for a bout at a time.
 type straggler struct {
-	pool *pgxpool.Pool
-
-	mu       sync.Mutex
-	cancel   context.CancelFunc
-	done     chan struct{}
-	failures []appFailure
-
-	writes, late atomic.Int64
+	pool  *pgxpool.Pool
+	seed  uint64
+	mu    sync.Mutex
+	bouts []*workload.App
 }
 
 // start begins a bout of writes unless one runs; it reports whether it
-// started one.
+// started one. The bout stops by itself after dur.
 func (s *straggler) start(seed uint64, dur, every time.Duration) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.done != nil {
-		select {
-		case <-s.done:
-		default:
-			return false
-		}
+	if n := len(s.bouts); n > 0 && !s.bouts[n-1].Stopped() {
+		return false
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), dur)
-	s.cancel, s.done = cancel, make(chan struct{})
-	done := s.done
-	go func() {
-		defer close(done)
-		r := rand.New(rand.NewPCG(seed, 5))
-		for ctx.Err() == nil {
-			id := r.Int64N(chaosRows) + 1
-			name := fmt.Sprintf("late%d straggler%d", r.IntN(100000), r.IntN(100000))
-			err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-				if _, err := tx.Exec(ctx, `UPDATE users SET full_name = $2 WHERE id = $1`, id, name); err != nil {
-					return err
-				}
-				_, err := tx.Exec(ctx, `INSERT INTO expected (id, first, last) SELECT $1, split_part($2, ' ', 1), split_part($2, ' ', 2)
-					WHERE EXISTS (SELECT 1 FROM users WHERE id = $1)
-					ON CONFLICT (id) DO UPDATE SET first = EXCLUDED.first, last = EXCLUDED.last`, id, name)
-				return err
-			})
-			var pgErr *pgconn.PgError
-			switch {
-			case err == nil:
-				s.writes.Add(1)
-			case errors.As(err, &pgErr) && pgErr.Code == "42703":
-				s.late.Add(1)
-			case ctx.Err() == nil:
-				s.mu.Lock()
-				s.failures = append(s.failures, appFailure{time.Now(), err})
-				s.mu.Unlock()
-			}
-			select {
-			case <-ctx.Done():
-			case <-time.After(every):
-			}
-		}
-	}()
+	a := workload.Start(s.pool, workload.Options{Writers: 1, Pause: every, MaxID: chaosRows, Seed: seed,
+		Mix: workload.Mix{Renames: 1}, Expected: "expected", Release: workload.WritesOld, Pinned: true})
+	time.AfterFunc(dur, a.Stop)
+	s.bouts = append(s.bouts, a)
 	return true
 }
 
 func (s *straggler) stop() {
 	s.mu.Lock()
-	cancel, done := s.cancel, s.done
-	s.mu.Unlock()
-	if cancel != nil {
-		cancel()
-		<-done
+	defer s.mu.Unlock()
+	for _, a := range s.bouts {
+		a.Stop()
 	}
 }
 
-// classify splits its failures as chaosApp.classify does.
-func (s *straggler) classify(windows []window) (inRestart int, other []appFailure) {
+// writes and failures of every bout; a write that found full_name dropped
+// is late: the migration contracted while the straggler still wrote.
+func (s *straggler) writes() (writes, late int64, failures []workload.Failure) {
 	s.mu.Lock()
-	failures := s.failures
-	s.mu.Unlock()
-	c := &chaosApp{app: &app{}, failures: failures}
-	return c.classify(windows)
+	defer s.mu.Unlock()
+	for _, a := range s.bouts {
+		n, _ := a.Transactions()
+		writes += n
+		for _, f := range a.Failures() {
+			var pgErr *pgconn.PgError
+			if errors.As(f.Err, &pgErr) && pgErr.Code == "42703" {
+				late++
+			} else {
+				failures = append(failures, f)
+			}
+		}
+	}
+	return writes, late, failures
 }

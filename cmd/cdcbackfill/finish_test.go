@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
+	"github.com/cdcbackfill/cdcbackfill/internal/workload"
 	"github.com/cdcbackfill/cdcbackfill/phases"
 )
 
@@ -101,8 +102,8 @@ func TestIdleOrOtherColumnsIsNoDualWrite(t *testing.T) {
 	// new columns as the expressions say.
 	seedExpected(t, pool)
 	a := startApp(t, pool, 2, 5000)
-	defer a.stop()
-	a.mode.Store(writeBoth)
+	defer a.Stop()
+	a.Deploy(workload.WritesBoth)
 	waitFor(t, time.Minute, "dual-write detected", func() bool {
 		if phase(t, pool) == "verify" {
 			return true
@@ -386,14 +387,14 @@ func TestAbortEveryPhase(t *testing.T) {
 			}
 			seedExpected(t, pool)
 			a := startApp(t, pool, 2, 10000)
-			defer a.stop()
+			defer a.Stop()
 			if c.phase == "expand" {
 				lock()
 			}
 			d := startDaemon(t, cfg)
 			if c.phase != "expand" && c.phase != "backfill" {
 				waitFor(t, time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
-				a.mode.Store(writeBoth) // the release that dual-writes
+				a.Deploy(workload.WritesBoth) // the release that dual-writes
 			}
 			if c.phase == "verify" || c.phase == "contract" {
 				cli(t, 10*time.Second, nil, "approve", "--config", cfg)
@@ -414,7 +415,7 @@ func TestAbortEveryPhase(t *testing.T) {
 			// The operator rolls the application back to the release that
 			// writes full_name only, then aborts; a lock holder ends once
 			// the abort is requested (the rollback DDL needs the table).
-			a.mode.Store(writeOld)
+			a.RollBack(workload.WritesOld)
 			if holder != nil {
 				go func() {
 					for {
@@ -439,7 +440,7 @@ func TestAbortEveryPhase(t *testing.T) {
 			if code := d.wait(t, time.Minute); code != 0 {
 				t.Errorf("daemon exit %d after abort\n%s", code, d.output())
 			}
-			a.stop()
+			a.Stop()
 			if p := phase(t, pool); p != "aborted" {
 				t.Errorf("phase %s", p)
 			}
@@ -450,8 +451,8 @@ func TestAbortEveryPhase(t *testing.T) {
 				t.Error("full_name is gone")
 			}
 			nothingLeft(t, pool)
-			if n := a.errs.Load(); n != 0 {
-				t.Errorf("%d application transactions failed; first: %v", n, a.firstErr.Load())
+			if f := a.Failures(); len(f) != 0 {
+				t.Errorf("%d application transactions failed; first: %v", len(f), f[0].Err)
 			}
 			if r := cli(t, 10*time.Second, nil, "approve", "--config", cfg); r.code == 0 {
 				t.Errorf("approve after abort succeeded\n%s", r)
@@ -472,7 +473,7 @@ func TestRepeatedConditionsLogOnce(t *testing.T) {
 	dsn := pool.Config().ConnString()
 	cfg := writeConfig(t, usersConfig(dsn)+"dual_write:\n  detect: manual\ncontract_policy:\n  mode: auto\n  hold: 1s\n")
 	w := startWriters(t, pool, 3, 20000)
-	defer w.stop()
+	defer w.Stop()
 	d := startDaemon(t, cfg)
 	waitFor(t, time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
 	cli(t, 10*time.Second, nil, "approve", "--config", cfg)

@@ -2,139 +2,48 @@ package main
 
 import (
 	"context"
-	"errors"
-	"fmt"
-	"math/rand/v2"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/workload"
 )
 
-// app is an application that first writes only full_name, then dual-writes
-// (computing the new columns itself, with split or with a wrong rule), and
-// once full_name is dropped writes only the new columns. It records what it
-// last wrote for each row in a table of its own, in the same transaction.
-type app struct {
-	cancel    context.CancelFunc
-	wg        sync.WaitGroup
-	mode      atomic.Int32 // 0 full_name only, 1 dual-write, 2 new columns only
-	wrong     atomic.Bool  // dual-write values that disagree with the expression
-	ops, errs atomic.Int64
-	firstErr  atomic.Value
-}
-
-const (
-	writeOld = iota
-	writeBoth
-	writeNew
-)
-
-func seedExpected(t *testing.T, pool *pgxpool.Pool) {
-	t.Helper()
-	for _, sql := range []string{
-		`CREATE TABLE expected (id bigint PRIMARY KEY, first text, last text)`,
-		`INSERT INTO expected SELECT id, split_part(full_name, ' ', 1), split_part(full_name, ' ', 2) FROM users`,
-	} {
-		if _, err := pool.Exec(context.Background(), sql); err != nil {
-			t.Fatal(err)
-		}
-	}
-}
-
-func startApp(t *testing.T, pool *pgxpool.Pool, n int, maxID int64) *app {
-	ctx, cancel := context.WithCancel(context.Background())
-	a := &app{cancel: cancel}
-	var next atomic.Int64
-	next.Store(maxID)
-	for i := 0; i < n; i++ {
-		a.wg.Add(1)
-		go func(seed uint64) {
-			defer a.wg.Done()
-			r := rand.New(rand.NewPCG(seed, 11))
-			for ctx.Err() == nil {
-				mode := a.mode.Load()
-				err := a.write(ctx, pool, r, &next, mode)
-				var pgErr *pgconn.PgError
-				if err != nil && errors.As(err, &pgErr) && pgErr.Code == "42703" && mode != writeNew {
-					a.mode.Store(writeNew) // full_name is gone: the app's next release
-					continue
-				}
-				if err != nil && ctx.Err() == nil {
-					if a.errs.Add(1) == 1 {
-						a.firstErr.Store(err.Error())
-					}
-				}
-				a.ops.Add(1)
-				time.Sleep(3 * time.Millisecond)
-			}
-		}(uint64(i) + 100)
-	}
+// startApp starts the application of internal/workload as these tests
+// run it: a steady load that writes full_name only (until Deploy),
+// recording what each row must hold in the table expected.
+func startApp(t *testing.T, pool *pgxpool.Pool, n int, maxID int64) *workload.App {
+	a := workload.Start(pool, workload.Options{Writers: n, Pause: 3 * time.Millisecond, MaxID: maxID, Seed: 100,
+		Mix: workload.Mix{SignUps: 2, Renames: 7, Deletes: 1}, Expected: "expected"})
+	t.Cleanup(a.Stop)
 	return a
 }
 
-func (a *app) write(ctx context.Context, pool *pgxpool.Pool, r *rand.Rand, next *atomic.Int64, mode int32) error {
-	op := r.IntN(10)
-	id := r.Int64N(next.Load()) + 1
-	first, last := fmt.Sprintf("f%d", r.IntN(100000)), fmt.Sprintf("l%d", r.IntN(100000))
-	wantFirst, wantLast := first, last
-	if mode == writeBoth && a.wrong.Load() {
-		wantFirst = "WRONG" // the app's rule disagrees with the expression
+// seedExpected creates the table expected (see workload.CreateExpected).
+func seedExpected(t *testing.T, pool *pgxpool.Pool) {
+	t.Helper()
+	if err := workload.CreateExpected(context.Background(), pool, "expected"); err != nil {
+		t.Fatal(err)
 	}
-	return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-		var err error
-		switch {
-		case op < 2: // insert
-			id = next.Add(1)
-			switch mode {
-			case writeOld:
-				_, err = tx.Exec(ctx, `INSERT INTO users (id, full_name, email) VALUES ($1, $2, 'n')`, id, first+" "+last)
-			case writeBoth:
-				_, err = tx.Exec(ctx, `INSERT INTO users (id, full_name, email, first_name, last_name) VALUES ($1, $2, 'n', $3, $4)`, id, first+" "+last, wantFirst, wantLast)
-			default:
-				_, err = tx.Exec(ctx, `INSERT INTO users (id, email, first_name, last_name) VALUES ($1, 'n', $2, $3)`, id, wantFirst, wantLast)
-			}
-		case op < 9: // update the name
-			switch mode {
-			case writeOld:
-				_, err = tx.Exec(ctx, `UPDATE users SET full_name = $2 WHERE id = $1`, id, first+" "+last)
-			case writeBoth:
-				_, err = tx.Exec(ctx, `UPDATE users SET full_name = $2, first_name = $3, last_name = $4 WHERE id = $1`, id, first+" "+last, wantFirst, wantLast)
-			default:
-				_, err = tx.Exec(ctx, `UPDATE users SET first_name = $2, last_name = $3 WHERE id = $1`, id, wantFirst, wantLast)
-			}
-		default: // delete
-			if _, err = tx.Exec(ctx, `DELETE FROM users WHERE id = $1`, id); err == nil {
-				_, err = tx.Exec(ctx, `DELETE FROM expected WHERE id = $1`, id)
-			}
-			return err
-		}
-		if err != nil {
-			return err
-		}
-		// Expected: what the row's new columns must hold now. A row the
-		// update did not find stays absent.
-		_, err = tx.Exec(ctx, `INSERT INTO expected (id, first, last) SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM users WHERE id = $1)
-			ON CONFLICT (id) DO UPDATE SET first = EXCLUDED.first, last = EXCLUDED.last`, id, first, last)
-		return err
-	})
-}
-
-func (a *app) stop() {
-	a.cancel()
-	a.wg.Wait()
 }
 
 // differFromExpected counts rows whose new columns differ from what the
 // application last wrote (or rows present on one side only).
 func differFromExpected(t *testing.T, pool *pgxpool.Pool) int64 {
-	return query[int64](t, pool, `SELECT count(*) FROM users u FULL JOIN expected e USING (id)
-		WHERE u.id IS NULL OR e.id IS NULL OR u.first_name IS DISTINCT FROM e.first OR u.last_name IS DISTINCT FROM e.last`)
+	t.Helper()
+	n, _, err := workload.DifferFromExpected(context.Background(), pool, "expected")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// ops is how many transactions the application ran.
+func ops(a *workload.App) int64 {
+	n, _ := a.Transactions()
+	return n
 }
 
 func nothingLeft(t *testing.T, pool *pgxpool.Pool) {
@@ -168,29 +77,29 @@ func TestFullStory(t *testing.T) {
 	dsn := pool.Config().ConnString()
 	seedExpected(t, pool)
 	a := startApp(t, pool, 3, 200000)
-	defer a.stop()
+	defer a.Stop()
 	d := startDaemon(t, writeConfig(t, autoConfig(dsn)))
 	waitFor(t, 5*time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
-	a.mode.Store(writeBoth)
+	a.Deploy(workload.WritesBoth)
 	if code := d.wait(t, 5*time.Minute); code != 0 {
 		t.Fatalf("daemon exit %d\n%s", code, d.output())
 	}
 	if p := phase(t, pool); p != "done" {
 		t.Fatalf("phase %s after exit 0", p)
 	}
-	waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return a.mode.Load() == writeNew })
-	a.stop()
+	waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return a.Release() == workload.WritesNew })
+	a.Stop()
 	if hasColumn(t, pool, "full_name") {
 		t.Error("full_name still exists after done")
 	}
 	if n := differFromExpected(t, pool); n != 0 {
 		t.Errorf("%d rows differ from what the writers last wrote", n)
 	}
-	if n := a.errs.Load(); n != 0 {
-		t.Errorf("%d application transactions failed; first: %v", n, a.firstErr.Load())
+	if f := a.Failures(); len(f) != 0 {
+		t.Errorf("%d application transactions failed; first: %v", len(f), f[0].Err)
 	}
 	nothingLeft(t, pool)
-	t.Logf("application transactions: %d", a.ops.Load())
+	t.Logf("application transactions: %d", ops(a))
 }
 
 // TestManualWaitsForApprove: detect manual and contract manual wait for
@@ -199,11 +108,11 @@ func TestManualWaitsForApprove(t *testing.T) {
 	dsn, pool := seed(t, 20000)
 	seedExpected(t, pool)
 	a := startApp(t, pool, 2, 20000)
-	defer a.stop()
+	defer a.Stop()
 	cfg := writeConfig(t, usersConfig(dsn)+"contract_policy:\n  hold: 1s\n")
 	d := startDaemon(t, cfg)
 	waitFor(t, 2*time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
-	a.mode.Store(writeBoth)
+	a.Deploy(workload.WritesBoth)
 	// It waits in sync while the stream keeps working.
 	events := query[int64](t, pool, `SELECT sync_events FROM cdcbackfill.migrations`)
 	waitFor(t, time.Minute, "the stream to see application changes", func() bool {
@@ -233,7 +142,7 @@ func TestManualWaitsForApprove(t *testing.T) {
 	if code := d.wait(t, 2*time.Minute); code != 0 {
 		t.Fatalf("daemon exit %d\n%s", code, d.output())
 	}
-	a.stop()
+	a.Stop()
 	if hasColumn(t, pool, "full_name") {
 		t.Error("full_name still exists after done")
 	}
@@ -253,12 +162,12 @@ func TestWrongDualWriteKeepsOutOfContract(t *testing.T) {
 	dsn, pool := seed(t, 20000)
 	seedExpected(t, pool)
 	a := startApp(t, pool, 2, 20000)
-	defer a.stop()
+	defer a.Stop()
 	cfg := writeConfig(t, usersConfig(dsn)+"dual_write:\n  detect: manual\ncontract_policy:\n  mode: auto\n  hold: 1s\n")
 	d := startDaemon(t, cfg)
 	waitFor(t, 2*time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
-	a.wrong.Store(true)
-	a.mode.Store(writeBoth)
+	a.SetWrong(true)
+	a.Deploy(workload.WritesBoth)
 	if r := cli(t, 10*time.Second, nil, "approve", "--config", cfg); r.code != 0 {
 		t.Fatalf("approve\n%s", r)
 	}
@@ -281,7 +190,7 @@ func TestWrongDualWriteKeepsOutOfContract(t *testing.T) {
 	}
 	// The application's fix: it writes right from now on, and repairs the
 	// rows it wrote wrong.
-	a.wrong.Store(false)
+	a.SetWrong(false)
 	waitFor(t, time.Minute, "no row written wrong left", func() bool {
 		exec1(t, dsn, `UPDATE users SET first_name = split_part(full_name, ' ', 1) WHERE first_name = 'WRONG'`)
 		return query[int64](t, pool, `SELECT count(*) FROM users WHERE first_name = 'WRONG'`) == 0
@@ -289,8 +198,8 @@ func TestWrongDualWriteKeepsOutOfContract(t *testing.T) {
 	if code := d.wait(t, 2*time.Minute); code != 0 {
 		t.Fatalf("daemon exit %d\n%s", code, d.output())
 	}
-	waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return a.mode.Load() == writeNew })
-	a.stop()
+	waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return a.Release() == workload.WritesNew })
+	a.Stop()
 	if n := differFromExpected(t, pool); n != 0 {
 		t.Errorf("%d rows differ from what the application last wrote", n)
 	}
@@ -309,7 +218,7 @@ func TestAbortRollback(t *testing.T) {
 			}
 			cfg := writeConfig(t, usersConfig(dsn)+"rollback:\n  - ALTER TABLE users DROP COLUMN first_name, DROP COLUMN last_name\n"+extra)
 			w := startWriters(t, pool, 2, 30000)
-			defer w.stop()
+			defer w.Stop()
 			d := startDaemon(t, cfg)
 			waitFor(t, 2*time.Minute, "phase "+when, func() bool { return phase(t, pool) == when })
 			r := cli(t, time.Minute, nil, "abort", "--rollback", "--config", cfg)
@@ -319,7 +228,7 @@ func TestAbortRollback(t *testing.T) {
 			if code := d.wait(t, time.Minute); code != 0 {
 				t.Errorf("daemon exit %d after abort\n%s", code, d.output())
 			}
-			w.stop()
+			w.Stop()
 			if p := phase(t, pool); p != "aborted" {
 				t.Errorf("phase %s", p)
 			}
@@ -327,8 +236,8 @@ func TestAbortRollback(t *testing.T) {
 				t.Error("rollback left the new columns")
 			}
 			nothingLeft(t, pool)
-			if w.errs.Load() != 0 {
-				t.Errorf("%d application writes failed", w.errs.Load())
+			if f := w.Failures(); len(f) != 0 {
+				t.Errorf("%d application writes failed; first: %v", len(f), f[0].Err)
 			}
 		})
 	}
@@ -340,11 +249,11 @@ func TestKillDuringVerifyAndContract(t *testing.T) {
 	dsn, pool := seed(t, 30000)
 	seedExpected(t, pool)
 	a := startApp(t, pool, 2, 30000)
-	defer a.stop()
+	defer a.Stop()
 	cfg := writeConfig(t, usersConfig(dsn)+"dual_write:\n  detect: manual\ncontract_policy:\n  mode: manual\n  hold: 1s\nbackfill:\n  batch_size: 2000\n  target_batch_time: 0s\n")
 	d := startDaemon(t, cfg)
 	waitFor(t, 2*time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
-	a.mode.Store(writeBoth)
+	a.Deploy(workload.WritesBoth)
 	cli(t, 10*time.Second, nil, "approve", "--config", cfg)
 	waitFor(t, time.Minute, "verify under way", func() bool {
 		return query[int64](t, pool, `SELECT coalesce((SELECT verify_rows_checked FROM cdcbackfill.migrations WHERE phase = 'verify'), 0)`) > 0
@@ -358,8 +267,8 @@ func TestKillDuringVerifyAndContract(t *testing.T) {
 	if code := d.wait(t, 2*time.Minute); code != 0 {
 		t.Fatalf("daemon exit %d\n%s", code, d.output())
 	}
-	waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return a.mode.Load() == writeNew })
-	a.stop()
+	waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return a.Release() == workload.WritesNew })
+	a.Stop()
 	if n := differFromExpected(t, pool); n != 0 {
 		t.Errorf("%d rows differ from what the writers last wrote", n)
 	}

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/workload"
 )
 
 func freePort(t *testing.T) string {
@@ -125,7 +127,7 @@ func TestStandbyTakesOver(t *testing.T) {
 	dsn, pool := seed(t, 40000)
 	seedExpected(t, pool)
 	a := startApp(t, pool, 2, 40000)
-	defer a.stop()
+	defer a.Stop()
 	yaml := autoConfig(dsn) + "backfill:\n  max_rows_per_second: 20000\n  batch_size: 1000\n"
 	addr1, addr2 := freePort(t), freePort(t)
 	leader := startDaemon(t, writeConfig(t, withListen(yaml, addr1)))
@@ -141,15 +143,15 @@ func TestStandbyTakesOver(t *testing.T) {
 		return code == 200
 	})
 	waitFor(t, 2*time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
-	a.mode.Store(writeBoth)
+	a.Deploy(workload.WritesBoth)
 	if code := standby.wait(t, 3*time.Minute); code != 0 {
 		t.Fatalf("standby exit %d\n%s", code, standby.output())
 	}
 	if p := phase(t, pool); p != "done" {
 		t.Fatalf("phase %s", p)
 	}
-	waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return a.mode.Load() == writeNew })
-	a.stop()
+	waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return a.Release() == workload.WritesNew })
+	a.Stop()
 	if n := differFromExpected(t, pool); n != 0 {
 		t.Errorf("%d rows differ from what the writers last wrote", n)
 	}

@@ -9,6 +9,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
+	"github.com/cdcbackfill/cdcbackfill/internal/workload"
 )
 
 // leastPrivilege are the grants README documents for the daemon's role,
@@ -41,15 +42,15 @@ func TestLeastPrivilege(t *testing.T) {
 			defer exec1(t, dsn, "DROP OWNED BY migrator CASCADE", "DROP ROLE migrator", "REASSIGN OWNED BY app_owner TO postgres", "DROP OWNED BY app_owner", "DROP ROLE app_owner")
 			migratorDSN := pgtest.Shared(t).DSNFor(db, "migrator", "migrator-pw")
 			a := startApp(t, pool, 2, 20000)
-			defer a.stop()
+			defer a.Stop()
 			d := startDaemon(t, writeConfig(t, autoConfig(migratorDSN)))
 			waitFor(t, 2*time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
-			a.mode.Store(writeBoth)
+			a.Deploy(workload.WritesBoth)
 			if code := d.wait(t, 3*time.Minute); code != 0 {
 				t.Fatalf("daemon exit %d\n%s", code, d.output())
 			}
-			waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return a.mode.Load() == writeNew })
-			a.stop()
+			waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return a.Release() == workload.WritesNew })
+			a.Stop()
 			if n := differFromExpected(t, pool); n != 0 {
 				t.Errorf("%d rows differ from what the writers last wrote", n)
 			}
@@ -71,7 +72,7 @@ func TestLeastPrivilege(t *testing.T) {
 			if !origins && events < 20000 {
 				t.Errorf("%d stream events without origins: expected the backfill's writes back", events)
 			}
-			t.Logf("stream events %d, application transactions %d", events, a.ops.Load())
+			t.Logf("stream events %d, application transactions %d", events, ops(a))
 		})
 	}
 }

@@ -3,12 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
-	"math/rand/v2"
-	"os"
-	"os/exec"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -17,72 +12,34 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
+	"github.com/cdcbackfill/cdcbackfill/internal/workload"
 )
 
-// daemon is a `cdcbackfill run` in the background.
-type daemon struct {
-	cmd  *exec.Cmd
-	out  *strings.Builder
-	mu   *sync.Mutex
-	done chan struct{}
-	code int
-}
-
-type lockedWriter struct {
-	mu *sync.Mutex
-	b  *strings.Builder
-}
-
-func (w lockedWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.Write(p)
-}
+// daemon is a `cdcbackfill run` in the background (workload.Daemon), with
+// the test's failures.
+type daemon struct{ *workload.Daemon }
 
 func startDaemon(t *testing.T, config string) *daemon {
 	t.Helper()
-	d := &daemon{out: &strings.Builder{}, mu: &sync.Mutex{}, done: make(chan struct{})}
-	d.cmd = exec.Command(binary, "run", "--config", config)
-	d.cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
-	w := lockedWriter{d.mu, d.out}
-	d.cmd.Stdout, d.cmd.Stderr = w, w
-	if err := d.cmd.Start(); err != nil {
+	d, err := workload.StartDaemon(binary, config, nil, nil)
+	if err != nil {
 		t.Fatal(err)
 	}
-	go func() {
-		_ = d.cmd.Wait()
-		d.code = d.cmd.ProcessState.ExitCode()
-		close(d.done)
-	}()
-	t.Cleanup(func() { d.kill() })
-	return d
+	t.Cleanup(d.Kill)
+	return &daemon{d}
 }
 
-func (d *daemon) output() string {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.out.String()
-}
-
-func (d *daemon) kill() {
-	select {
-	case <-d.done:
-	default:
-		_ = d.cmd.Process.Signal(syscall.SIGKILL)
-		<-d.done
-	}
-}
+func (d *daemon) output() string { return d.Output() }
+func (d *daemon) kill()          { d.Kill() }
 
 // wait for the daemon to exit, at most timeout.
 func (d *daemon) wait(t *testing.T, timeout time.Duration) int {
 	t.Helper()
-	select {
-	case <-d.done:
-		return d.code
-	case <-time.After(timeout):
+	code, ok := d.Wait(timeout)
+	if !ok {
 		t.Fatalf("daemon did not exit in %s\n%s", timeout, d.output())
-		return -1
 	}
+	return code
 }
 
 // waitFor polls cond until it holds, failing the test after timeout.
@@ -116,64 +73,25 @@ func phase(t *testing.T, pool *pgxpool.Pool) string {
 	return p
 }
 
-// writers is the application: it inserts, updates the source column,
-// updates other columns and deletes, until stopped.
-type writers struct {
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	ops    atomic.Int64
-	errs   atomic.Int64
-	maxID  int64
-}
-
-func startWriters(t *testing.T, pool *pgxpool.Pool, n int, maxID int64) *writers {
-	ctx, cancel := context.WithCancel(context.Background())
-	w := &writers{cancel: cancel, maxID: maxID}
-	var next atomic.Int64
-	next.Store(maxID)
-	for i := 0; i < n; i++ {
-		w.wg.Add(1)
-		go func(seed uint64) {
-			defer w.wg.Done()
-			r := rand.New(rand.NewPCG(seed, 7))
-			for ctx.Err() == nil {
-				id := r.Int64N(next.Load()) + 1
-				var err error
-				switch op := r.IntN(10); {
-				case op < 2:
-					nid := next.Add(1)
-					_, err = pool.Exec(ctx, `INSERT INTO users (id, full_name, email) VALUES ($1, $2, 'new')`, nid, fmt.Sprintf("ins%d new%d", nid, nid))
-				case op < 6:
-					_, err = pool.Exec(ctx, `UPDATE users SET full_name = $2 WHERE id = $1`, id, fmt.Sprintf("upd%d x%d", id, r.IntN(1000)))
-				case op < 8:
-					_, err = pool.Exec(ctx, `UPDATE users SET email = $2 WHERE id = $1`, id, fmt.Sprintf("e%d", r.IntN(1000)))
-				default:
-					_, err = pool.Exec(ctx, `DELETE FROM users WHERE id = $1`, id)
-				}
-				if err != nil && ctx.Err() == nil {
-					if w.errs.Add(1) <= 3 {
-						t.Logf("application write failed: %v", err)
-					}
-				}
-				w.ops.Add(1)
-				time.Sleep(2 * time.Millisecond) // a steady load, not a flood: the daemon shares 2 cores
-			}
-		}(uint64(i))
-	}
+// startWriters starts an application of the old release that inserts,
+// renames, changes emails and deletes, at a steady pace (the daemon shares
+// 2 cores), recording nothing.
+func startWriters(t *testing.T, pool *pgxpool.Pool, n int, maxID int64) *workload.App {
+	w := workload.Start(pool, workload.Options{Writers: n, Pause: 2 * time.Millisecond, MaxID: maxID, Seed: 7,
+		Mix: workload.Mix{SignUps: 2, Renames: 4, Emails: 2, Deletes: 2}})
+	t.Cleanup(w.Stop)
 	return w
-}
-
-func (w *writers) stop() {
-	w.cancel()
-	w.wg.Wait()
 }
 
 // mismatches counts rows whose new columns differ from the expressions,
 // by SQL independent of the daemon.
 func mismatches(t *testing.T, pool *pgxpool.Pool) int64 {
-	return query[int64](t, pool, `SELECT count(*) FROM users
-		WHERE first_name IS DISTINCT FROM split_part(full_name, ' ', 1)
-		   OR last_name IS DISTINCT FROM split_part(full_name, ' ', 2)`)
+	t.Helper()
+	n, err := workload.OutOfParity(context.Background(), pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 // caughtUp is true when the slot has confirmed all WAL written so far.
@@ -201,23 +119,23 @@ func seed(t *testing.T, rows int) (string, *pgxpool.Pool) {
 func TestBackfillAndSyncUnderLoad(t *testing.T) {
 	dsn, pool := seed(t, 200000)
 	w := startWriters(t, pool, 4, 200000)
-	defer w.stop()
+	defer w.Stop()
 	d := startDaemon(t, writeConfig(t, usersConfig(dsn)))
 	waitFor(t, 5*time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
 	if n := query[int64](t, pool, `SELECT count(*) FROM pg_trigger WHERE tgrelid = 'users'::regclass`); n != 0 {
 		t.Errorf("%d triggers on users", n)
 	}
-	w.stop()
+	w.Stop()
 	end := query[string](t, pool, `SELECT pg_current_wal_insert_lsn()::text`)
 	waitFor(t, time.Minute, "slot caught up", func() bool { return caughtUp(t, pool, end) })
 	if n := mismatches(t, pool); n != 0 {
 		t.Fatalf("%d rows out of parity after sync\n%s", n, d.output())
 	}
-	if w.errs.Load() != 0 {
-		t.Errorf("%d application writes failed", w.errs.Load())
+	if f := w.Failures(); len(f) != 0 {
+		t.Errorf("%d application writes failed; first: %v", len(f), f[0].Err)
 	}
 	done := query[int64](t, pool, `SELECT rows_done FROM cdcbackfill.migrations`)
-	t.Logf("writer ops %d, rows_done %d", w.ops.Load(), done)
+	t.Logf("writer ops %d, rows_done %d", ops(w), done)
 	// Abort cleans up everything the daemon made.
 	r := cli(t, time.Minute, nil, "abort", "--config", writeConfig(t, usersConfig(dsn)))
 	if r.code != 0 {
@@ -414,7 +332,7 @@ func TestPauseResume(t *testing.T) {
 func TestSyncSurvivesFaults(t *testing.T) {
 	dsn, pool := seed(t, 20000)
 	w := startWriters(t, pool, 3, 20000)
-	defer w.stop()
+	defer w.Stop()
 	cfg := writeConfig(t, usersConfig(dsn))
 	d := startDaemon(t, cfg)
 	waitFor(t, 2*time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
@@ -448,15 +366,15 @@ func TestSyncSurvivesFaults(t *testing.T) {
 		advances("server restart")
 	}
 
-	w.stop()
+	w.Stop()
 	end := query[string](t, pool, `SELECT pg_current_wal_insert_lsn()::text`)
 	waitFor(t, time.Minute, "slot caught up", func() bool { return caughtUp(t, pool, end) })
 	if n := mismatches(t, pool); n != 0 {
 		t.Fatalf("%d rows out of parity after faults\n%s", n, d.output())
 	}
 	select {
-	case <-d.done:
-		t.Fatalf("daemon exited (%d) instead of resuming\n%s", d.code, d.output())
+	case <-d.Done():
+		t.Fatalf("daemon exited (%d) instead of resuming\n%s", d.Code(), d.output())
 	default:
 	}
 	// Caught up and idle: the slot holds back almost nothing.
@@ -574,7 +492,7 @@ func TestSIGTERMStopsCleanly(t *testing.T) {
 	waitFor(t, time.Minute, "backfill under way", func() bool {
 		return phase(t, pool) == "backfill" && query[int64](t, pool, `SELECT rows_done FROM cdcbackfill.migrations`) > 2000
 	})
-	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := d.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	if code := d.wait(t, 30*time.Second); code != 0 {
@@ -593,7 +511,7 @@ func TestSIGTERMStopsCleanly(t *testing.T) {
 	exec1(t, dsn, "UPDATE users SET full_name = 'term ' || id WHERE id % 100 = 0")
 	end := query[string](t, pool, `SELECT pg_current_wal_insert_lsn()::text`)
 	waitFor(t, time.Minute, "the change applied", func() bool { return mismatches(t, pool) == 0 })
-	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := d.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	if code := d.wait(t, 30*time.Second); code != 0 {

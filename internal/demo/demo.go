@@ -18,6 +18,7 @@ import (
 
 	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/pgserver"
+	"github.com/cdcbackfill/cdcbackfill/internal/workload"
 	"github.com/cdcbackfill/cdcbackfill/phases"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
@@ -121,7 +122,8 @@ func story(ctx context.Context, out io.Writer, dsn string, rows int, logger *slo
 	}
 	defer conn.Close(context.Background())
 
-	app := startApp(ctx, pool, writers, appTxPerSec, int64(rows))
+	app := workload.Start(pool, workload.Options{Writers: writers, Pause: time.Second * writers / appTxPerSec,
+		MaxID: int64(rows), Seed: 2718, Expected: "demo_expected"})
 	defer app.Stop()
 	fmt.Fprintf(out, "app: %d writers, about %d transactions/s (renames, sign-ups, deletes), %s\n", writers, appTxPerSec, app.Release())
 	fmt.Fprintln(out, "daemon: running in-process (dual_write.detect auto, contract_policy auto)")
@@ -137,7 +139,7 @@ func story(ctx context.Context, out io.Writer, dsn string, rows int, logger *slo
 	// last one ships by itself when a write finds full_name gone.
 	deploy := func() {
 		if p.status != nil && p.status.Phase != state.Expand && p.status.Phase != state.Backfill {
-			app.Deploy(WritesBoth)
+			app.Deploy(workload.WritesBoth)
 		}
 		if rel := app.Release(); rel != shown {
 			shown = rel
@@ -163,7 +165,7 @@ wait:
 	p.observe(ctx)
 	if runErr == nil && p.status != nil && p.status.Phase == state.Done {
 		// The application finds out that full_name is gone on its next write.
-		for deadline := time.Now().Add(10 * time.Second); app.Release() != WritesNew && time.Now().Before(deadline); {
+		for deadline := time.Now().Add(10 * time.Second); app.Release() != workload.WritesNew && time.Now().Before(deadline); {
 			time.Sleep(20 * time.Millisecond)
 		}
 		deploy()
@@ -175,7 +177,10 @@ wait:
 	}
 
 	sum := &Summary{Rows: int64(rows), PeakLag: p.peakLag}
-	sum.AppTxs, sum.AppFailed, sum.AppFirstErr = app.Transactions()
+	sum.AppTxs, sum.AppFailed = app.Transactions()
+	if f := app.Failures(); len(f) > 0 {
+		sum.AppFirstErr = f[0].Err.Error()
+	}
 	if err := sum.readHistory(ctx, conn, cfg.Name); err != nil {
 		return sum, errors.Join(runErr, err)
 	}

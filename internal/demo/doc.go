@@ -9,8 +9,9 @@
 // what it wrote for each row in its own table, in the same transaction, and
 // one SQL join compares that with the migrated table at the end.
 //
-// The files follow the story: app.go is the application (three releases:
-// full_name only, dual-write, new columns only), progress.go is what the
-// person at the terminal sees while it runs, summary.go is the account at
-// the end, and demo.go is the conductor that ties them to the daemon.
+// The files follow the story: the application is internal/workload's (three
+// releases: full_name only, dual-write, new columns only; the tests and the
+// benchmarks run the same one), progress.go is what the person at the
+// terminal sees while it runs, summary.go is the account at the end, and
+// demo.go is the conductor that ties them to the daemon.
 package demo

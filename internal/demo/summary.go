@@ -11,6 +11,7 @@ import (
 	"github.com/docker/go-units"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/cdcbackfill/cdcbackfill/internal/workload"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
@@ -110,13 +111,6 @@ type Cutover struct {
 
 func msDuration(ms float64) time.Duration { return time.Duration(ms * float64(time.Millisecond)) }
 
-// parityAgainstApp compares every row's new columns with what the
-// application last wrote, by SQL of its own: no daemon figure is trusted.
-const parityAgainstApp = `SELECT count(*),
-	count(*) FILTER (WHERE u.id IS NULL OR e.id IS NULL
-		OR u.first_name IS DISTINCT FROM e.first_name OR u.last_name IS DISTINCT FROM e.last_name)
-FROM users u FULL JOIN demo_expected e ON e.id = u.id`
-
 func checkParity(ctx context.Context, conn *pgx.Conn) (Parity, error) {
 	var n int
 	if err := conn.QueryRow(ctx, `SELECT count(*) FROM pg_attribute
@@ -126,11 +120,11 @@ func checkParity(ctx context.Context, conn *pgx.Conn) (Parity, error) {
 	if n != 2 {
 		return Parity{Why: "first_name and last_name do not exist"}, nil
 	}
-	p := Parity{Checked: true}
-	if err := conn.QueryRow(ctx, parityAgainstApp).Scan(&p.Rows, &p.Differ); err != nil {
+	differ, rows, err := workload.DifferFromExpected(ctx, conn, "demo_expected")
+	if err != nil {
 		return Parity{}, fmt.Errorf("parity: %w", err)
 	}
-	return p, nil
+	return Parity{Checked: true, Rows: rows, Differ: differ}, nil
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
