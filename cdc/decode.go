@@ -87,6 +87,9 @@ type txnDecoder struct {
 
 	commitEnd  pglogrepl.LSN // of the last transaction received, skipped or not
 	commitTime time.Time
+
+	chg change // reused by every Insert and Update
+
 }
 
 func newTxnDecoder(originPrefix string, keyNames, srcNames, newNames []string) *txnDecoder {
@@ -117,9 +120,33 @@ func (d *txnDecoder) decode(walData []byte, emit func(Event) error) (decoded, er
 			return decodedOther, nil
 		}
 	}
+	bad := func(err error) (decoded, error) {
+		return decodedOther, permanent(fmt.Errorf("decode pgoutput message %q: %w", walData[0], err))
+	}
+	switch walData[0] {
+	case 'B':
+		lsn, at, xid, err := readBegin(walData)
+		if err != nil {
+			return bad(err)
+		}
+		d.inTxn, d.skip, d.beginSent, d.deletes = true, false, false, 0
+		d.begin = Event{Kind: Begin, FinalLSN: lsn, CommitTime: at, Xid: xid}
+		return decodedOther, nil
+	case 'I', 'U':
+		if err := readChange(walData, &d.chg); err != nil {
+			return bad(err)
+		}
+		return decodedOther, d.change(&d.chg, emit)
+	case 'C':
+		commit, end, at, err := readCommit(walData)
+		if err != nil {
+			return bad(err)
+		}
+		return d.commit(commit, end, at, emit)
+	}
 	msg, err := pglogrepl.Parse(walData)
 	if err != nil {
-		return decodedOther, permanent(fmt.Errorf("decode pgoutput message %q: %w", walData[0], err))
+		return bad(err)
 	}
 	switch m := msg.(type) {
 	case *pglogrepl.RelationMessage:
@@ -127,51 +154,43 @@ func (d *txnDecoder) decode(walData []byte, emit func(Event) error) (decoded, er
 		// once per connection (and again after ALTER TABLE), never again.
 		d.relations[m.RelationID] = newRelation(m, d.keyNames, d.srcNames, d.newNames)
 
-	case *pglogrepl.BeginMessage:
-		d.inTxn, d.skip, d.beginSent, d.deletes = true, false, false, 0
-		d.begin = Event{Kind: Begin, FinalLSN: m.FinalLSN, CommitTime: m.CommitTime, Xid: m.Xid}
-
 	case *pglogrepl.OriginMessage:
 		if d.inTxn && d.originPrefix != "" && strings.HasPrefix(m.Name, d.originPrefix) {
 			d.skip = true
 		}
-
-	case *pglogrepl.InsertMessage:
-		return decodedOther, d.change(OpInsert, m.RelationID, m.Tuple, nil, false, emit)
-
-	case *pglogrepl.UpdateMessage:
-		return decodedOther, d.change(OpUpdate, m.RelationID, m.NewTuple, m.OldTuple, m.OldTupleType == pglogrepl.UpdateMessageTupleTypeOld, emit)
 
 	case *pglogrepl.DeleteMessage, *pglogrepl.TruncateMessage:
 		if !d.skip {
 			d.deletes++
 		}
 
-	case *pglogrepl.CommitMessage:
-		if !d.inTxn {
-			return decodedOther, permanent(fmt.Errorf("decode pgoutput: commit %s without begin", m.CommitLSN))
-		}
-		d.inTxn = false
-		d.commitEnd, d.commitTime = m.TransactionEndLSN, m.CommitTime
-		if d.skip {
-			return decodedSkippedCommit, nil
-		}
-		if err := d.sendBegin(emit); err != nil {
-			return decodedOther, err
-		}
-		return decodedCommit, emit(Event{
-			Kind:       Commit,
-			CommitLSN:  m.CommitLSN,
-			EndLSN:     m.TransactionEndLSN,
-			CommitTime: m.CommitTime,
-			Deletes:    d.deletes,
-			Xid:        d.begin.Xid,
-		})
-
 	default:
 		// Type and logical decoding messages say nothing about keys.
 	}
 	return decodedOther, nil
+}
+
+// commit ends the transaction in flight.
+func (d *txnDecoder) commit(commitLSN, end pglogrepl.LSN, at time.Time, emit func(Event) error) (decoded, error) {
+	if !d.inTxn {
+		return decodedOther, permanent(fmt.Errorf("decode pgoutput: commit %s without begin", commitLSN))
+	}
+	d.inTxn = false
+	d.commitEnd, d.commitTime = end, at
+	if d.skip {
+		return decodedSkippedCommit, nil
+	}
+	if err := d.sendBegin(emit); err != nil {
+		return decodedOther, err
+	}
+	return decodedCommit, emit(Event{
+		Kind:       Commit,
+		CommitLSN:  commitLSN,
+		EndLSN:     end,
+		CommitTime: at,
+		Deletes:    d.deletes,
+		Xid:        d.begin.Xid,
+	})
 }
 
 func (d *txnDecoder) sendBegin(emit func(Event) error) error {
@@ -182,20 +201,18 @@ func (d *txnDecoder) sendBegin(emit func(Event) error) error {
 	return emit(d.begin)
 }
 
-// change emits the key of the row version in newTuple. For an UPDATE that
+// change emits the key of the row version in c.new. For an UPDATE that
 // changed the key that is the new key only: the old row no longer exists.
-// wholeOld says oldTuple is the whole old row (REPLICA IDENTITY FULL), not
-// only its key.
-func (d *txnDecoder) change(op Op, relID uint32, newTuple, oldTuple *pglogrepl.TupleData, wholeOld bool, emit func(Event) error) error {
+func (d *txnDecoder) change(c *change, emit func(Event) error) error {
 	if d.skip {
 		return nil
 	}
 	if !d.inTxn {
 		return permanent(fmt.Errorf("decode pgoutput: change outside a transaction"))
 	}
-	rel, ok := d.relations[relID]
+	rel, ok := d.relations[c.relation]
 	if !ok {
-		return permanent(fmt.Errorf("decode pgoutput: change for relation %d before its Relation message", relID))
+		return permanent(fmt.Errorf("decode pgoutput: change for relation %d before its Relation message", c.relation))
 	}
 	if len(rel.keyIdx) == 0 {
 		if len(d.keyNames) > 0 {
@@ -203,12 +220,9 @@ func (d *txnDecoder) change(op Op, relID uint32, newTuple, oldTuple *pglogrepl.T
 		}
 		return permanent(fmt.Errorf("relation %s has no replica identity key: give it a primary key", rel.name))
 	}
-	if newTuple == nil {
-		return permanent(fmt.Errorf("decode pgoutput: change for %s without a new tuple", rel.name))
-	}
 	key := make([]string, len(rel.keyIdx))
 	for i, idx := range rel.keyIdx {
-		v, err := keyValue(rel, i, idx, newTuple, oldTuple)
+		v, err := keyValue(rel, i, idx, c.new, c.old)
 		if err != nil {
 			return err
 		}
@@ -218,8 +232,8 @@ func (d *txnDecoder) change(op Op, relID uint32, newTuple, oldTuple *pglogrepl.T
 		return err
 	}
 	var oldSource uint64
-	if wholeOld {
-		oldSource = sourceHash(rel.srcIdx, oldTuple)
+	if c.wholeOld {
+		oldSource = sourceHash(rel.srcIdx, c.old)
 	}
 	return emit(Event{
 		Kind:       Change,
@@ -229,30 +243,30 @@ func (d *txnDecoder) change(op Op, relID uint32, newTuple, oldTuple *pglogrepl.T
 		Key:        key,
 		Xid:        d.begin.Xid,
 		Image: Image{
-			Op:        op,
-			Source:    sourceHash(rel.srcIdx, newTuple),
+			Op:        c.op,
+			Source:    sourceHash(rel.srcIdx, c.new),
 			OldSource: oldSource,
-			Written:   written(rel.newIdx, newTuple),
+			Written:   written(rel.newIdx, c.new),
 		},
 	})
 }
 
 // sourceHash is FNV-1a over the values at idx, 0 when one is unknown (an
 // unchanged TOAST value comes without its data) or there are none.
-func sourceHash(idx []int, tuple *pglogrepl.TupleData) uint64 {
-	if len(idx) == 0 || tuple == nil {
+func sourceHash(idx []int, t tuple) uint64 {
+	if len(idx) == 0 || len(t) == 0 {
 		return 0
 	}
 	const offset, prime = 14695981039346656037, 1099511628211
 	h := uint64(offset)
 	for _, i := range idx {
-		if i >= len(tuple.Columns) {
+		if i >= len(t) {
 			return 0
 		}
-		c := tuple.Columns[i]
-		switch c.DataType {
+		c := t[i]
+		switch c.kind {
 		case pglogrepl.TupleDataTypeText, pglogrepl.TupleDataTypeBinary:
-			for _, b := range c.Data {
+			for _, b := range c.data {
 				h = (h ^ uint64(b)) * prime
 			}
 			h = (h ^ 1) * prime // ends a value: ("ab","c") is not ("a","bc")
@@ -266,34 +280,34 @@ func sourceHash(idx []int, tuple *pglogrepl.TupleData) uint64 {
 }
 
 // written reports whether a column at idx holds a value (not null).
-func written(idx []int, tuple *pglogrepl.TupleData) bool {
+func written(idx []int, t tuple) bool {
 	for _, i := range idx {
-		if i < len(tuple.Columns) && tuple.Columns[i].DataType != pglogrepl.TupleDataTypeNull {
+		if i < len(t) && t[i].kind != pglogrepl.TupleDataTypeNull {
 			return true
 		}
 	}
 	return false
 }
 
-func keyValue(rel *relation, i, idx int, newTuple, oldTuple *pglogrepl.TupleData) (string, error) {
+func keyValue(rel *relation, i, idx int, newTuple, oldTuple tuple) (string, error) {
 	col := rel.keyCols[i]
-	if idx >= len(newTuple.Columns) {
+	if idx >= len(newTuple) {
 		return "", permanent(fmt.Errorf("decode pgoutput: %s tuple has %d columns, key column %q is number %d",
-			rel.name, len(newTuple.Columns), col, idx+1))
+			rel.name, len(newTuple), col, idx+1))
 	}
-	c := newTuple.Columns[idx]
-	if c.DataType == pglogrepl.TupleDataTypeToast && oldTuple != nil && idx < len(oldTuple.Columns) {
+	c := newTuple[idx]
+	if c.kind == pglogrepl.TupleDataTypeToast && idx < len(oldTuple) {
 		// An unchanged TOASTed key is not in the new tuple; the old one has it.
-		c = oldTuple.Columns[idx]
+		c = oldTuple[idx]
 	}
-	switch c.DataType {
+	switch c.kind {
 	case pglogrepl.TupleDataTypeText:
-		return string(c.Data), nil
+		return string(c.data), nil
 	case pglogrepl.TupleDataTypeNull:
 		return "", permanent(fmt.Errorf("key column %q of %s is null: the replica identity must be a NOT NULL key", col, rel.name))
 	case pglogrepl.TupleDataTypeToast:
 		return "", permanent(fmt.Errorf("key column %q of %s came as unchanged TOAST with no old value", col, rel.name))
 	default:
-		return "", permanent(fmt.Errorf("key column %q of %s has tuple data type %q, want text", col, rel.name, c.DataType))
+		return "", permanent(fmt.Errorf("key column %q of %s has tuple data type %q, want text", col, rel.name, c.kind))
 	}
 }

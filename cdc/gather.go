@@ -51,9 +51,10 @@ type gatheringConn struct {
 	mu       sync.Mutex
 	deadline time.Time // the read deadline its user set; zero: none
 
-	short bool          // without lowWater: the last read was short
-	wait  time.Duration // with lowWater: the next wait's bound
-	idle  bool          // with lowWater: SO_RCVLOWAT is 1 until data comes
+	short    bool          // the last read was short
+	lastRead time.Time     // when the last read with data returned
+	wait     time.Duration // with lowWater: the next wait's bound
+	idle     bool          // with lowWater: SO_RCVLOWAT is 1 until data comes
 }
 
 func (c *gatheringConn) SetDeadline(t time.Time) error {
@@ -106,7 +107,22 @@ func (c *gatheringConn) gather(p []byte) (int, error) {
 		if n > 0 && setLowWater(c.Conn, lowWater) {
 			c.idle, c.wait = false, maxGather
 		}
+		c.noteRead(n)
 		return n, err
+	}
+	// SO_RCVLOWAT holds back only a wait for data: a read with anything at
+	// all queued returns it at once. When messages trickle in (a few
+	// thousand transactions a second), each read found one more and the
+	// stream read a message a syscall; after a short read, the next waits
+	// out maxGather first so messages gather in the socket meanwhile. A
+	// deadline of the user's (a standby status due, a Poke) cuts it short.
+	if c.short {
+		if rest := time.Until(c.lastRead.Add(maxGather)); rest > 0 {
+			user := c.userDeadline()
+			if user.IsZero() || time.Now().Add(rest).Before(user) {
+				time.Sleep(rest)
+			}
+		}
 	}
 	for {
 		// A read returns at once what is queued, however little; with
@@ -123,6 +139,7 @@ func (c *gatheringConn) gather(p []byte) (int, error) {
 		if n > 0 || err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
 			c.wait = maxGather
 			c.Conn.SetReadDeadline(c.userDeadline())
+			c.noteRead(n)
 			return n, err
 		}
 		if user := c.userDeadline(); !user.IsZero() && !time.Now().Before(user) {
@@ -139,6 +156,13 @@ func (c *gatheringConn) gather(p []byte) (int, error) {
 			return c.gather(p)
 		}
 		c.wait = min(2*max(c.wait, maxGather), maxIdleGather)
+	}
+}
+
+// noteRead remembers a read that brought data, and whether it was short.
+func (c *gatheringConn) noteRead(n int) {
+	if n > 0 {
+		c.lastRead, c.short = time.Now(), n < shortRead
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"runtime/pprof"
 	"sort"
 	"strconv"
 	"strings"
@@ -38,6 +39,18 @@ func runE(cmd *cobra.Command, _ []string) error {
 	}
 	log := newLogger(cfg, os.Stderr)
 	log.Info("starting", "migration", cfg.Name, "table", cfg.Table, "database", dbconn.RedactDSN(cfg.Database.DSN))
+	if path := os.Getenv("CDCBACKFILL_CPUPROFILE"); path != "" {
+		// For measuring where the daemon's CPU goes (make bench, by hand):
+		// a pprof CPU profile of the whole run, written at exit.
+		f, err := os.Create(path)
+		if err != nil {
+			return fmt.Errorf("CDCBACKFILL_CPUPROFILE: %w", err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("CDCBACKFILL_CPUPROFILE: %w", err)
+		}
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
+	}
 	if err := phases.Run(cmd.Context(), cfg, log); err != nil {
 		return err
 	}
