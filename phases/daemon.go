@@ -286,9 +286,21 @@ func (d *Daemon) phases(ctx context.Context) error {
 			return err
 		}
 		d.setControl(st)
-		if st.HandoverLSN != nil {
+		switch {
+		case st.HandoverLSN != nil:
 			d.handover.Store(uint64(*st.HandoverLSN))
-		} else {
+		case st.Phase == state.Verify || st.Phase == state.Contract && st.ContractDone == 0:
+			// Reached verify under a daemon that did not record the
+			// hand-over: the application owns the new columns from now.
+			lsn, err := insertLSN(ctx, d.conn)
+			if err != nil {
+				return err
+			}
+			if err := d.store.SetHandover(ctx, d.conn, lsn); err != nil {
+				return err
+			}
+			d.handover.Store(uint64(lsn))
+		default:
 			d.handover.Store(0)
 		}
 		d.waiting.Store("")

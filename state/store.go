@@ -398,6 +398,13 @@ func (s Store) HandOver(ctx context.Context, q dbconn.Querier, lsn pglogrepl.LSN
 		verify_cursor = NULL, old_usage = NULL`, detail, lsn.String())
 }
 
+// SetHandover records, for a migration that reached verify before the
+// hand-over was recorded (an older daemon), that the application owns the
+// new columns from lsn.
+func (s Store) SetHandover(ctx context.Context, q dbconn.Querier, lsn pglogrepl.LSN) error {
+	return s.update(ctx, q, "handover_lsn = $2::pg_lsn", lsn.String())
+}
+
 // BackToSync gives the new columns back to the expressions: the detection
 // of dual-write was premature (a row needed a correction after it).
 func (s Store) BackToSync(ctx context.Context, q dbconn.Querier, from Phase, detail map[string]any) error {
