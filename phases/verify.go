@@ -40,6 +40,7 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 	found := d.checks.found.Load()
 	saidNever := false
 	var passHi recompute.Key // the highest key of the pass in hand
+	chunk := d.cfg.Backfill.BatchSize
 	return d.pipe.Load().guard(ctx, func(ctx context.Context) error {
 		for ctx.Err() == nil {
 			st, outstanding, err := d.loadAndRecheck(ctx)
@@ -60,7 +61,7 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 				d.rlog.Info("verify: rows out of parity hold the contract; the hold starts once none is left", "rows", outstanding)
 			}
 			if !st.PassDone {
-				if passHi, err = d.verifyChunk(ctx, st, throttle, passHi); err != nil {
+				if passHi, err = d.verifyChunk(ctx, st, throttle, passHi, &chunk); err != nil {
 					return err
 				}
 				if outstanding == 0 {
@@ -193,8 +194,10 @@ func (d *Daemon) newThrottle(what string) *snapshot.Throttle {
 // cursor and count. A row that differs is checked again once the stream
 // has passed the position the chunk was read at, so a change the chunk saw
 // half-way is judged as the stream judges it; one that still differs is
-// reported to the check sink. It returns the pass's highest key.
-func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle *snapshot.Throttle, hi recompute.Key) (recompute.Key, error) {
+// reported to the check sink. It returns the pass's highest key. Chunks are
+// sized as backfill batches are, to backfill.target_batch_time: a read takes
+// no row lock, so the bound is only on how long one statement runs.
+func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle *snapshot.Throttle, hi recompute.Key, size *int) (recompute.Key, error) {
 	if st.VerifyCursor == nil || hi == nil {
 		// A pass covers the keys that exist when it starts; rows inserted
 		// later come through the stream.
@@ -206,14 +209,16 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle 
 			return nil, d.store.VerifyChunk(ctx, d.conn, 0, nil) // empty table: nothing to check
 		}
 	}
-	size := d.cfg.Backfill.BatchSize
-	if err := throttle.Wait(ctx, size); err != nil {
+	if err := throttle.Wait(ctx, *size); err != nil {
 		return hi, nil
 	}
-	res, err := d.table.Check(ctx, d.conn, st.VerifyCursor, hi, size)
+	began := time.Now()
+	res, err := d.table.Check(ctx, d.conn, st.VerifyCursor, hi, *size)
 	if err != nil {
 		return nil, fmt.Errorf("verify chunk after %v: %w", st.VerifyCursor, err)
 	}
+	scanned := *size
+	*size = snapshot.NextBatchSize(*size, time.Since(began), d.cfg.Backfill.TargetBatchTime)
 	if len(res.Skipped) > 0 {
 		lsn, err := insertLSN(ctx, d.conn)
 		if err != nil {
@@ -231,7 +236,7 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle 
 		}
 	}
 	cursor := res.Last
-	if res.Scanned < int64(size) {
+	if res.Scanned < int64(scanned) {
 		cursor = nil // the pass ended
 		d.log.Info("verify: a whole pass over the table ended", "rows_checked", st.VerifyRowsChecked+res.Scanned)
 	}
