@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
 	"sort"
 	"strconv"
@@ -26,8 +27,49 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/cdcbackfill/cdcbackfill/internal/pgserver"
 	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
 )
+
+// durable are the server settings of the benchmarks, in place of the
+// test servers' fast ones: production durability (every commit flushed,
+// full pages after each checkpoint), and room for the 1M-row tables in
+// shared buffers and their WAL between checkpoints, so neither side of a
+// comparison pays for a checkpoint the other does not.
+var durable = []string{"fsync=on", "synchronous_commit=on", "full_page_writes=on", "shared_buffers=512MB", "max_wal_size=8GB"}
+
+func TestMain(m *testing.M) {
+	if os.Getenv(pgserver.EnvSettings) == "" {
+		os.Setenv(pgserver.EnvSettings, strings.Join(durable, " "))
+	}
+	pgtest.Main(m)
+}
+
+// serverLine says which server a table was measured on, with the
+// settings that decide the cost of a write as the server reports them
+// (a server given by DSN keeps its own).
+func serverLine(b *testing.B) string {
+	b.Helper()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, pgtest.Shared(b).DSN())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var version string
+	if err := conn.QueryRow(ctx, `SELECT current_setting('server_version')`).Scan(&version); err != nil {
+		b.Fatal(err)
+	}
+	parts := []string{"PostgreSQL " + version}
+	for _, name := range []string{"fsync", "synchronous_commit", "full_page_writes", "shared_buffers", "max_wal_size"} {
+		var v string
+		if err := conn.QueryRow(ctx, `SELECT current_setting($1)`, name).Scan(&v); err != nil {
+			b.Fatal(err)
+		}
+		parts = append(parts, name+"="+v)
+	}
+	return fmt.Sprintf("server: %s; %d cores", strings.Join(parts, " "), runtime.NumCPU())
+}
 
 // parityQuery counts the rows whose new columns differ from their
 // expressions, written independently of the daemon's own statements.
@@ -116,15 +158,27 @@ type daemon struct {
 	waitErr               error
 }
 
-// daemonConfig is config.Default() plus the running example; dual-write
-// detection and contract are manual, so the daemon stays in sync.
-const daemonConfig = `name: %s
-database:
-  dsn: %q
-table: public.users
-expand:
-  - ALTER TABLE users ADD COLUMN first_name text, ADD COLUMN last_name text
-columns:
+// daemonOptions are what a benchmark changes of the daemon's config; the
+// rest is config.Default() plus the running example.
+type daemonOptions struct {
+	expanded     bool          // the table has the new columns already: no expand statement
+	workers      int           // backfill.workers; 0 keeps the default
+	originFilter string        // sync.origin_filter; "" keeps the default
+	contract     string        // contract_policy.mode; "" is manual (the migration stays in verify)
+	hold         time.Duration // contract_policy.hold, with contract
+	debugJSON    bool          // log at debug level as JSON (the backfill's batch times)
+	throttleOff  bool          // no replica or slot lag throttle
+}
+
+// yaml is the config of migration name on dsn. Dual-write detection is
+// manual, so the daemon stays in sync until approved.
+func (o daemonOptions) yaml(name, dsn string) string {
+	var s strings.Builder
+	fmt.Fprintf(&s, "name: %s\ndatabase:\n  dsn: %q\ntable: public.users\n", name, dsn)
+	if !o.expanded {
+		s.WriteString("expand:\n  - ALTER TABLE users ADD COLUMN first_name text, ADD COLUMN last_name text\n")
+	}
+	s.WriteString(`columns:
   first_name: split_part(full_name, ' ', 1)
   last_name: split_part(full_name, ' ', 2)
 contract:
@@ -133,21 +187,38 @@ rollback:
   - ALTER TABLE users DROP COLUMN first_name, DROP COLUMN last_name
 dual_write:
   detect: manual
-contract_policy:
-  mode: manual
 http:
   listen: ""
-log:
-  level: info
-`
+`)
+	if o.workers > 0 {
+		fmt.Fprintf(&s, "backfill:\n  workers: %d\n", o.workers)
+	}
+	if o.throttleOff {
+		s.WriteString("throttle:\n  max_replica_lag: 0s\n  max_slot_lag: 0\n")
+	}
+	if o.originFilter != "" {
+		fmt.Fprintf(&s, "sync:\n  origin_filter: %s\n", o.originFilter)
+	}
+	if o.contract == "" {
+		s.WriteString("contract_policy:\n  mode: manual\n")
+	} else {
+		fmt.Fprintf(&s, "contract_policy:\n  mode: %s\n  hold: %s\n", o.contract, o.hold)
+	}
+	if o.debugJSON {
+		s.WriteString("log:\n  level: debug\n  format: json\n")
+	} else {
+		s.WriteString("log:\n  level: info\n")
+	}
+	return s.String()
+}
 
 // newDaemon writes the config of migration name on dsn and starts the
 // daemon.
-func newDaemon(b *testing.B, bin, dsn, name string) *daemon {
+func newDaemon(b *testing.B, bin, dsn, name string, o daemonOptions) *daemon {
 	b.Helper()
 	dir := b.TempDir()
 	d := &daemon{bin: bin, name: name, dsn: dsn, cfgPath: filepath.Join(dir, "config.yaml"), logPath: filepath.Join(dir, "daemon.log")}
-	if err := os.WriteFile(d.cfgPath, fmt.Appendf(nil, daemonConfig, name, dsn), 0o600); err != nil {
+	if err := os.WriteFile(d.cfgPath, []byte(o.yaml(name, dsn)), 0o600); err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { d.stop(b) })
@@ -248,7 +319,7 @@ const pollInterval = 50 * time.Millisecond
 func poll(b *testing.B, dsn string, d *daemon, timeout time.Duration, what string, check func(ctx context.Context, conn *pgx.Conn) (done bool, state string)) {
 	b.Helper()
 	ctx := context.Background()
-	conn, err := pgx.Connect(ctx, dsn)
+	conn, err := connectAs(ctx, dsn, appNameBench)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -398,9 +469,10 @@ type loadResult struct {
 	failed    int64
 	latencies []float64 // ms per transaction, from the per-transaction log; nil without one
 
-	loadCPU, serverCPU, daemonCPU time.Duration // used during the run by pgbench, the server, the daemon
-	wall                          time.Duration // of the pgbench process
-	hostBusy                      time.Duration // CPU used on the whole host meanwhile, from /proc/stat
+	roles    roleCPU       // server and client CPU by role during the run
+	loadCPU  time.Duration // used by pgbench itself
+	wall     time.Duration // of the pgbench process
+	hostBusy time.Duration // CPU used on the whole host meanwhile, from /proc/stat
 }
 
 var (
@@ -414,7 +486,10 @@ var (
 // latencies. Under -R, pgbench's per-transaction time counts from the
 // scheduled start, so a stall shows up in the latency of every transaction
 // it delays (no coordinated omission).
-func (p *pgbench) run(b *testing.B, rate float64, dur time.Duration, withLog bool, d *daemon) loadResult {
+//
+// client gives the pid of the process reading the slot (the daemon,
+// pg_recvlogical), whose CPU is counted as role client; nil for none.
+func (p *pgbench) run(b *testing.B, rate float64, dur time.Duration, withLog bool, client func() int) loadResult {
 	b.Helper()
 	args := []string{"-n", "-M", "prepared", "-f", p.script, "-D", fmt.Sprintf("rows=%d", p.rows),
 		"-c", "4", "-j", "2", "-T", strconv.Itoa(int(dur.Seconds()))}
@@ -432,11 +507,15 @@ func (p *pgbench) run(b *testing.B, rate float64, dur time.Duration, withLog boo
 	cmd.Dir = logDir
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	server0, daemon0, host0, start := serverCPU(p.postmaster), d.cpu(), hostBusy(), time.Now()
-	err := cmd.Run()
+	meter, err := startRoleMeter(p.dsn, p.postmaster, client)
+	if err != nil {
+		b.Fatal(err)
+	}
+	host0, start := hostBusy(), time.Now()
+	err = cmd.Run()
 	var r loadResult
 	r.wall, r.hostBusy = time.Since(start), hostBusy()-host0
-	r.serverCPU, r.daemonCPU = serverCPU(p.postmaster)-server0, d.cpu()-daemon0
+	r.roles = meter.finish()
 	if cmd.ProcessState != nil {
 		r.loadCPU = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
 	}
@@ -506,11 +585,12 @@ func pctl(sorted []float64, q float64) float64 {
 
 // lagStats is what a lagSampler saw over one load.
 type lagStats struct {
-	maxBytes     int64         // pg_current_wal_insert_lsn() - confirmed_flush_lsn
-	maxSent      time.Duration // how long until the walsender's sent_lsn passed it (decoding, server side)
-	maxConfirmed time.Duration // how long until confirmed_flush_lsn passed the insert position read at t
-	maxApply     time.Duration // probe committed -> the new columns show it
-	unresolved   int           // samples still pending at the drain deadline (their age counts in the maxima)
+	maxBytes     int64           // pg_current_wal_insert_lsn() - confirmed_flush_lsn
+	maxSent      time.Duration   // how long until the walsender's sent_lsn passed it (decoding, server side)
+	maxConfirmed time.Duration   // how long until confirmed_flush_lsn passed the insert position read at t
+	maxApply     time.Duration   // probe committed -> the new columns show it
+	applyLags    []time.Duration // each resolved probe's
+	unresolved   int             // samples still pending at the drain deadline (their age counts in the maxima)
 	samples      int
 	polls        int // 50ms polls while loading
 	lockWaits    int // pgbench backends seen waiting on a lock, summed over polls
@@ -559,11 +639,11 @@ const lockWaitQuery = `SELECT count(*)::int FROM pg_stat_activity
 // setup with no migration.
 func startLagSampler(dsn, slot string, firstProbe int, drain time.Duration) (*lagSampler, error) {
 	ctx := context.Background()
-	conn, err := pgx.Connect(ctx, dsn)
+	conn, err := connectAs(ctx, dsn, appNameBench)
 	if err != nil {
 		return nil, err
 	}
-	probe, err := pgx.Connect(ctx, dsn)
+	probe, err := connectAs(ctx, dsn, appNameBench)
 	if err != nil {
 		conn.Close(ctx)
 		return nil, err
@@ -664,6 +744,7 @@ func (s *lagSampler) loop(ctx context.Context, conn, probe *pgx.Conn, slot strin
 				return false
 			}
 			s.res.maxApply = max(s.res.maxApply, now.Sub(p.at))
+			s.res.applyLags = append(s.res.applyLags, now.Sub(p.at))
 			return true
 		})
 		if loading {
@@ -699,6 +780,7 @@ func (s *lagSampler) loop(ctx context.Context, conn, probe *pgx.Conn, slot strin
 			}
 			for _, p := range probes {
 				s.res.maxApply = max(s.res.maxApply, now.Sub(p.at))
+				s.res.applyLags = append(s.res.applyLags, now.Sub(p.at))
 			}
 			return nil
 		}
@@ -752,31 +834,6 @@ func hostBusy() time.Duration {
 	return time.Duration(busy) * time.Second / userHZ
 }
 
-// serverCPU is the CPU time used so far by a postmaster and its children:
-// the live ones, and the exited ones the postmaster has reaped. The
-// difference of two readings is what the whole server used in between.
-func serverCPU(postmaster int) time.Duration {
-	if postmaster == 0 {
-		return 0
-	}
-	_, self, reaped, err := procStat(postmaster)
-	if err != nil {
-		return 0
-	}
-	total := self + reaped
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if ppid, own, _, err := procStat(pid); err == nil && ppid == postmaster {
-			total += own
-		}
-	}
-	return total
-}
-
 // postmasterPID finds the local server's postmaster as the parent of a
 // backend; 0 when the server is not a process of this host.
 func postmasterPID(b *testing.B, dsn string) int {
@@ -801,16 +858,12 @@ func postmasterPID(b *testing.B, dsn string) int {
 	return ppid
 }
 
-// cpu returns the daemon's CPU time so far (0 when not running).
-func (d *daemon) cpu() time.Duration {
+// pid is the daemon process's (0 when not running).
+func (d *daemon) pid() int {
 	if d == nil || d.cmd == nil || d.cmd.Process == nil {
 		return 0
 	}
-	_, self, _, err := procStat(d.cmd.Process.Pid)
-	if err != nil {
-		return 0
-	}
-	return self
+	return d.cmd.Process.Pid
 }
 
 var errNoPgbench = errors.New("no pgbench: install the PostgreSQL server or client binaries (postgresql-contrib on older Debian)")
