@@ -3,6 +3,7 @@ package bench
 import (
 	"fmt"
 	"os"
+	"runtime"
 	"slices"
 	"sort"
 	"strings"
@@ -189,19 +190,22 @@ END $$`,
 	// Target 1: CPU per application write.
 	fmt.Fprintf(w, "\n== CPU per application write in sync: -R %.0f (half the no-migration max, at most %d), %d interleaved runs of %.0fs\n",
 		rate, fixedRateCap, latencyRounds, latencyTime.Seconds())
-	fmt.Fprintf(w, "µs of CPU per transaction by role, all runs together; total of each run in the last column\n")
-	fmt.Fprintf(w, "%-24s %s   %s\n", "setup", roleHeader(), "total per run")
+	fmt.Fprintf(w, "µs of CPU per transaction by role, all runs together; total of each run; host other = CPU the rest of the host\n")
+	fmt.Fprintf(w, "used meanwhile (not the server, the reader, pgbench or this benchmark), %% of its cores: noise when high\n")
+	fmt.Fprintf(w, "%-24s %s %11s   %s\n", "setup", roleHeader(), "host other", "total per run")
 	cpu := map[*syncSetup][nRoles]float64{}
 	for _, s := range setups {
 		var sum roleCPU
 		var txns int64
 		var perRun []string
+		var other, wall time.Duration
 		for _, r := range s.rounds {
 			sum, txns = sum.add(r.roles), txns+r.processed
+			other, wall = other+max(0, r.hostBusy-r.roles.total()-r.roles[roleBench]-r.loadCPU), wall+r.wall
 			perRun = append(perRun, fmt.Sprintf("%.0f", float64(r.roles.total().Microseconds())/float64(max(1, r.processed))))
 		}
 		cpu[s] = sum.perTxn(txns)
-		fmt.Fprintf(w, "%-24s %s   %s\n", s.name, roleCells(cpu[s]), strings.Join(perRun, " "))
+		fmt.Fprintf(w, "%-24s %s %10.0f%%   %s\n", s.name, roleCells(cpu[s]), 100*other.Seconds()/wall.Seconds()/float64(runtime.NumCPU()), strings.Join(perRun, " "))
 	}
 	total := func(us [nRoles]float64) float64 {
 		var t float64
