@@ -45,6 +45,7 @@ type backfillRun struct {
 	took    time.Duration
 	wal     int64 // bytes of WAL written meanwhile
 	roles   roleCPU
+	sys     roleCPU         // of roles, the kernel's
 	batches []time.Duration // the daemon's, from its log
 }
 
@@ -144,6 +145,7 @@ func BenchmarkBackfill(b *testing.B) {
 	for v, variant := range variants {
 		m := medianRun(results[v])
 		fmt.Fprintf(w, "%-34s %9.2f %s\n", variant.name, float64(m.took.Microseconds())/float64(rows), roleCells(m.roles.perTxn(int64(rows))))
+		fmt.Fprintf(w, "%-34s %9s %s\n", "  of which kernel (sys)", "", roleCells(m.sys.perTxn(int64(rows))))
 	}
 	fmt.Fprintf(w, "%s\n(app here is the session of the single UPDATE; the daemon's backfill runs in daemon-db)\n", roleLegend)
 }
@@ -275,7 +277,7 @@ func singleUpdate(b *testing.B, tmpl string) backfillRun {
 		b.Fatal(err)
 	}
 	r := backfillRun{took: time.Since(start)}
-	r.roles = meter.finish()
+	r.roles, r.sys = meter.finish()
 	r.wal = walLSN(b, conn) - lsn0
 	return r
 }
@@ -310,7 +312,8 @@ func daemonBackfill(b *testing.B, bin, tmpl string, o daemonOptions, name string
 		}
 		return false, fmt.Sprintf("phase %q, %v", ph, err)
 	})
-	r := backfillRun{took: took, roles: meter.finish()}
+	r := backfillRun{took: took}
+	r.roles, r.sys = meter.finish()
 	r.wal = walLSN(b, conn) - lsn0
 	d.stop(b)
 	r.batches = batchTimes(b, d.logPath)

@@ -470,6 +470,7 @@ type loadResult struct {
 	latencies []float64 // ms per transaction, from the per-transaction log; nil without one
 
 	roles    roleCPU       // server and client CPU by role during the run
+	sys      roleCPU       // of roles, the kernel's
 	loadCPU  time.Duration // used by pgbench itself
 	wall     time.Duration // of the pgbench process
 	hostBusy time.Duration // CPU used on the whole host meanwhile, from /proc/stat
@@ -515,7 +516,7 @@ func (p *pgbench) run(b *testing.B, rate float64, dur time.Duration, withLog boo
 	err = cmd.Run()
 	var r loadResult
 	r.wall, r.hostBusy = time.Since(start), hostBusy()-host0
-	r.roles = meter.finish()
+	r.roles, r.sys = meter.finish()
 	if cmd.ProcessState != nil {
 		r.loadCPU = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
 	}
@@ -794,21 +795,33 @@ const userHZ = 100
 // procStat reads ppid, own CPU (utime+stime) and reaped children's CPU
 // (cutime+cstime) of pid.
 func procStat(pid int) (ppid int, self, children time.Duration, err error) {
+	t, err := readProcTimes(pid)
+	return t.ppid, t.user + t.sys, t.children, err
+}
+
+// procTimes are the times of /proc/<pid>/stat.
+type procTimes struct {
+	ppid      int
+	user, sys time.Duration // utime, stime: sys is the kernel's work for the process (syscalls, I/O)
+	children  time.Duration // cutime+cstime: reaped children's
+}
+
+func readProcTimes(pid int) (procTimes, error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0, 0, 0, err
+		return procTimes{}, err
 	}
 	i := bytes.LastIndexByte(data, ')')
 	if i < 0 {
-		return 0, 0, 0, fmt.Errorf("/proc/%d/stat: no comm", pid)
+		return procTimes{}, fmt.Errorf("/proc/%d/stat: no comm", pid)
 	}
 	f := strings.Fields(string(data[i+1:]))
 	if len(f) < 15 {
-		return 0, 0, 0, fmt.Errorf("/proc/%d/stat: short", pid)
+		return procTimes{}, fmt.Errorf("/proc/%d/stat: short", pid)
 	}
 	n := func(s string) int64 { v, _ := strconv.ParseInt(s, 10, 64); return v }
 	tick := func(v int64) time.Duration { return time.Duration(v) * time.Second / userHZ }
-	return int(n(f[1])), tick(n(f[11]) + n(f[12])), tick(n(f[13]) + n(f[14])), nil
+	return procTimes{ppid: int(n(f[1])), user: tick(n(f[11])), sys: tick(n(f[12])), children: tick(n(f[13]) + n(f[14]))}, nil
 }
 
 // hostBusy is the CPU time all processes of the host have used since

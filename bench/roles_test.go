@@ -98,11 +98,11 @@ type roleMeter struct {
 	conn       *pgx.Conn
 
 	mu        sync.Mutex
-	base      map[int]time.Duration // CPU at the start (0 for a process started since)
-	last      map[int]time.Duration // at the latest sample
+	base      map[int]procTimes // at the start (zero for a process started since)
+	last      map[int]procTimes // at the latest sample
 	roles     map[int]role
 	reaped0   time.Duration // the postmaster's own and reaped children's CPU at the start
-	client0   time.Duration
+	client0   procTimes
 	clientPID int
 
 	stop chan struct{}
@@ -119,12 +119,12 @@ func startRoleMeter(dsn string, postmaster int, client func() int) (*roleMeter, 
 		return nil, err
 	}
 	m := &roleMeter{postmaster: postmaster, client: client, conn: conn,
-		base: map[int]time.Duration{}, last: map[int]time.Duration{}, roles: map[int]role{},
+		base: map[int]procTimes{}, last: map[int]procTimes{}, roles: map[int]role{},
 		stop: make(chan struct{}), done: make(chan struct{})}
 	if client != nil {
 		m.clientPID = client()
 		if m.clientPID != 0 {
-			_, m.client0, _, _ = procStat(m.clientPID)
+			m.client0, _ = readProcTimes(m.clientPID)
 		}
 	}
 	_, self, reaped, _ := procStat(postmaster)
@@ -179,8 +179,10 @@ func (m *roleMeter) classify() {
 	})
 }
 
-// finish takes a last sample and returns the CPU by role since the start.
-func (m *roleMeter) finish() roleCPU {
+// finish takes a last sample and returns the CPU by role since the start,
+// and of it the part the kernel spent for the processes (sys: syscalls,
+// I/O; as sampled, without the unseen tail of exited processes).
+func (m *roleMeter) finish() (cpu, sys roleCPU) {
 	close(m.stop)
 	<-m.done
 	m.sample()
@@ -192,12 +194,14 @@ func (m *roleMeter) finish() roleCPU {
 	alive := children(m.postmaster)
 	var goneSeen roleCPU // CPU seen of the processes that exited
 	for pid, last := range m.last {
-		d := last - m.base[pid]
+		base := m.base[pid]
+		d := last.user + last.sys - base.user - base.sys
 		r, ok := m.roles[pid]
 		if !ok {
 			r = roleOther
 		}
 		c[r] += d
+		sys[r] += last.sys - base.sys
 		if _, ok := alive[pid]; !ok {
 			goneSeen[r] += d
 		}
@@ -219,24 +223,25 @@ func (m *roleMeter) finish() roleCPU {
 		}
 	}
 	if m.client != nil && m.clientPID != 0 {
-		if _, cpu, _, err := procStat(m.clientPID); err == nil {
-			c[roleClient] = cpu - m.client0
+		if t, err := readProcTimes(m.clientPID); err == nil {
+			c[roleClient] = t.user + t.sys - m.client0.user - m.client0.sys
+			sys[roleClient] = t.sys - m.client0.sys
 		}
 	}
-	return c
+	return c, sys
 }
 
-// children maps each live child of the postmaster to its CPU so far.
-func children(postmaster int) map[int]time.Duration {
-	out := map[int]time.Duration{}
+// children maps each live child of the postmaster to its times so far.
+func children(postmaster int) map[int]procTimes {
+	out := map[int]procTimes{}
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil {
 			continue
 		}
-		if ppid, own, _, err := procStat(pid); err == nil && ppid == postmaster {
-			out[pid] = own
+		if t, err := readProcTimes(pid); err == nil && t.ppid == postmaster {
+			out[pid] = t
 		}
 	}
 	return out

@@ -193,19 +193,23 @@ END $$`,
 	fmt.Fprintf(w, "µs of CPU per transaction by role, all runs together; total of each run; host other = CPU the rest of the host\n")
 	fmt.Fprintf(w, "used meanwhile (not the server, the reader, pgbench or this benchmark), %% of its cores: noise when high\n")
 	fmt.Fprintf(w, "%-24s %s %11s   %s\n", "setup", roleHeader(), "host other", "total per run")
-	cpu := map[*syncSetup][nRoles]float64{}
+	cpu, sys := map[*syncSetup][nRoles]float64{}, map[*syncSetup][nRoles]float64{}
 	for _, s := range setups {
-		var sum roleCPU
+		var sum, sumSys roleCPU
 		var txns int64
 		var perRun []string
 		var other, wall time.Duration
 		for _, r := range s.rounds {
-			sum, txns = sum.add(r.roles), txns+r.processed
+			sum, sumSys, txns = sum.add(r.roles), sumSys.add(r.sys), txns+r.processed
 			other, wall = other+max(0, r.hostBusy-r.roles.total()-r.roles[roleBench]-r.loadCPU), wall+r.wall
 			perRun = append(perRun, fmt.Sprintf("%.0f", float64(r.roles.total().Microseconds())/float64(max(1, r.processed))))
 		}
-		cpu[s] = sum.perTxn(txns)
+		cpu[s], sys[s] = sum.perTxn(txns), sumSys.perTxn(txns)
 		fmt.Fprintf(w, "%-24s %s %10.0f%%   %s\n", s.name, roleCells(cpu[s]), 100*other.Seconds()/wall.Seconds()/float64(runtime.NumCPU()), strings.Join(perRun, " "))
+	}
+	fmt.Fprintf(w, "of which kernel (sys: syscalls, WAL writes and flushes), as sampled\n")
+	for _, s := range setups {
+		fmt.Fprintf(w, "%-24s %s\n", s.name, roleCells(sys[s]))
 	}
 	total := func(us [nRoles]float64) float64 {
 		var t float64
