@@ -21,14 +21,16 @@ test: build vet
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(PKGS)
 
 # test-matrix: a subset of the suite on each supported PostgreSQL version
-# (CDCBACKFILL_PG_VERSION; fetched once when not installed): the tests in
-# MATRIX_RUN, the chaos suite at 2 iterations, and a smoke run (-short) of
+# (CDCBACKFILL_PG_VERSION; fetched once when not installed): the stream's
+# package (MATRIX_PKGS), the tests in MATRIX_RUN, the chaos suite at 2
+# iterations, and a smoke run (-short) of
 # the benchmarks in MATRIX_BENCH. Every version runs even when one fails;
 # the summary says which failed and the exit status is non-zero. A DSN in
 # CDCBACKFILL_TEST_DSN is ignored here: it would pin every block to one
 # server.
 MATRIX_VERSIONS ?= 15 16 17 18
-MATRIX_RUN      ?= ^(TestFullStory|TestKeyTypes|TestReplicaIdentity|TestChaos)$$
+MATRIX_RUN      ?= ^(TestFullStory|TestKeyTypes|TestReplicaIdentity|TestChaos|TestServerFeatures|TestCutoverSeesEveryWrite|TestApplicationOwnsNewColumnsAfterApprove)$$
+MATRIX_PKGS     ?= ./cdc/
 MATRIX_BENCH    ?= ^BenchmarkBackfill$$
 MATRIX_TIMEOUT  ?= 20m
 
@@ -39,6 +41,7 @@ test-matrix: build
 	  start=$$(date +%s); ok=yes; \
 	  export CDCBACKFILL_PG_VERSION=$$v CHAOS_ITERATIONS=2; unset CDCBACKFILL_TEST_DSN; \
 	  $(GO) test -count=1 -run '^TestServer$$' ./internal/pgtest/ || ok=no; \
+	  $(GO) test -count=1 -timeout $(MATRIX_TIMEOUT) $(MATRIX_PKGS) || ok=no; \
 	  $(GO) test -count=1 -timeout $(MATRIX_TIMEOUT) -run '$(MATRIX_RUN)' ./cmd/cdcbackfill/ || ok=no; \
 	  $(GO) test -count=1 -short -timeout $(MATRIX_TIMEOUT) -run '^$$' -bench '$(MATRIX_BENCH)' -benchtime 1x ./bench/ || ok=no; \
 	  took=$$(( $$(date +%s) - start )); \

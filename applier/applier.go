@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cdcbackfill/cdcbackfill/cdc"
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 )
 
@@ -802,7 +803,7 @@ func (a *Applier) handOver(ctx context.Context, entries []*pending, h pglogrepl.
 			return 0, 0, err
 		}
 		n, err := a.table.KeysGuarded(ctx, a.conn, keys, xids)
-		if recompute.IsLockTimeout(err) {
+		if dbconn.IsLockTimeout(err) {
 			// The application holds a row: check these next time.
 			for _, p := range chunk {
 				entries = slices.DeleteFunc(entries, func(e *pending) bool { return e == p })
@@ -866,7 +867,7 @@ func (a *Applier) apply(ctx context.Context, keys []recompute.Key) (recompute.Re
 			return recompute.Result{}, err
 		}
 		res, err := a.table.KeysFast(ctx, a.conn, keys)
-		if !recompute.IsLockTimeout(err) {
+		if !dbconn.IsLockTimeout(err) {
 			return res, err
 		}
 	}

@@ -17,6 +17,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 )
 
 // EventKind says what an Event reports.
@@ -99,6 +101,12 @@ type Config struct {
 	Slot         string // an existing pgoutput slot
 	Publication  string // the publication of the migrated table
 	OriginPrefix string // transactions whose Origin name starts with this are skipped (the daemon's own writes); "" skips none
+	// OriginNone asks the walsender (PostgreSQL 16+) to send no
+	// transaction that carries an origin: the daemon's own writes are then
+	// dropped server-side, not decoded and sent to be skipped here. Only
+	// where nothing else replicates into the published table: changes
+	// applied by a subscription carry an origin too.
+	OriginNone bool
 	// KeyColumns names the columns that identify a row in Change events
 	// (the table's primary key). Empty: the replica identity's columns.
 	KeyColumns []string
@@ -258,7 +266,7 @@ func (s *Stream) Run(ctx context.Context, out chan<- Event, confirmed func() pgl
 		s.reconnects.Add(1)
 		wait := jitter(delay)
 		s.log.Warn("replication connection lost; reconnecting", "err", err, "in", wait)
-		if !sleep(ctx, wait) {
+		if dbconn.Sleep(ctx, wait) != nil {
 			return nil
 		}
 		delay = min(2*delay, s.cfg.ReconnectMax)
@@ -272,18 +280,6 @@ const finalStatusTimeout = 5 * time.Second
 func jitter(d time.Duration) time.Duration {
 	half := d / 2
 	return half + rand.N(d-half+1)
-}
-
-// sleep waits for d or ctx; it reports whether the full time passed.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
 }
 
 // session is one replication connection; only its goroutine touches conn.
@@ -313,11 +309,15 @@ func (s *Stream) session(ctx context.Context, connCfg *pgconn.Config, out chan<-
 		_ = conn.Close(cctx)
 	}()
 
-	opts := pglogrepl.StartReplicationOptions{PluginArgs: []string{
+	args := []string{
 		"proto_version '1'",
 		// publication_names is a list of identifiers inside a string literal.
-		"publication_names " + quoteLiteral(pgx.Identifier{s.cfg.Publication}.Sanitize()),
-	}}
+		"publication_names " + dbconn.QuoteLiteral(pgx.Identifier{s.cfg.Publication}.Sanitize()),
+	}
+	if s.cfg.OriginNone {
+		args = append(args, "origin 'none'")
+	}
+	opts := pglogrepl.StartReplicationOptions{PluginArgs: args}
 	// LSN 0: the server starts at the slot's confirmed_flush_lsn.
 	if err := pglogrepl.StartReplication(ctx, conn, pgx.Identifier{s.cfg.Slot}.Sanitize(), 0, opts); err != nil {
 		return false, fmt.Errorf("start replication from slot %q: %w", s.cfg.Slot, err)
@@ -389,8 +389,15 @@ func (ss *session) stream() error {
 			return pgconn.ErrorResponseToPgError(m)
 		case *pgproto3.CopyDone:
 			return errors.New("server ended the replication stream")
+		case *pgproto3.NoticeResponse:
+			// PostgreSQL 18 no longer fails on a missing publication: it
+			// warns ("skipped loading publication") and streams nothing of
+			// it. Silence would then pass for an idle application.
+			if strings.HasPrefix(m.Message, "skipped loading publication") {
+				return permanent(fmt.Errorf("publication %q: %w: %s", ss.s.cfg.Publication, ErrPublicationMissing, m.Message))
+			}
 		default:
-			// NoticeResponse, ParameterStatus: nothing to act on.
+			// ParameterStatus: nothing to act on.
 		}
 	}
 }
@@ -564,11 +571,6 @@ func (r *receiveDeadline) until(at time.Time) error {
 	}
 	r.at = at
 	return r.conn.SetReadDeadline(at)
-}
-
-// quoteLiteral quotes s as a SQL string literal for a replication command.
-func quoteLiteral(s string) string {
-	return "'" + strings.ReplaceAll(s, "'", "''") + "'"
 }
 
 // drainBeforeClose half-closes the connection after the final status and

@@ -453,6 +453,36 @@ func TestSkipsOwnOrigin(t *testing.T) {
 	}
 }
 
+// TestOriginNoneDropsTransactionsServerSide: on PostgreSQL 16+ the
+// walsender itself drops every transaction that carries an origin, with no
+// prefix skipping in the client; the application's come through.
+func TestOriginNoneDropsTransactionsServerSide(t *testing.T) {
+	if v := pgtest.Shared(t).Major(); v != 0 && v < 16 {
+		t.Skipf("PostgreSQL %d has no origin filter in the walsender", v)
+	}
+	f := newFixture(t)
+	cfg := f.config()
+	cfg.OriginPrefix = "" // nothing skipped here: only the server can drop it
+	cfg.OriginNone = true
+	c := f.start(cfg)
+	origin := "cdcbackfill_" + randHex(4) + ".w0"
+	conn := connect(t, f.dsn)
+	execOn(t, conn, "SELECT pg_replication_origin_create($1)", origin)
+	t.Cleanup(func() { _, _ = f.db.Exec(context.Background(), "SELECT pg_replication_origin_drop($1)", origin) })
+	execOn(t, conn, "SELECT pg_replication_origin_session_setup($1)", origin)
+	execOn(t, conn, "INSERT INTO t VALUES (1, 'daemon')")
+	execOn(t, conn, "SELECT pg_replication_origin_session_reset()")
+	f.exec("INSERT INTO t VALUES (2, 'application')")
+	evs := c.txn()
+	checkTxn(t, evs)
+	if keys := keysOf(evs); !slices.Equal(keys, []string{"2"}) {
+		t.Errorf("keys %q, want [2]: the origin's transaction should not have been sent", keys)
+	}
+	if st := c.stream.Stats(); st.SkippedTransactions != 0 {
+		t.Errorf("%d transactions skipped in the client; the server should have dropped them", st.SkippedTransactions)
+	}
+}
+
 func TestRelationChangesMidStream(t *testing.T) {
 	f := newFixture(t)
 	c := f.start(f.config())

@@ -64,6 +64,10 @@ type Throttle struct {
 type Sync struct {
 	FlushInterval time.Duration `mapstructure:"flush_interval" default:"50ms" check:">0"`
 	MaxBatchKeys  int           `mapstructure:"max_batch_keys" default:"5000" check:">0"`
+	// Where the daemon's own writes are filtered out of the stream: auto
+	// has the walsender drop them (PostgreSQL 16+, when nothing else
+	// replicates into the table), client skips them in the daemon.
+	OriginFilter string `mapstructure:"origin_filter" default:"auto" check:"auto|client"`
 }
 
 type DualWrite struct {

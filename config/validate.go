@@ -9,6 +9,8 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 )
 
 var (
@@ -45,8 +47,8 @@ func (c *Config) problems() []Problem {
 
 	if strings.TrimSpace(c.Database.DSN) == "" {
 		add("database.dsn", "is required: a PostgreSQL connection string such as postgres://user@host:5432/db (or set %s)", EnvVar("database.dsn"))
-	} else if msg := checkDSN(c.Database.DSN); msg != "" {
-		add("database.dsn", "is not a valid PostgreSQL connection string: %s, got %q", msg, RedactDSN(c.Database.DSN))
+	} else if msg := dbconn.CheckDSN(c.Database.DSN); msg != "" {
+		add("database.dsn", "is not a valid PostgreSQL connection string: %s, got %q", msg, dbconn.RedactDSN(c.Database.DSN))
 	}
 
 	if c.Table == "" {

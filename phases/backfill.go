@@ -94,7 +94,11 @@ func (d *Daemon) startSlot(ctx context.Context) (*state.Migration, error) {
 		}
 		plan, lsn = state.Plan{Plan: p, Recovered: true}, info.ConfirmedLSN.String()
 	} else {
-		slot, err := snapshot.CreateSlot(ctx, d.cfg.Database.DSN, d.cfg.SlotName(), slotCreateTimeout)
+		failover, _, err := failoverSlot(ctx, d.conn)
+		if err != nil {
+			return nil, err
+		}
+		slot, err := snapshot.CreateSlot(ctx, d.cfg.Database.DSN, d.cfg.SlotName(), slotCreateTimeout, failover)
 		if err != nil {
 			return nil, err
 		}

@@ -175,7 +175,7 @@ func recoverSlot(ctx context.Context, conn *pgx.Conn, cfg *config.Config, store 
 	if err != nil {
 		return "", err
 	}
-	if info.Exists && info.WALStatus != "lost" {
+	if info.Exists && !info.Lost() {
 		return "", fmt.Errorf("recover: slot %s is fine (wal_status %s); nothing to recover", cfg.SlotName(), info.WALStatus)
 	}
 	free, err := dbconn.TryLeaderLock(ctx, conn, cfg.Name)

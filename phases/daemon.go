@@ -49,6 +49,7 @@ type Daemon struct {
 	sources []string
 
 	originOnce sync.Once
+	originMode atomic.Value             // string: where the daemon's own writes leave the stream, as last logged
 	pipe       atomic.Pointer[pipeline] // read by the watcher too
 	obs        *observer
 	checks     checkSink
@@ -119,6 +120,7 @@ func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *boo
 	defer d.rlog.Flush(true)
 	d.approved.Store(state.Phase(""))
 	d.waiting.Store("")
+	d.originMode.Store("")
 
 	conn, err := dbconn.Connect(ctx, cfg.Database.DSN)
 	if err != nil {
@@ -157,12 +159,12 @@ func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *boo
 
 	pcfg, err := pgxpool.ParseConfig(cfg.Database.DSN)
 	if err != nil {
-		return fmt.Errorf("database.dsn %s does not parse", config.RedactDSN(cfg.Database.DSN))
+		return fmt.Errorf("database.dsn %s does not parse", dbconn.RedactDSN(cfg.Database.DSN))
 	}
 	pcfg.ConnConfig.RuntimeParams["application_name"] = dbconn.ApplicationName
 	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
 	if err != nil {
-		return fmt.Errorf("connect to %s: %w", config.RedactDSN(cfg.Database.DSN), dbconn.Redact(err, pcfg.ConnConfig.Password))
+		return fmt.Errorf("connect to %s: %w", dbconn.RedactDSN(cfg.Database.DSN), dbconn.Redact(err, pcfg.ConnConfig.Password))
 	}
 	defer pool.Close()
 	d.pool = pool

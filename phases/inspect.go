@@ -102,7 +102,7 @@ func Inspect(ctx context.Context, cfg *config.Config) (*Report, error) {
 		return r, nil
 	}
 	defer conn.Close(context.Background())
-	r.ok("connect to " + config.RedactDSN(cfg.Database.DSN))
+	r.ok("connect to " + dbconn.RedactDSN(cfg.Database.DSN))
 
 	var version int
 	var versionText string
@@ -167,6 +167,7 @@ func Inspect(ctx context.Context, cfg *config.Config) (*Report, error) {
 	r.checkReplication(ctx, conn, cfg)
 	r.checkPrivileges(ctx, conn, t)
 	r.checkStatements(ctx, conn, cfg)
+	r.checkServerFeatures(ctx, conn, cfg, t)
 
 	if r.Table != nil {
 		lo, hi, rows, err := t.Bounds(ctx, conn)
@@ -296,6 +297,30 @@ func (r *Report) checkReplication(ctx context.Context, conn *pgx.Conn, cfg *conf
 	if err := conn.QueryRow(ctx, `SHOW max_slot_wal_keep_size`).Scan(&keep); err == nil && keep == "-1" {
 		r.warn("max_slot_wal_keep_size", "is unlimited: a daemon that stops for good leaves a slot that holds WAL until the disk fills",
 			"ALTER SYSTEM SET max_slot_wal_keep_size = '50GB' (a size your disk can hold); SELECT pg_reload_conf()")
+	}
+}
+
+// checkServerFeatures says what the server's version gives the stream:
+// where the daemon's own writes are filtered, what a failover does to the
+// slot, and whether an idle slot can be invalidated.
+func (r *Report) checkServerFeatures(ctx context.Context, conn *pgx.Conn, cfg *config.Config, t *recompute.Table) {
+	if _, why, err := originNone(ctx, conn, cfg, t.Ident()); err != nil {
+		r.fail("stream", err.Error(), "")
+	} else {
+		r.ok("stream: " + why)
+	}
+	if failover, why, err := failoverSlot(ctx, conn); err != nil {
+		r.fail("failover", err.Error(), "")
+	} else if failover {
+		r.ok("failover: " + why)
+	} else {
+		r.add("info", "failover", why, "")
+	}
+	if idle, err := idleSlotTimeout(ctx, conn); err != nil {
+		r.fail("idle slot timeout", err.Error(), "")
+	} else if idle != "" {
+		r.warn("idle slot timeout", fmt.Sprintf("idle_replication_slot_timeout is %s: a slot no daemon reads for that long is invalidated, and `cdcbackfill recover` must then backfill again", idle),
+			"keep a daemon running (systemd Restart=on-failure, a standby daemon), or raise idle_replication_slot_timeout for the migration")
 	}
 }
 

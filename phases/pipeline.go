@@ -99,8 +99,15 @@ func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 	if !info.Exists {
 		return fmt.Errorf("%w: slot %q is gone", cdc.ErrSlotMissing, d.cfg.SlotName())
 	}
-	if info.WALStatus == "lost" {
-		return fmt.Errorf("%w: slot %q (wal_status lost)", cdc.ErrSlotLost, d.cfg.SlotName())
+	if info.Lost() {
+		why := "wal_status lost"
+		if info.Invalidated != "" {
+			why = "invalidated: " + info.Invalidated
+			if info.Invalidated == "idle_timeout" {
+				why += ", unused longer than idle_replication_slot_timeout while no daemon ran"
+			}
+		}
+		return fmt.Errorf("%w: slot %q (%s)", cdc.ErrSlotLost, d.cfg.SlotName(), why)
 	}
 	ap := applier.New(w, d.table, applier.Config{
 		FlushInterval: d.cfg.Sync.FlushInterval,
@@ -111,6 +118,22 @@ func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 	})
 	ap.SetConfirmed(info.ConfirmedLSN)
 	ap.SetHandover(pglogrepl.LSN(d.handover.Load()))
+	// PostgreSQL 18 streams nothing, silently, for a publication that is
+	// gone; older servers fail. Either way the changes since are lost.
+	var published bool
+	if err := w.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, d.cfg.PublicationName()).Scan(&published); err != nil {
+		return fmt.Errorf("look up publication %q: %w", d.cfg.PublicationName(), err)
+	}
+	if !published {
+		return fmt.Errorf("%w: publication %q was dropped under the migration: changes since are lost to it; abort the migration (cdcbackfill abort) and run it again", cdc.ErrPublicationMissing, d.cfg.PublicationName())
+	}
+	serverSide, why, err := originNone(ctx, w, d.cfg, d.table.Ident())
+	if err != nil {
+		return err
+	}
+	if d.originMode.Swap(why) != why {
+		d.log.Info("stream: "+why, "origin_filter", d.cfg.Sync.OriginFilter)
+	}
 	newCols := make([]string, len(d.table.Columns))
 	for i, c := range d.table.Columns {
 		newCols[i] = c.Name
@@ -120,6 +143,7 @@ func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 		Slot:          d.cfg.SlotName(),
 		Publication:   d.cfg.PublicationName(),
 		OriginPrefix:  d.cfg.OriginPrefix(),
+		OriginNone:    serverSide,
 		KeyColumns:    d.table.KeyNames(),
 		SourceColumns: d.sources,
 		NewColumns:    newCols,

@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 )
 
@@ -120,13 +121,13 @@ func (b *Backfiller) walk(ctx context.Context, conn *pgx.Conn, worker int, r Ran
 			return fmt.Errorf("backfill worker %d: throttle: %w", worker, err)
 		}
 		took, res, err := b.batch(ctx, conn, worker, &r, size)
-		if recompute.IsLockTimeout(err) {
+		if dbconn.IsLockTimeout(err) {
 			// Another session holds the table (DDL, LOCK TABLE) or the
 			// state row: nothing was done; try again after a pause.
 			if b.Log != nil {
 				b.Log.Warn("backfill: a batch waited longer than ddl.lock_timeout for a lock; retrying", "worker", worker, "err", err)
 			}
-			if sleep(ctx, time.Second) != nil {
+			if dbconn.Sleep(ctx, time.Second) != nil {
 				return nil
 			}
 			continue
@@ -142,7 +143,7 @@ func (b *Backfiller) walk(ctx context.Context, conn *pgx.Conn, worker int, r Ran
 		if r.Done || ctx.Err() != nil {
 			return nil
 		}
-		if err := sleep(ctx, b.Sleep); err != nil {
+		if err := dbconn.Sleep(ctx, b.Sleep); err != nil {
 			return nil
 		}
 	}
@@ -207,7 +208,7 @@ func (b *Backfiller) rangeBatch(ctx context.Context, tx pgx.Tx, lo, hi recompute
 		_, err = tx.Exec(ctx, bounded)
 		return res, err
 	}
-	if !recompute.IsLockTimeout(err) {
+	if !dbconn.IsLockTimeout(err) {
 		return res, err
 	}
 	if _, err := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT cdcb_fast"); err != nil {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -43,7 +44,7 @@ func (s *Slot) Release() {
 // EnsurePublication creates the publication for the table unless it exists;
 // run runs the CREATE statement (under the caller's lock_timeout and
 // retries).
-func EnsurePublication(ctx context.Context, q recompute.Querier, name string, t *recompute.Table, run func(stmt string) error) error {
+func EnsurePublication(ctx context.Context, q dbconn.Querier, name string, t *recompute.Table, run func(stmt string) error) error {
 	var exists bool
 	if err := q.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, name).Scan(&exists); err != nil {
 		return fmt.Errorf("look up publication %q: %w", name, err)
@@ -75,17 +76,29 @@ type SlotInfo struct {
 	ConfirmedLSN pglogrepl.LSN
 	WALStatus    string // reserved | extended | unreserved | lost
 	LagBytes     int64  // WAL the slot holds back
+	// Invalidated is why the server invalidated the slot (PostgreSQL 17+:
+	// wal_removed, idle_timeout, ...), "" when it did not.
+	Invalidated string
+	Failover    bool // PostgreSQL 17+: a standby that synchronizes slots keeps it
 }
 
+// Lost is true when the slot can no longer stream: its WAL is gone or the
+// server invalidated it.
+func (s SlotInfo) Lost() bool { return s.WALStatus == "lost" || s.Invalidated != "" }
+
 // LookupSlot reads a slot's row; Exists is false when there is none.
-func LookupSlot(ctx context.Context, q recompute.Querier, name string) (SlotInfo, error) {
+func LookupSlot(ctx context.Context, q dbconn.Querier, name string) (SlotInfo, error) {
 	var s SlotInfo
 	var confirmed *string
 	var db, plugin, wal *string
 	var lag *int64
+	var invalidated *string
+	var failover *bool
+	// to_jsonb reads the columns newer servers have without naming them.
 	err := q.QueryRow(ctx, `SELECT active, database, plugin, confirmed_flush_lsn::text, wal_status,
-		pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
-		FROM pg_replication_slots WHERE slot_name = $1`, name).Scan(&s.Active, &db, &plugin, &confirmed, &wal, &lag)
+		pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,
+		to_jsonb(s) ->> 'invalidation_reason', (to_jsonb(s) ->> 'failover')::boolean
+		FROM pg_replication_slots s WHERE slot_name = $1`, name).Scan(&s.Active, &db, &plugin, &confirmed, &wal, &lag, &invalidated, &failover)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return s, nil
 	}
@@ -105,6 +118,10 @@ func LookupSlot(ctx context.Context, q recompute.Querier, name string) (SlotInfo
 	if lag != nil {
 		s.LagBytes = *lag
 	}
+	if invalidated != nil {
+		s.Invalidated = *invalidated
+	}
+	s.Failover = failover != nil && *failover
 	if confirmed != nil {
 		if s.ConfirmedLSN, err = pglogrepl.ParseLSN(*confirmed); err != nil {
 			return s, err
@@ -117,7 +134,9 @@ func LookupSlot(ctx context.Context, q recompute.Querier, name string) (SlotInfo
 // on a replication connection that it keeps open: the snapshot lives as
 // long as that connection stays idle. Slot creation waits for every open
 // transaction that has written; after timeout it gives up and names them.
-func CreateSlot(ctx context.Context, dsn, name string, timeout time.Duration) (*Slot, error) {
+// With failover (PostgreSQL 17+) a standby that synchronizes slots keeps a
+// copy of it.
+func CreateSlot(ctx context.Context, dsn, name string, timeout time.Duration, failover bool) (*Slot, error) {
 	cfg, err := pgconn.ParseConfig(dsn)
 	if err != nil {
 		return nil, fmt.Errorf("parse database.dsn: %w", err)
@@ -130,9 +149,15 @@ func CreateSlot(ctx context.Context, dsn, name string, timeout time.Duration) (*
 	}
 	cctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	action := "EXPORT_SNAPSHOT"
+	if failover {
+		// The option list of PostgreSQL 15+; pglogrepl puts the action text
+		// as it is after the plugin's name.
+		action = "(SNAPSHOT 'export', FAILOVER true)"
+	}
 	res, err := pglogrepl.CreateReplicationSlot(cctx, conn, name, "pgoutput", pglogrepl.CreateReplicationSlotOptions{
 		Mode:           pglogrepl.LogicalReplication,
-		SnapshotAction: "EXPORT_SNAPSHOT",
+		SnapshotAction: action,
 	})
 	if err != nil {
 		conn.Close(context.Background())
@@ -194,7 +219,7 @@ func ReadPlan(ctx context.Context, conn *pgx.Conn, snapshotName string, t *recom
 // but whose plan was never saved (a crash between the two). Bounds read
 // after the consistent point still cover every row that existed then and
 // has not changed since: such a row still exists, with its key.
-func ReadPlanNow(ctx context.Context, q recompute.Querier, t *recompute.Table) (Plan, error) {
+func ReadPlanNow(ctx context.Context, q dbconn.Querier, t *recompute.Table) (Plan, error) {
 	lo, hi, n, err := t.Bounds(ctx, q)
 	if err == nil && n == 0 && hi != nil {
 		n, err = CountRows(ctx, q, t)
@@ -209,7 +234,7 @@ const countChunk = 100000
 // walk of countChunk keys per statement, so no statement scans the whole
 // table or runs long; for a table never analyzed, whose size the planner
 // does not know.
-func CountRows(ctx context.Context, q recompute.Querier, t *recompute.Table) (int64, error) {
+func CountRows(ctx context.Context, q dbconn.Querier, t *recompute.Table) (int64, error) {
 	var total int64
 	var after recompute.Key
 	for {
@@ -226,16 +251,15 @@ func CountRows(ctx context.Context, q recompute.Querier, t *recompute.Table) (in
 }
 
 // DropSlot drops the slot if it exists, ending a walsender still holding it.
-func DropSlot(ctx context.Context, q recompute.Querier, name string) error {
+func DropSlot(ctx context.Context, q dbconn.Querier, name string) error {
 	_, err := q.Exec(ctx, `SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL`, name)
 	if err != nil {
 		return fmt.Errorf("end the reader of slot %q: %w", name, err)
 	}
 	for i := 0; ; i++ {
 		_, err = q.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1`, name)
-		var pgErr *pgconn.PgError
-		// 55006: still active for a moment after the terminate.
-		if err == nil || !errors.As(err, &pgErr) || pgErr.Code != "55006" || i == 50 {
+		// Still active for a moment after the terminate.
+		if err == nil || dbconn.SQLState(err) != pgerrcode.ObjectInUse || i == 50 {
 			break
 		}
 		select {
@@ -251,7 +275,7 @@ func DropSlot(ctx context.Context, q recompute.Querier, name string) error {
 }
 
 // DropPublication drops the publication if it exists.
-func DropPublication(ctx context.Context, q recompute.Querier, name string) error {
+func DropPublication(ctx context.Context, q dbconn.Querier, name string) error {
 	if _, err := q.Exec(ctx, "DROP PUBLICATION IF EXISTS "+pgx.Identifier{name}.Sanitize()); err != nil {
 		return fmt.Errorf("drop publication %q: %w", name, err)
 	}

@@ -9,7 +9,7 @@ import (
 
 	"golang.org/x/time/rate"
 
-	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 )
 
 // ThrottleConfig bounds the backfill (and verify) batches.
@@ -30,7 +30,7 @@ type ThrottleConfig struct {
 // row rate (a token bucket).
 type Throttle struct {
 	cfg     ThrottleConfig
-	q       recompute.Querier
+	q       dbconn.Querier
 	paused  func() bool
 	limiter *rate.Limiter
 
@@ -43,7 +43,7 @@ type Throttle struct {
 
 // NewThrottle reads lags through q (used by one goroutine at a time: the
 // throttle serializes its own reads). paused reports the operator's pause.
-func NewThrottle(cfg ThrottleConfig, q recompute.Querier, paused func() bool) *Throttle {
+func NewThrottle(cfg ThrottleConfig, q dbconn.Querier, paused func() bool) *Throttle {
 	if cfg.CheckEvery == 0 {
 		cfg.CheckEvery = time.Second
 	}
@@ -113,7 +113,7 @@ func (th *Throttle) waitUnblocked(ctx context.Context) error {
 		if reason == "" {
 			return nil
 		}
-		if err := sleep(ctx, 200*time.Millisecond); err != nil {
+		if err := dbconn.Sleep(ctx, 200*time.Millisecond); err != nil {
 			return err
 		}
 	}
@@ -166,19 +166,4 @@ func (th *Throttle) readLags(ctx context.Context) (string, error) {
 		}
 	}
 	return "", nil
-}
-
-// sleep is the one place the package waits on the clock.
-func sleep(ctx context.Context, d time.Duration) error {
-	if d <= 0 {
-		return ctx.Err()
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
 }

@@ -11,10 +11,12 @@ import (
 	"strings"
 	"time"
 
+	"github.com/docker/go-units"
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 
 	"github.com/cdcbackfill/cdcbackfill/config"
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/phases"
 )
 
@@ -35,7 +37,7 @@ func runE(cmd *cobra.Command, _ []string) error {
 		return err
 	}
 	log := newLogger(cfg, os.Stderr)
-	log.Info("starting", "migration", cfg.Name, "table", cfg.Table, "database", config.RedactDSN(cfg.Database.DSN))
+	log.Info("starting", "migration", cfg.Name, "table", cfg.Table, "database", dbconn.RedactDSN(cfg.Database.DSN))
 	if err := phases.Run(cmd.Context(), cfg, log); err != nil {
 		return err
 	}
@@ -140,7 +142,7 @@ func printStatus(w io.Writer, r *phases.StatusReport) {
 		}
 	}
 	fmt.Fprintln(w)
-	fmt.Fprintf(w, "sync: slot lag %s (%.1fs), events %d, corrections %d\n", humanBytes(r.Sync.LagBytes), r.Sync.LagSeconds, r.Sync.Events, r.Sync.Corrections)
+	fmt.Fprintf(w, "sync: slot lag %s (%.1fs), events %d, corrections %d\n", units.BytesSize(float64(r.Sync.LagBytes)), r.Sync.LagSeconds, r.Sync.Events, r.Sync.Corrections)
 	if len(r.Sync.CorrectionSamples) > 0 {
 		fmt.Fprintf(w, "      recent corrections (the application does not write these as the expressions say): %s\n", strings.Join(r.Sync.CorrectionSamples, " "))
 	}
@@ -183,17 +185,4 @@ func quoted(s *string) string {
 		return "NULL"
 	}
 	return strconv.Quote(*s)
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

@@ -21,8 +21,6 @@ import (
 	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
-
-	"github.com/cdcbackfill/cdcbackfill/config"
 )
 
 // Querier is what a statement needs: a connection, a pool or a transaction.
@@ -44,7 +42,7 @@ const ApplicationName = "cdcbackfill"
 func Connect(ctx context.Context, dsn string) (*pgx.Conn, error) {
 	cfg, err := pgx.ParseConfig(dsn)
 	if err != nil {
-		return nil, fmt.Errorf("database.dsn %s does not parse", config.RedactDSN(dsn))
+		return nil, fmt.Errorf("database.dsn %s does not parse", RedactDSN(dsn))
 	}
 	if cfg.ConnectTimeout == 0 || cfg.ConnectTimeout > ConnectTimeout {
 		cfg.ConnectTimeout = ConnectTimeout
@@ -54,7 +52,7 @@ func Connect(ctx context.Context, dsn string) (*pgx.Conn, error) {
 	}
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("connect to %s: %w", config.RedactDSN(dsn), Redact(err, cfg.Password))
+		return nil, fmt.Errorf("connect to %s: %w", RedactDSN(dsn), Redact(err, cfg.Password))
 	}
 	return conn, nil
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/docker/go-units"
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cdcbackfill/cdcbackfill/state"
@@ -161,7 +162,7 @@ func (s *Summary) Print(w io.Writer) {
 		line("backfill", "%d rows in %s, %.0f rows/s", s.BackfillRows, roundDuration(backfill), float64(s.BackfillRows)/backfill.Seconds())
 	}
 	line("stream corrections", "%d (rows the old release left stale, fixed from the slot's stream)", s.Corrections)
-	line("peak slot lag", "%s", humanBytes(s.PeakLag))
+	line("peak slot lag", "%s", units.BytesSize(float64(s.PeakLag)))
 	for _, d := range s.DDL {
 		tries := "tries"
 		if d.Tries == 1 {
@@ -192,17 +193,4 @@ func roundDuration(d time.Duration) time.Duration {
 		return d.Round(100 * time.Millisecond)
 	}
 	return d.Round(10 * time.Millisecond)
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

@@ -8,7 +8,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 )
 
 // Key is a primary key value, each column in its text form.
@@ -117,7 +118,7 @@ func (t *Table) keysCTE() (cte, keysIn string) {
 // samplesSQL selects up to maxSamples keys of _cdcb_upd as KeyString writes them.
 func (t *Table) samplesSQL() string {
 	return fmt.Sprintf(`(SELECT array_agg(%s || '=(' || array_to_string(u.key, ', ') || ')') FROM (SELECT key FROM _cdcb_upd LIMIT %d) u)`,
-		quoteLiteral(t.keyLabel()), maxSamples)
+		dbconn.QuoteLiteral(t.keyLabel()), maxSamples)
 }
 
 // KeysSQL recomputes the rows of the given keys (parameters: see keysCTE).
@@ -134,12 +135,6 @@ FROM (SELECT 1) AS _cdcb_one LEFT JOIN _cdcb_skipped s ON true`, t.samplesSQL())
 // deadlock_timeout (1s by default): the daemon then always gives up before
 // a deadlock check could abort the application.
 const FastLockTimeout = 10 * time.Millisecond
-
-// IsLockTimeout reports whether err is a statement ended by lock_timeout.
-func IsLockTimeout(err error) bool {
-	var pgErr *pgconn.PgError
-	return errors.As(err, &pgErr) && pgErr.Code == "55P03"
-}
 
 // keysFastSQL is KeysSQL without the row locks taken ahead: one UPDATE of
 // the keys' rows that are out of parity. Waiting for a row lock re-checks
@@ -159,7 +154,7 @@ SELECT (SELECT count(*) FROM _cdcb_upd), %s`,
 
 // KeysFast recomputes the rows of keys in one UPDATE. Run it under
 // lock_timeout = FastLockTimeout: when the application holds one of the
-// rows longer, it fails with an error IsLockTimeout recognizes, having
+// rows longer, it fails with an error dbconn.IsLockTimeout recognizes, having
 // changed nothing, and the caller runs Keys, which passes over held rows.
 // Row locks taken ahead (Keys) cost a WAL record and a page write per row,
 // so they are paid only where there is contention.
@@ -513,8 +508,6 @@ func keyArgs(k Key) []any {
 
 // keyLabel is "(k1, k2)", as KeyString writes it.
 func (t *Table) keyLabel() string { return "(" + strings.Join(t.KeyNames(), ", ") + ")" }
-
-func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
 // HighestKey reads the highest key (nil for an empty table).
 func (t *Table) HighestKey(ctx context.Context, q Querier) (Key, error) {

@@ -7,7 +7,8 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 )
 
 // Column is a new column and its SQL expression over the same row.
@@ -62,11 +63,7 @@ func (t *Table) KeyNames() []string {
 func (t *Table) Ident() string { return pgx.Identifier{t.Schema, t.Name}.Sanitize() }
 
 // Querier is what the statements need: a connection, a pool or a transaction.
-type Querier interface {
-	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
-	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
-	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
-}
+type Querier = dbconn.Querier
 
 // ErrNoTable and ErrNoPrimaryKey are returned by Inspect.
 var (

@@ -9,13 +9,13 @@ import (
 	"strings"
 	"time"
 
-	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 )
 
 // Describe lists up to limit sessions of pg_stat_activity (alias a) that
 // match where (args are its parameters), oldest transaction first. It
 // returns "" when none matches, and the error when the query fails.
-func Describe(ctx context.Context, q recompute.Querier, limit int, where string, args ...any) (string, error) {
+func Describe(ctx context.Context, q dbconn.Querier, limit int, where string, args ...any) (string, error) {
 	rows, err := q.Query(ctx, fmt.Sprintf(`SELECT a.pid, coalesce(a.state, ''), coalesce(now() - a.xact_start, '0'), left(a.query, 200)
 		FROM pg_stat_activity a
 		WHERE (%s) AND a.pid <> pg_backend_pid()

@@ -1,4 +1,4 @@
-package config
+package dbconn
 
 import (
 	"errors"
@@ -139,10 +139,10 @@ func sortSecrets(s []string) []string {
 	return s
 }
 
-// checkDSN parses dsn with pgconn and, when that fails, says why without
+// CheckDSN parses dsn with pgconn and, when that fails, says why without
 // echoing any password: pgconn's message quotes the connection string, so
 // the reason is cut out of it and scrubbed of every secret RedactDSN finds.
-func checkDSN(dsn string) string {
+func CheckDSN(dsn string) string {
 	_, err := pgconn.ParseConfig(dsn)
 	if err == nil {
 		return ""
