@@ -1,7 +1,9 @@
 package bench
 
 import (
+	"cmp"
 	"fmt"
+	"math"
 	"os"
 	"runtime"
 	"slices"
@@ -224,6 +226,13 @@ END $$`,
 	fmt.Fprintf(w, "target: cdcbackfill total %.1f <= floor %.1f + 0.15 x no migration %.1f = %.1f µs: %s\n",
 		total(cpu[ours]), total(cpu[floor]), total(cpu[none]), limit, verdict(total(cpu[ours]) <= limit))
 	fmt.Fprintf(w, "target: daemon process %.1f <= 5 µs per transaction (at %.0f tps): %s\n", cpu[ours][roleClient], rate, verdict(cpu[ours][roleClient] <= 5))
+	// The target is stated at 3000 tps: the apply-rate step nearest it.
+	if near := slices.MinFunc(steps, func(a, b step) int {
+		return cmp.Compare(math.Abs(a.res.tps-fixedRateCap), math.Abs(b.res.tps-fixedRateCap))
+	}); near.res.processed > 0 {
+		us := near.res.roles.perTxn(near.res.processed)[roleClient]
+		fmt.Fprintf(w, "        daemon process at the apply-rate step nearest %d tps (%.0f tps, below): %.1f µs per transaction: %s\n", fixedRateCap, near.res.tps, us, verdict(us <= 5))
+	}
 	fmt.Fprintf(w, "%s\n", roleLegend)
 
 	// Target 3: latency and apply lag.
