@@ -264,20 +264,27 @@ END $$`,
 
 	fmt.Fprintf(w, "\napply rate, cdcbackfill, %.0fs steps of rising -R until the apply lag reaches 1s\n", stepTime.Seconds())
 	fmt.Fprintf(w, "%-22s %8s %7s %12s %9s %9s %s\n", "offered", "tps", "failed", "lag bytes", "apply s", "sent s", roleHeader())
-	best := -1
+	// The highest rate achieved in a passing step below the first failing
+	// one; pgbench may achieve less than offered when the host is full.
+	best, passing := -1, true
 	for i, st := range steps {
-		ok := st.lag.unresolved == 0 && st.lag.maxApply < time.Second
-		if ok && best == i-1 {
+		passing = passing && st.lag.unresolved == 0 && st.lag.maxApply < time.Second
+		if passing && (best < 0 || st.res.tps > steps[best].res.tps) {
 			best = i
 		}
 		fmt.Fprintf(w, "%-22s %8.0f %7d %12d %9.2f %9.2f %s\n", fmt.Sprintf("-R %.0f (%.0f%% of max)", ceiling*st.frac, 100*st.frac),
 			st.res.tps, st.res.failed, st.lag.maxBytes, st.lag.maxApply.Seconds(), st.lag.maxSent.Seconds(), roleCells(st.res.roles.perTxn(st.res.processed)))
 	}
-	if best < 0 {
+	switch {
+	case best < 0:
 		fmt.Fprintf(w, "highest rate with apply lag < 1s: none (the 50%% step failed)\n")
-	} else {
-		fmt.Fprintf(w, "highest rate with apply lag < 1s: %.0f tps achieved at -R %.0f = %.2f of the no-migration max (steps above: not reached)\n",
-			steps[best].res.tps, ceiling*steps[best].frac, steps[best].res.tps/ceiling)
+	case passing:
+		fmt.Fprintf(w, "highest rate with apply lag < 1s: %.0f tps = %.2f of the no-migration max; the lag never reached 1s: this is the most the\n",
+			steps[best].res.tps, steps[best].res.tps/ceiling)
+		fmt.Fprintf(w, "application itself achieved in sync (pgbench falls short of the offered rate), not the apply's limit\n")
+	default:
+		fmt.Fprintf(w, "highest rate with apply lag < 1s: %.0f tps = %.2f of the no-migration max (the next step failed)\n",
+			steps[best].res.tps, steps[best].res.tps/ceiling)
 	}
 
 	// Target 6: capacity.
