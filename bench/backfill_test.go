@@ -320,6 +320,10 @@ func daemonBackfill(b *testing.B, bin, tmpl string, o daemonOptions, name string
 	if bad := checkParity(b, dsn); bad != 0 {
 		b.Fatalf("parity after backfill: %d rows differ", bad)
 	}
+	// Replication origins belong to the cluster, not the database: only
+	// abort drops them, and the runs would use up the server's slots for
+	// them (max_replication_slots) otherwise.
+	d.abort(b)
 	return r
 }
 
