@@ -131,6 +131,8 @@ END $$`,
 		return res, lag
 	}
 
+	checkpoint := func() { execSQL(b, dsnA, `CHECKPOINT`) }
+	checkpoint()
 	for range capacityRounds {
 		for _, s := range setups {
 			s.start()
@@ -142,6 +144,7 @@ END $$`,
 	ceiling := medianOf(tpsOf(none.capacity))
 	rate := min(fixedRateCap, ceiling/2)
 
+	checkpoint()
 	for r := range latencyRounds {
 		for _, s := range setups {
 			s.start()
@@ -171,6 +174,7 @@ END $$`,
 		lag  lagStats
 	}
 	var steps []step
+	checkpoint()
 	for _, frac := range []float64{0.5, 0.6, 0.7, 0.8, 0.9, 1.0} {
 		res, lag := measure(ours, ceiling*frac, stepTime, false)
 		steps = append(steps, step{frac, res, lag})
@@ -241,11 +245,12 @@ END $$`,
 		sum[s] = summarize(s.rounds, s.lags)
 	}
 	fmt.Fprintf(w, "\n== latency at -R %.0f, median of %d interleaved runs of %.0fs (from each transaction's scheduled start)\n", rate, latencyRounds, latencyTime.Seconds())
-	fmt.Fprintf(w, "%-24s %8s %7s %8s %8s %11s %12s   %s\n", "setup", "tps", "failed", "p50 ms", "p99 ms", "p50 ratio", "lock wait %", "p99 ms of each run")
+	fmt.Fprintf(w, "%-24s %8s %7s %8s %8s %10s %10s %10s   %s\n", "setup", "tps", "failed", "p50 ms", "p99 ms", "p50 ratio", "lock wait", "disk busy", "p50 / p99 ms of each run")
 	for _, s := range setups {
 		m := sum[s]
-		fmt.Fprintf(w, "%-24s %8.0f %7d %8.3f %8.3f %11.2f %12.2f   %s\n", s.name, m.tps, m.failed, m.p50, m.p99, m.p50/sum[none].p50, m.lockWait, m.runs)
+		fmt.Fprintf(w, "%-24s %8.0f %7d %8.3f %8.3f %10.2f %9.2f%% %9.0f%%   %s\n", s.name, m.tps, m.failed, m.p50, m.p99, m.p50/sum[none].p50, m.lockWait, m.diskBusy, m.runs)
 	}
+	fmt.Fprintf(w, "lock wait: share of the clients' time waiting on a lock (polled every 50ms); disk busy: time the disk had I/O in flight\n")
 	var applyLags []float64
 	unresolved := 0
 	for _, l := range ours.lags {
@@ -320,8 +325,9 @@ type latencySummary struct {
 	tps      float64 // mean
 	failed   int64   // total
 	p50, p99 float64 // median over runs, ms
-	runs     string  // each run's p99
+	runs     string  // each run's p50/p99
 	lockWait float64 // % of the clients' time waiting on a lock
+	diskBusy float64 // % of the time the disk had I/O in flight
 }
 
 func summarize(rs []loadResult, lags []lagStats) latencySummary {
@@ -331,10 +337,10 @@ func summarize(rs []loadResult, lags []lagStats) latencySummary {
 	for _, r := range rs {
 		s.tps += r.tps / float64(len(rs))
 		s.failed += r.failed
-		p50s = append(p50s, pctl(r.latencies, 0.5))
-		p99 := pctl(r.latencies, 0.99)
-		p99s = append(p99s, p99)
-		runs = append(runs, fmt.Sprintf("%.1f", p99))
+		p50, p99 := pctl(r.latencies, 0.5), pctl(r.latencies, 0.99)
+		p50s, p99s = append(p50s, p50), append(p99s, p99)
+		runs = append(runs, fmt.Sprintf("%.1f/%.0f", p50, p99))
+		s.diskBusy += 100 * r.diskBusy.Seconds() / r.wall.Seconds() / float64(len(rs))
 	}
 	s.p50, s.p99, s.runs = medianOf(p50s), medianOf(p99s), strings.Join(runs, " ")
 	var waits, polls int
