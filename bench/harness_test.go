@@ -600,6 +600,10 @@ type lagStats struct {
 	samples      int
 	polls        int // 50ms polls while loading
 	lockWaits    int // pgbench backends seen waiting on a lock, summed over polls
+	// What pgbench's backends were doing at each poll, counted by
+	// wait_event_type:wait_event ("CPU" when active and waiting on nothing;
+	// idle backends, waiting for pgbench, not counted).
+	waits map[string]int
 }
 
 // lockWaitShare is the share of the 4 clients' time spent waiting on a lock
@@ -635,6 +639,24 @@ const (
 // probeRun makes each sampler's probe values unique, so a probe row
 // reused by a later run never shows its value in advance.
 var probeRun atomic.Int64
+
+// waitQuery counts what the active pgbench backends are doing.
+const waitQuery = `SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU'), count(*)::int FROM pg_stat_activity
+	WHERE datname = current_database() AND application_name = 'pgbench' AND state = 'active' GROUP BY 1`
+
+func (s *lagSampler) sampleWaits(ctx context.Context, conn *pgx.Conn) error {
+	rows, err := conn.Query(ctx, waitQuery)
+	if err != nil {
+		return fmt.Errorf("sample wait events: %w", err)
+	}
+	if s.res.waits == nil {
+		s.res.waits = map[string]int{}
+	}
+	var what string
+	var n int
+	_, err = pgx.ForEachRow(rows, []any{&what, &n}, func() error { s.res.waits[what] += n; return nil })
+	return err
+}
 
 // lockWaitQuery counts the pgbench backends waiting on a lock.
 const lockWaitQuery = `SELECT count(*)::int FROM pg_stat_activity
@@ -697,6 +719,11 @@ func (s *lagSampler) loop(ctx context.Context, conn, probe *pgx.Conn, slot strin
 			stop, loading = nil, false
 			deadline = time.Now().Add(drain)
 		case <-tick.C:
+		}
+		if loading {
+			if err := s.sampleWaits(ctx, conn); err != nil {
+				return err
+			}
 		}
 		if slot == "" { // no migration: lock waits only
 			if !loading {

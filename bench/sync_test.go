@@ -3,6 +3,7 @@ package bench
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"math"
 	"os"
 	"runtime"
@@ -251,6 +252,10 @@ END $$`,
 		fmt.Fprintf(w, "%-24s %8.0f %7d %8.3f %8.3f %10.2f %9.2f%% %9.0f%%   %s\n", s.name, m.tps, m.failed, m.p50, m.p99, m.p50/sum[none].p50, m.lockWait, m.diskBusy, m.runs)
 	}
 	fmt.Fprintf(w, "lock wait: share of the clients' time waiting on a lock (polled every 50ms); disk busy: time the disk had I/O in flight\n")
+	fmt.Fprintf(w, "what the application's backends were doing when active (pg_stat_activity every 50ms), share of the clients' time:\n")
+	for _, s := range setups {
+		fmt.Fprintf(w, "  %-22s %s\n", s.name, sum[s].waits)
+	}
 	var applyLags []float64
 	unresolved := 0
 	for _, l := range ours.lags {
@@ -328,6 +333,7 @@ type latencySummary struct {
 	runs     string  // each run's p50/p99
 	lockWait float64 // % of the clients' time waiting on a lock
 	diskBusy float64 // % of the time the disk had I/O in flight
+	waits    string  // the most frequent wait events of the application's backends
 }
 
 func summarize(rs []loadResult, lags []lagStats) latencySummary {
@@ -350,6 +356,19 @@ func summarize(rs []loadResult, lags []lagStats) latencySummary {
 	if polls > 0 {
 		s.lockWait = 100 * float64(waits) / float64(4*polls)
 	}
+	counts := map[string]int{}
+	for _, l := range lags {
+		for k, v := range l.waits {
+			counts[k] += v
+		}
+	}
+	keys := slices.Collect(maps.Keys(counts))
+	slices.SortFunc(keys, func(a, b string) int { return cmp.Or(cmp.Compare(counts[b], counts[a]), cmp.Compare(a, b)) })
+	var top []string
+	for _, k := range keys[:min(len(keys), 5)] {
+		top = append(top, fmt.Sprintf("%s %.1f%%", k, 100*float64(counts[k])/float64(4*max(1, polls))))
+	}
+	s.waits = strings.Join(top, ", ")
 	return s
 }
 
