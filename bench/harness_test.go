@@ -37,9 +37,10 @@ import (
 // shared buffers and their WAL between checkpoints, so neither side of a
 // comparison pays for a checkpoint the other does not.
 //
-// No timed checkpoint either (checkpoint_timeout 1h): each benchmark
-// checkpoints before its measured runs, so a checkpoint's flushes land in
-// no run rather than in one setup's run by chance.
+// No timed checkpoint either (checkpoint_timeout 1h): the benchmarks
+// checkpoint before they measure, so a checkpoint's flushes and the
+// full-page images after it land in no run rather than in one setup's run
+// by chance.
 var durable = []string{"fsync=on", "synchronous_commit=on", "full_page_writes=on", "shared_buffers=512MB", "max_wal_size=8GB", "checkpoint_timeout=1h"}
 
 func TestMain(m *testing.M) {
