@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
 	"sort"
 	"strconv"
@@ -26,8 +27,54 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/cdcbackfill/cdcbackfill/internal/pgserver"
 	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
 )
+
+// durable are the server settings of the benchmarks, in place of the
+// test servers' fast ones: production durability (every commit flushed,
+// full pages after each checkpoint), and room for the 1M-row tables in
+// shared buffers and their WAL between checkpoints, so neither side of a
+// comparison pays for a checkpoint the other does not.
+//
+// No timed checkpoint either (checkpoint_timeout 1h): the benchmarks
+// checkpoint before they measure, so a checkpoint's flushes and the
+// full-page images after it land in no run rather than in one setup's run
+// by chance.
+var durable = []string{"fsync=on", "synchronous_commit=on", "full_page_writes=on", "shared_buffers=512MB", "max_wal_size=8GB", "checkpoint_timeout=1h"}
+
+func TestMain(m *testing.M) {
+	if os.Getenv(pgserver.EnvSettings) == "" {
+		os.Setenv(pgserver.EnvSettings, strings.Join(durable, " "))
+	}
+	pgtest.Main(m)
+}
+
+// serverLine says which server a table was measured on, with the
+// settings that decide the cost of a write as the server reports them
+// (a server given by DSN keeps its own).
+func serverLine(b *testing.B) string {
+	b.Helper()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, pgtest.Shared(b).DSN())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var version string
+	if err := conn.QueryRow(ctx, `SELECT current_setting('server_version')`).Scan(&version); err != nil {
+		b.Fatal(err)
+	}
+	parts := []string{"PostgreSQL " + version}
+	for _, name := range []string{"fsync", "synchronous_commit", "full_page_writes", "shared_buffers", "max_wal_size", "checkpoint_timeout"} {
+		var v string
+		if err := conn.QueryRow(ctx, `SELECT current_setting($1)`, name).Scan(&v); err != nil {
+			b.Fatal(err)
+		}
+		parts = append(parts, name+"="+v)
+	}
+	return fmt.Sprintf("server: %s; %d cores", strings.Join(parts, " "), runtime.NumCPU())
+}
 
 // parityQuery counts the rows whose new columns differ from their
 // expressions, written independently of the daemon's own statements.
@@ -116,15 +163,27 @@ type daemon struct {
 	waitErr               error
 }
 
-// daemonConfig is config.Default() plus the running example; dual-write
-// detection and contract are manual, so the daemon stays in sync.
-const daemonConfig = `name: %s
-database:
-  dsn: %q
-table: public.users
-expand:
-  - ALTER TABLE users ADD COLUMN first_name text, ADD COLUMN last_name text
-columns:
+// daemonOptions are what a benchmark changes of the daemon's config; the
+// rest is config.Default() plus the running example.
+type daemonOptions struct {
+	expanded     bool          // the table has the new columns already: no expand statement
+	workers      int           // backfill.workers; 0 keeps the default
+	originFilter string        // sync.origin_filter; "" keeps the default
+	contract     string        // contract_policy.mode; "" is manual (the migration stays in verify)
+	hold         time.Duration // contract_policy.hold, with contract
+	debugJSON    bool          // log at debug level as JSON (the backfill's batch times)
+	throttleOff  bool          // no replica or slot lag throttle
+}
+
+// yaml is the config of migration name on dsn. Dual-write detection is
+// manual, so the daemon stays in sync until approved.
+func (o daemonOptions) yaml(name, dsn string) string {
+	var s strings.Builder
+	fmt.Fprintf(&s, "name: %s\ndatabase:\n  dsn: %q\ntable: public.users\n", name, dsn)
+	if !o.expanded {
+		s.WriteString("expand:\n  - ALTER TABLE users ADD COLUMN first_name text, ADD COLUMN last_name text\n")
+	}
+	s.WriteString(`columns:
   first_name: split_part(full_name, ' ', 1)
   last_name: split_part(full_name, ' ', 2)
 contract:
@@ -133,21 +192,38 @@ rollback:
   - ALTER TABLE users DROP COLUMN first_name, DROP COLUMN last_name
 dual_write:
   detect: manual
-contract_policy:
-  mode: manual
 http:
   listen: ""
-log:
-  level: info
-`
+`)
+	if o.workers > 0 {
+		fmt.Fprintf(&s, "backfill:\n  workers: %d\n", o.workers)
+	}
+	if o.throttleOff {
+		s.WriteString("throttle:\n  max_replica_lag: 0s\n  max_slot_lag: 0\n")
+	}
+	if o.originFilter != "" {
+		fmt.Fprintf(&s, "sync:\n  origin_filter: %s\n", o.originFilter)
+	}
+	if o.contract == "" {
+		s.WriteString("contract_policy:\n  mode: manual\n")
+	} else {
+		fmt.Fprintf(&s, "contract_policy:\n  mode: %s\n  hold: %s\n", o.contract, o.hold)
+	}
+	if o.debugJSON {
+		s.WriteString("log:\n  level: debug\n  format: json\n")
+	} else {
+		s.WriteString("log:\n  level: info\n")
+	}
+	return s.String()
+}
 
 // newDaemon writes the config of migration name on dsn and starts the
 // daemon.
-func newDaemon(b *testing.B, bin, dsn, name string) *daemon {
+func newDaemon(b *testing.B, bin, dsn, name string, o daemonOptions) *daemon {
 	b.Helper()
 	dir := b.TempDir()
 	d := &daemon{bin: bin, name: name, dsn: dsn, cfgPath: filepath.Join(dir, "config.yaml"), logPath: filepath.Join(dir, "daemon.log")}
-	if err := os.WriteFile(d.cfgPath, fmt.Appendf(nil, daemonConfig, name, dsn), 0o600); err != nil {
+	if err := os.WriteFile(d.cfgPath, []byte(o.yaml(name, dsn)), 0o600); err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { d.stop(b) })
@@ -248,7 +324,7 @@ const pollInterval = 50 * time.Millisecond
 func poll(b *testing.B, dsn string, d *daemon, timeout time.Duration, what string, check func(ctx context.Context, conn *pgx.Conn) (done bool, state string)) {
 	b.Helper()
 	ctx := context.Background()
-	conn, err := pgx.Connect(ctx, dsn)
+	conn, err := connectAs(ctx, dsn, appNameBench)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -398,9 +474,12 @@ type loadResult struct {
 	failed    int64
 	latencies []float64 // ms per transaction, from the per-transaction log; nil without one
 
-	loadCPU, serverCPU, daemonCPU time.Duration // used during the run by pgbench, the server, the daemon
-	wall                          time.Duration // of the pgbench process
-	hostBusy                      time.Duration // CPU used on the whole host meanwhile, from /proc/stat
+	roles    roleCPU       // server and client CPU by role during the run
+	sys      roleCPU       // of roles, the kernel's
+	loadCPU  time.Duration // used by pgbench itself
+	wall     time.Duration // of the pgbench process
+	hostBusy time.Duration // CPU used on the whole host meanwhile, from /proc/stat
+	diskBusy time.Duration // time the host's disks had I/O in flight meanwhile, from /proc/diskstats
 }
 
 var (
@@ -414,7 +493,10 @@ var (
 // latencies. Under -R, pgbench's per-transaction time counts from the
 // scheduled start, so a stall shows up in the latency of every transaction
 // it delays (no coordinated omission).
-func (p *pgbench) run(b *testing.B, rate float64, dur time.Duration, withLog bool, d *daemon) loadResult {
+//
+// client gives the pid of the process reading the slot (the daemon,
+// pg_recvlogical), whose CPU is counted as role client; nil for none.
+func (p *pgbench) run(b *testing.B, rate float64, dur time.Duration, withLog bool, client func() int) loadResult {
 	b.Helper()
 	args := []string{"-n", "-M", "prepared", "-f", p.script, "-D", fmt.Sprintf("rows=%d", p.rows),
 		"-c", "4", "-j", "2", "-T", strconv.Itoa(int(dur.Seconds()))}
@@ -432,11 +514,15 @@ func (p *pgbench) run(b *testing.B, rate float64, dur time.Duration, withLog boo
 	cmd.Dir = logDir
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	server0, daemon0, host0, start := serverCPU(p.postmaster), d.cpu(), hostBusy(), time.Now()
-	err := cmd.Run()
+	meter, err := startRoleMeter(p.dsn, p.postmaster, client)
+	if err != nil {
+		b.Fatal(err)
+	}
+	host0, disk0, start := hostBusy(), diskBusy(), time.Now()
+	err = cmd.Run()
 	var r loadResult
-	r.wall, r.hostBusy = time.Since(start), hostBusy()-host0
-	r.serverCPU, r.daemonCPU = serverCPU(p.postmaster)-server0, d.cpu()-daemon0
+	r.wall, r.hostBusy, r.diskBusy = time.Since(start), hostBusy()-host0, diskBusy()-disk0
+	r.roles, r.sys = meter.finish()
 	if cmd.ProcessState != nil {
 		r.loadCPU = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
 	}
@@ -506,14 +592,19 @@ func pctl(sorted []float64, q float64) float64 {
 
 // lagStats is what a lagSampler saw over one load.
 type lagStats struct {
-	maxBytes     int64         // pg_current_wal_insert_lsn() - confirmed_flush_lsn
-	maxSent      time.Duration // how long until the walsender's sent_lsn passed it (decoding, server side)
-	maxConfirmed time.Duration // how long until confirmed_flush_lsn passed the insert position read at t
-	maxApply     time.Duration // probe committed -> the new columns show it
-	unresolved   int           // samples still pending at the drain deadline (their age counts in the maxima)
+	maxBytes     int64           // pg_current_wal_insert_lsn() - confirmed_flush_lsn
+	maxSent      time.Duration   // how long until the walsender's sent_lsn passed it (decoding, server side)
+	maxConfirmed time.Duration   // how long until confirmed_flush_lsn passed the insert position read at t
+	maxApply     time.Duration   // probe committed -> the new columns show it
+	applyLags    []time.Duration // each resolved probe's
+	unresolved   int             // samples still pending at the drain deadline (their age counts in the maxima)
 	samples      int
 	polls        int // 50ms polls while loading
 	lockWaits    int // pgbench backends seen waiting on a lock, summed over polls
+	// What pgbench's backends were doing at each poll, counted by
+	// wait_event_type:wait_event ("CPU" when active and waiting on nothing;
+	// idle backends, waiting for pgbench, not counted).
+	waits map[string]int
 }
 
 // lockWaitShare is the share of the 4 clients' time spent waiting on a lock
@@ -550,6 +641,24 @@ const (
 // reused by a later run never shows its value in advance.
 var probeRun atomic.Int64
 
+// waitQuery counts what the active pgbench backends are doing.
+const waitQuery = `SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU'), count(*)::int FROM pg_stat_activity
+	WHERE datname = current_database() AND application_name = 'pgbench' AND state = 'active' GROUP BY 1`
+
+func (s *lagSampler) sampleWaits(ctx context.Context, conn *pgx.Conn) error {
+	rows, err := conn.Query(ctx, waitQuery)
+	if err != nil {
+		return fmt.Errorf("sample wait events: %w", err)
+	}
+	if s.res.waits == nil {
+		s.res.waits = map[string]int{}
+	}
+	var what string
+	var n int
+	_, err = pgx.ForEachRow(rows, []any{&what, &n}, func() error { s.res.waits[what] += n; return nil })
+	return err
+}
+
 // lockWaitQuery counts the pgbench backends waiting on a lock.
 const lockWaitQuery = `SELECT count(*)::int FROM pg_stat_activity
 	WHERE datname = current_database() AND application_name = 'pgbench' AND wait_event_type = 'Lock'`
@@ -559,11 +668,11 @@ const lockWaitQuery = `SELECT count(*)::int FROM pg_stat_activity
 // setup with no migration.
 func startLagSampler(dsn, slot string, firstProbe int, drain time.Duration) (*lagSampler, error) {
 	ctx := context.Background()
-	conn, err := pgx.Connect(ctx, dsn)
+	conn, err := connectAs(ctx, dsn, appNameBench)
 	if err != nil {
 		return nil, err
 	}
-	probe, err := pgx.Connect(ctx, dsn)
+	probe, err := connectAs(ctx, dsn, appNameBench)
 	if err != nil {
 		conn.Close(ctx)
 		return nil, err
@@ -611,6 +720,11 @@ func (s *lagSampler) loop(ctx context.Context, conn, probe *pgx.Conn, slot strin
 			stop, loading = nil, false
 			deadline = time.Now().Add(drain)
 		case <-tick.C:
+		}
+		if loading {
+			if err := s.sampleWaits(ctx, conn); err != nil {
+				return err
+			}
 		}
 		if slot == "" { // no migration: lock waits only
 			if !loading {
@@ -664,6 +778,7 @@ func (s *lagSampler) loop(ctx context.Context, conn, probe *pgx.Conn, slot strin
 				return false
 			}
 			s.res.maxApply = max(s.res.maxApply, now.Sub(p.at))
+			s.res.applyLags = append(s.res.applyLags, now.Sub(p.at))
 			return true
 		})
 		if loading {
@@ -699,6 +814,7 @@ func (s *lagSampler) loop(ctx context.Context, conn, probe *pgx.Conn, slot strin
 			}
 			for _, p := range probes {
 				s.res.maxApply = max(s.res.maxApply, now.Sub(p.at))
+				s.res.applyLags = append(s.res.applyLags, now.Sub(p.at))
 			}
 			return nil
 		}
@@ -712,21 +828,33 @@ const userHZ = 100
 // procStat reads ppid, own CPU (utime+stime) and reaped children's CPU
 // (cutime+cstime) of pid.
 func procStat(pid int) (ppid int, self, children time.Duration, err error) {
+	t, err := readProcTimes(pid)
+	return t.ppid, t.user + t.sys, t.children, err
+}
+
+// procTimes are the times of /proc/<pid>/stat.
+type procTimes struct {
+	ppid      int
+	user, sys time.Duration // utime, stime: sys is the kernel's work for the process (syscalls, I/O)
+	children  time.Duration // cutime+cstime: reaped children's
+}
+
+func readProcTimes(pid int) (procTimes, error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0, 0, 0, err
+		return procTimes{}, err
 	}
 	i := bytes.LastIndexByte(data, ')')
 	if i < 0 {
-		return 0, 0, 0, fmt.Errorf("/proc/%d/stat: no comm", pid)
+		return procTimes{}, fmt.Errorf("/proc/%d/stat: no comm", pid)
 	}
 	f := strings.Fields(string(data[i+1:]))
 	if len(f) < 15 {
-		return 0, 0, 0, fmt.Errorf("/proc/%d/stat: short", pid)
+		return procTimes{}, fmt.Errorf("/proc/%d/stat: short", pid)
 	}
 	n := func(s string) int64 { v, _ := strconv.ParseInt(s, 10, 64); return v }
 	tick := func(v int64) time.Duration { return time.Duration(v) * time.Second / userHZ }
-	return int(n(f[1])), tick(n(f[11]) + n(f[12])), tick(n(f[13]) + n(f[14])), nil
+	return procTimes{ppid: int(n(f[1])), user: tick(n(f[11])), sys: tick(n(f[12])), children: tick(n(f[13]) + n(f[14]))}, nil
 }
 
 // hostBusy is the CPU time all processes of the host have used since
@@ -752,29 +880,28 @@ func hostBusy() time.Duration {
 	return time.Duration(busy) * time.Second / userHZ
 }
 
-// serverCPU is the CPU time used so far by a postmaster and its children:
-// the live ones, and the exited ones the postmaster has reaped. The
-// difference of two readings is what the whole server used in between.
-func serverCPU(postmaster int) time.Duration {
-	if postmaster == 0 {
-		return 0
-	}
-	_, self, reaped, err := procStat(postmaster)
+// diskBusy is the time the host's disks (those in /sys/block, not
+// partitions; loop and ram devices left out) have had I/O in flight since
+// boot: /proc/diskstats' io_ticks, the most busy of them. Every commit
+// waits for a flush: a disk busy with others' I/O shows in latency.
+func diskBusy() time.Duration {
+	data, err := os.ReadFile("/proc/diskstats")
 	if err != nil {
 		return 0
 	}
-	total := self + reaped
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
+	var busiest int64
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 13 || strings.HasPrefix(f[2], "loop") || strings.HasPrefix(f[2], "ram") {
 			continue
 		}
-		if ppid, own, _, err := procStat(pid); err == nil && ppid == postmaster {
-			total += own
+		if _, err := os.Stat("/sys/block/" + f[2]); err != nil {
+			continue // a partition
 		}
+		ms, _ := strconv.ParseInt(f[12], 10, 64)
+		busiest = max(busiest, ms)
 	}
-	return total
+	return time.Duration(busiest) * time.Millisecond
 }
 
 // postmasterPID finds the local server's postmaster as the parent of a
@@ -801,16 +928,12 @@ func postmasterPID(b *testing.B, dsn string) int {
 	return ppid
 }
 
-// cpu returns the daemon's CPU time so far (0 when not running).
-func (d *daemon) cpu() time.Duration {
+// pid is the daemon process's (0 when not running).
+func (d *daemon) pid() int {
 	if d == nil || d.cmd == nil || d.cmd.Process == nil {
 		return 0
 	}
-	_, self, _, err := procStat(d.cmd.Process.Pid)
-	if err != nil {
-		return 0
-	}
-	return self
+	return d.cmd.Process.Pid
 }
 
 var errNoPgbench = errors.New("no pgbench: install the PostgreSQL server or client binaries (postgresql-contrib on older Debian)")

@@ -22,14 +22,15 @@ var errPortInUse = errors.New("port in use")
 
 // localServer is a postgres process run from a temporary directory.
 type localServer struct {
-	binDir  string
-	major   int
-	root    string // temporary directory holding all below; removed by Stop
-	dataDir string
-	logPath string
-	port    int
-	cred    *syscall.Credential // run as this user (set when we are root)
-	logf    func(string, ...any)
+	binDir   string
+	major    int
+	root     string // temporary directory holding all below; removed by Stop
+	dataDir  string
+	logPath  string
+	port     int
+	cred     *syscall.Credential // run as this user (set when we are root)
+	settings []string            // name=value, after the defaults
+	logf     func(string, ...any)
 
 	cmd  *exec.Cmd     // running postmaster, nil when stopped
 	done chan struct{} // closed when cmd has exited
@@ -37,7 +38,7 @@ type localServer struct {
 
 // startLocal initializes a cluster of bin in a fresh temporary directory and
 // starts it on a free loopback port.
-func startLocal(ctx context.Context, bin Binaries, logf func(string, ...any)) (_ *localServer, err error) {
+func startLocal(ctx context.Context, bin Binaries, settings []string, logf func(string, ...any)) (_ *localServer, err error) {
 	binDir, major := bin.Dir, bin.Major
 	removeStale()
 	root, err := os.MkdirTemp("", tempPrefix)
@@ -45,12 +46,13 @@ func startLocal(ctx context.Context, bin Binaries, logf func(string, ...any)) (_
 		return nil, fmt.Errorf("create temp dir: %w", err)
 	}
 	l := &localServer{
-		binDir:  binDir,
-		major:   major,
-		root:    root,
-		dataDir: filepath.Join(root, "data"),
-		logPath: filepath.Join(root, "postgres.log"),
-		logf:    logf,
+		binDir:   binDir,
+		major:    major,
+		root:     root,
+		dataDir:  filepath.Join(root, "data"),
+		logPath:  filepath.Join(root, "postgres.log"),
+		settings: settings,
+		logf:     logf,
 	}
 	defer func() {
 		if err != nil {
@@ -168,16 +170,21 @@ func (l *localServer) start(ctx context.Context) error {
 	logStart, _ := logFile.Seek(0, 2)
 
 	// Not CommandContext: the server outlives ctx.
-	cmd := l.command(context.Background(), "postgres", "-D", l.dataDir,
+	args := []string{"-D", l.dataDir,
 		"-c", "listen_addresses=127.0.0.1",
 		"-p", strconv.Itoa(l.port),
-		"-c", "unix_socket_directories="+l.root,
+		"-c", "unix_socket_directories=" + l.root,
 		"-c", "max_wal_senders=20",
 		"-c", "fsync=off",
 		"-c", "synchronous_commit=off",
 		"-c", "full_page_writes=off",
 		"-c", "max_connections=200",
-		"-c", "shared_buffers=128MB")
+		"-c", "shared_buffers=128MB"}
+	// The last -c of a name wins.
+	for _, kv := range l.settings {
+		args = append(args, "-c", kv)
+	}
+	cmd := l.command(context.Background(), "postgres", args...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// Own process group: a terminal's Ctrl-C reaches only us, and we stop
 	// the server in order. If we die, the server gets SIGQUIT (immediate

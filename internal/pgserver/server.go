@@ -27,6 +27,9 @@ const (
 	EnvVersion = "CDCBACKFILL_PG_VERSION"
 	// EnvBinDir holds a directory with the initdb and postgres to run.
 	EnvBinDir = "CDCBACKFILL_PG_BINDIR"
+	// EnvSettings holds server settings for a started server, as
+	// name=value pairs separated by spaces (see Options.Settings).
+	EnvSettings = "CDCBACKFILL_PG_SETTINGS"
 )
 
 // ErrRestartUnsupported is returned by Restart for a server given by a DSN.
@@ -53,12 +56,23 @@ type Options struct {
 	// Progress receives what a first use shows while it installs or
 	// downloads binaries (a line, and a bar on a terminal); nil discards it.
 	Progress io.Writer
+	// Settings are name=value server settings given to a started server
+	// after (so in place of) its defaults, e.g. "fsync=on" for a benchmark
+	// that measures with production durability; the defaults favour speed
+	// (fsync, synchronous_commit and full_page_writes off). Ignored for a
+	// server given by DSN.
+	Settings []string
 }
 
 // OptionsFromEnv reads EnvDSN, EnvVersion, EnvBinDir and npm's registry
 // setting. Logf and Progress are left to the caller.
 func OptionsFromEnv() (Options, error) {
-	o := Options{DSN: os.Getenv(EnvDSN), BinDir: os.Getenv(EnvBinDir)}
+	o := Options{DSN: os.Getenv(EnvDSN), BinDir: os.Getenv(EnvBinDir), Settings: strings.Fields(os.Getenv(EnvSettings))}
+	for _, kv := range o.Settings {
+		if name, _, ok := strings.Cut(kv, "="); !ok || name == "" {
+			return Options{}, fmt.Errorf("%s: %q is not name=value", EnvSettings, kv)
+		}
+	}
 	// npm's own setting, so a mirror configured for npm serves us too.
 	for _, name := range []string{"npm_config_registry", "NPM_CONFIG_REGISTRY"} {
 		if r := os.Getenv(name); r != "" && o.Registry == "" {
@@ -127,7 +141,7 @@ func Start(ctx context.Context, o Options) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	l, err := startLocal(ctx, bin, o.logf)
+	l, err := startLocal(ctx, bin, o.Settings, o.logf)
 	if err != nil {
 		return nil, err
 	}
