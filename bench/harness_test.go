@@ -21,14 +21,15 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/pgserver"
 	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
+	"github.com/cdcbackfill/cdcbackfill/internal/workload"
 )
 
 // durable are the server settings of the benchmarks, in place of the
@@ -158,9 +159,7 @@ func daemonBinary(b *testing.B) string {
 type daemon struct {
 	bin, cfgPath, logPath string
 	name, dsn             string
-	cmd                   *exec.Cmd
-	done                  chan struct{} // closed when the process has exited
-	waitErr               error
+	proc                  *workload.Daemon // the running process; nil before start
 }
 
 // daemonOptions are what a benchmark changes of the daemon's config; the
@@ -231,49 +230,34 @@ func newDaemon(b *testing.B, bin, dsn, name string, o daemonOptions) *daemon {
 	return d
 }
 
-// start runs `cdcbackfill run` (again: it resumes from the state row).
+// start runs `cdcbackfill run` (again: it resumes from the state row); its
+// output goes to the log file, where the backfill's batch times are read.
 func (d *daemon) start(b *testing.B) {
 	b.Helper()
 	logFile, err := os.OpenFile(d.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		b.Fatal(err)
 	}
-	d.cmd = exec.Command(d.bin, "run", "--config", d.cfgPath)
-	d.cmd.Stdout, d.cmd.Stderr = logFile, logFile
-	// Dies with the benchmark binary.
-	d.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := d.cmd.Start(); err != nil {
+	proc, err := workload.StartDaemon(d.bin, d.cfgPath, []string{"HOME=" + os.Getenv("HOME")}, logFile)
+	if err != nil {
 		logFile.Close()
 		b.Fatal(err)
 	}
-	done := make(chan struct{})
-	d.done = done
-	cmd := d.cmd
+	d.proc = proc
 	go func() {
-		d.waitErr = cmd.Wait()
+		<-proc.Done()
 		logFile.Close()
-		close(done)
 	}()
 }
 
 // stop sends SIGTERM (finish the batch, confirm, exit) and waits; SIGKILL
 // after 30s.
 func (d *daemon) stop(b *testing.B) {
-	if d.cmd == nil {
+	if d.proc == nil {
 		return
 	}
-	select {
-	case <-d.done:
-		return
-	default:
-	}
-	_ = d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.done:
-	case <-time.After(30 * time.Second):
-		b.Logf("daemon did not stop within 30s of SIGTERM; killing pid %d", d.cmd.Process.Pid)
-		_ = d.cmd.Process.Kill()
-		<-d.done
+	if _, killed := d.proc.Stop(30 * time.Second); killed {
+		b.Logf("daemon did not stop within 30s of SIGTERM; killed pid %d", d.proc.PID())
 	}
 }
 
@@ -288,7 +272,7 @@ func (d *daemon) abort(b *testing.B) {
 	}
 }
 
-func (d *daemon) slot() string { return "cdcbackfill_" + d.name }
+func (d *daemon) slot() string { return (&config.Config{Name: d.name}).SlotName() }
 
 func (d *daemon) logTail() string {
 	data, _ := os.ReadFile(d.logPath)
@@ -300,7 +284,7 @@ func (d *daemon) logTail() string {
 
 // procStatus reads a kB field (VmHWM, VmRSS) of /proc/<pid>/status in bytes.
 func (d *daemon) procStatus(field string) (int64, error) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.cmd.Process.Pid))
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.proc.PID()))
 	if err != nil {
 		return 0, err
 	}
@@ -311,7 +295,7 @@ func (d *daemon) procStatus(field string) (int64, error) {
 			return kb * 1024, err
 		}
 	}
-	return 0, fmt.Errorf("no %s in /proc/%d/status", field, d.cmd.Process.Pid)
+	return 0, fmt.Errorf("no %s in /proc/%d/status", field, d.proc.PID())
 }
 
 // pollInterval is how often the waits below ask again.
@@ -337,7 +321,7 @@ func poll(b *testing.B, dsn string, d *daemon, timeout time.Duration, what strin
 	}
 	var exited <-chan struct{}
 	if d != nil {
-		exited = d.done
+		exited = d.proc.Done()
 	}
 	deadline := time.Now().Add(timeout)
 	for {
@@ -350,7 +334,7 @@ func poll(b *testing.B, dsn string, d *daemon, timeout time.Duration, what strin
 		}
 		select {
 		case <-exited:
-			b.Fatalf("daemon exited (%v) while waiting for %s%s", d.waitErr, what, log())
+			b.Fatalf("daemon exited (%d) while waiting for %s%s", d.proc.Code(), what, log())
 		case <-time.After(pollInterval):
 		}
 	}
@@ -930,10 +914,10 @@ func postmasterPID(b *testing.B, dsn string) int {
 
 // pid is the daemon process's (0 when not running).
 func (d *daemon) pid() int {
-	if d == nil || d.cmd == nil || d.cmd.Process == nil {
+	if d == nil || d.proc == nil {
 		return 0
 	}
-	return d.cmd.Process.Pid
+	return d.proc.PID()
 }
 
 var errNoPgbench = errors.New("no pgbench: install the PostgreSQL server or client binaries (postgresql-contrib on older Debian)")
