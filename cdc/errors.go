@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
@@ -25,20 +26,6 @@ var (
 	// ErrNotAllowed means the server refused the role: bad credentials, no
 	// pg_hba.conf entry, or no REPLICATION privilege.
 	ErrNotAllowed = errors.New("replication connection not allowed")
-)
-
-// SQLSTATEs that decide whether reconnecting can help.
-const (
-	codeUndefinedObject       = "42704" // slot or publication missing
-	codeInvalidAuthorization  = "28000"
-	codeInvalidPassword       = "28P01"
-	codeInsufficientPrivilege = "42501"
-	codeInvalidCatalogName    = "3D000" // database does not exist
-	codeObjectNotInPrereq     = "55000" // slot invalidated, wal_level too low, physical slot
-	codeUndefinedFile         = "58P01" // requested WAL segment has already been removed
-	codeInvalidParameterValue = "22023" // bad pgoutput option
-	codeSyntaxError           = "42601"
-	codeFeatureNotSupported   = "0A000"
 )
 
 // permanentError marks an error that no reconnect can fix.
@@ -64,20 +51,20 @@ func (s *Stream) classify(err error) error {
 	text := pgErr.Message + " " + pgErr.Detail
 	switch {
 	case strings.Contains(text, "invalidated"),
-		pgErr.Code == codeObjectNotInPrereq && strings.Contains(text, "can no longer get changes"),
-		pgErr.Code == codeUndefinedFile && strings.Contains(text, "removed"):
+		pgErr.Code == pgerrcode.ObjectNotInPrerequisiteState && strings.Contains(text, "can no longer get changes"),
+		pgErr.Code == pgerrcode.UndefinedFile && strings.Contains(text, "removed"):
 		return fmt.Errorf("slot %q: %w: %w", s.cfg.Slot, ErrSlotLost, withDetail(pgErr))
-	case pgErr.Code == codeUndefinedObject && strings.HasPrefix(pgErr.Message, "publication "):
+	case pgErr.Code == pgerrcode.UndefinedObject && strings.HasPrefix(pgErr.Message, "publication "):
 		return fmt.Errorf("publication %q: %w: %w", s.cfg.Publication, ErrPublicationMissing, pgErr)
-	case pgErr.Code == codeUndefinedObject:
+	case pgErr.Code == pgerrcode.UndefinedObject:
 		return fmt.Errorf("slot %q: %w (it is created with the migration's backfill): %w", s.cfg.Slot, ErrSlotMissing, pgErr)
-	case pgErr.Code == codeInvalidAuthorization, pgErr.Code == codeInvalidPassword, pgErr.Code == codeInsufficientPrivilege:
+	case pgErr.Code == pgerrcode.InvalidAuthorizationSpecification, pgErr.Code == pgerrcode.InvalidPassword, pgErr.Code == pgerrcode.InsufficientPrivilege:
 		return fmt.Errorf("%w (the role needs LOGIN, REPLICATION and a pg_hba.conf entry): %w", ErrNotAllowed, pgErr)
-	case pgErr.Code == codeInvalidCatalogName,
-		pgErr.Code == codeObjectNotInPrereq,
-		pgErr.Code == codeInvalidParameterValue,
-		pgErr.Code == codeSyntaxError,
-		pgErr.Code == codeFeatureNotSupported:
+	case pgErr.Code == pgerrcode.InvalidCatalogName,
+		pgErr.Code == pgerrcode.ObjectNotInPrerequisiteState,
+		pgErr.Code == pgerrcode.InvalidParameterValue,
+		pgErr.Code == pgerrcode.SyntaxError,
+		pgErr.Code == pgerrcode.FeatureNotSupported:
 		return fmt.Errorf("stream slot %q: %w", s.cfg.Slot, withDetail(pgErr))
 	}
 	return nil

@@ -82,8 +82,10 @@ func permanentPipelineError(err error) bool {
 		errors.Is(err, applier.ErrForeignRelation) {
 		return true
 	}
+	// An expression that fails on a row, a constraint it breaks, a
+	// statement the server refuses: the same WAL fails the same way again.
 	s := dbconn.SQLState(err)
-	return len(s) == 5 && (s[:2] == "22" || s[:2] == "23" || s[:2] == "42")
+	return pgerrcode.IsDataException(s) || pgerrcode.IsIntegrityConstraintViolation(s) || pgerrcode.IsSyntaxErrororAccessRuleViolation(s)
 }
 
 func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
@@ -321,9 +323,19 @@ func closeAll(conns []*pgx.Conn) {
 
 // dropOrigins removes the daemon's replication origins.
 func dropOrigins(ctx context.Context, conn *pgx.Conn, prefix string) error {
-	_, err := conn.Exec(ctx, `SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE starts_with(roname, $1)`, prefix)
-	if err != nil && dbconn.SQLState(err) != pgerrcode.InsufficientPrivilege {
-		return fmt.Errorf("drop replication origins %s*: %w", prefix, err)
+	for try := 0; ; try++ {
+		_, err := conn.Exec(ctx, `SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE starts_with(roname, $1)`, prefix)
+		switch {
+		case err == nil, dbconn.SQLState(err) == pgerrcode.InsufficientPrivilege:
+			return nil
+		case dbconn.SQLState(err) == pgerrcode.ObjectInUse && try < 50:
+			// A writer's session just closed still holds its origin for a
+			// moment on the server.
+			if err := dbconn.Sleep(ctx, 100*time.Millisecond); err != nil {
+				return err
+			}
+		default:
+			return fmt.Errorf("drop replication origins %s*: %w", prefix, err)
+		}
 	}
-	return nil
 }

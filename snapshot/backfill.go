@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
@@ -246,7 +247,7 @@ func NextBatchSize(size int, took, target time.Duration) int {
 // expression fails on a row, it names the row's key.
 func (b *Backfiller) explain(ctx context.Context, conn *pgx.Conn, lo, hi recompute.Key, size int, err error) error {
 	var pgErr *pgconn.PgError
-	if !errors.As(err, &pgErr) || (pgErr.Code[:2] != "22" && pgErr.Code[:2] != "23") {
+	if !errors.As(err, &pgErr) || !pgerrcode.IsDataException(pgErr.Code) && !pgerrcode.IsIntegrityConstraintViolation(pgErr.Code) {
 		return fmt.Errorf("backfill batch after key %v: %w", lo, err)
 	}
 	key, col, ferr := b.Table.FindFailingRow(ctx, conn, lo, hi, size)
