@@ -27,7 +27,7 @@ func tcpPair(t *testing.T) (client net.Conn, server net.Conn) {
 		accepted <- c
 	}()
 	cfg := &pgconn.Config{DialFunc: (&net.Dialer{}).DialContext}
-	gatherReads(cfg)
+	gatherReads(cfg, DefaultMaxGather)
 	client, err = cfg.DialFunc(context.Background(), "tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)

@@ -118,9 +118,13 @@ type Config struct {
 	// far it has sent WAL, so an idle consumer hears of WAL it needs nothing
 	// from (other tables, the daemon's own writes) within one interval.
 	StandbyInterval time.Duration
-	ReconnectMin    time.Duration // first reconnect delay; default 100ms
-	ReconnectMax    time.Duration // reconnect delay cap; default 5s
-	Logger          *slog.Logger  // may be nil
+	// MaxGather bounds how long a change may wait in the socket for more
+	// to arrive, so the daemon wakes once per bound rather than once per
+	// message (see gather.go); Poke ends a wait at once. Default 5ms.
+	MaxGather    time.Duration
+	ReconnectMin time.Duration // first reconnect delay; default 100ms
+	ReconnectMax time.Duration // reconnect delay cap; default 5s
+	Logger       *slog.Logger  // may be nil
 }
 
 // Stats are the stream's counters since New.
@@ -245,7 +249,7 @@ func (s *Stream) Run(ctx context.Context, out chan<- Event, confirmed func() pgl
 	if connCfg.RuntimeParams["application_name"] == "" {
 		connCfg.RuntimeParams["application_name"] = "cdcbackfill-cdc"
 	}
-	gatherReads(connCfg)
+	gatherReads(connCfg, s.cfg.MaxGather)
 
 	delay := s.cfg.ReconnectMin
 	needReset := false

@@ -33,6 +33,9 @@ type pipeline struct {
 	applier *applier.Applier
 }
 
+// maxStreamGather caps cdc.Config.MaxGather.
+const maxStreamGather = 100 * time.Millisecond
+
 // startPipeline starts the stream and the applier unless they run.
 func (d *Daemon) startPipeline(ctx context.Context) error {
 	if d.pipe.Load() != nil {
@@ -149,7 +152,12 @@ func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 		KeyColumns:    d.table.KeyNames(),
 		SourceColumns: d.sources,
 		NewColumns:    newCols,
-		Logger:        d.log,
+		// A change waits for the applier's flush anyway: gathering that
+		// long adds at most one interval of apply lag and wakes the daemon
+		// once per interval, not per message. Waits that need the stream
+		// now (catch-up, cut-over) poke it.
+		MaxGather: min(d.cfg.Sync.FlushInterval, maxStreamGather),
+		Logger:    d.log,
 	})
 	p.mu.Lock()
 	p.stream, p.applier = st, ap
@@ -227,7 +235,7 @@ func (p *pipeline) guard(ctx context.Context, fn func(context.Context) error) er
 // server's position now and then so WAL that brings no change (other
 // tables, the daemon's own writes) is passed at once.
 func (p *pipeline) waitApplied(ctx context.Context, lsn pglogrepl.LSN) error {
-	poke := time.Now()
+	var poke time.Time // the first check pokes: the stream may be gathering
 	for {
 		if err := p.failure(); err != nil {
 			return err
