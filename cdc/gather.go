@@ -43,6 +43,8 @@ const (
 	idleGathers = 4
 	// shortRead is a read that left most of a large buffer empty.
 	shortRead = 2048
+	// hurryFor is how long reads gather nothing after a Poke.
+	hurryFor = 250 * time.Millisecond
 )
 
 // readBuffer is what one read may take from the socket: the client library
@@ -60,6 +62,7 @@ type gatheringConn struct {
 	mu       sync.Mutex
 	deadline time.Time     // the read deadline its user set; zero: none
 	wake     chan struct{} // a deadline within the gathering wait was set
+	hurry    time.Time     // until then reads take what comes as it comes (see setUserDeadline)
 
 	short    bool          // the last read was short
 	lastRead time.Time     // when the last read with data returned
@@ -76,15 +79,19 @@ func (c *gatheringConn) SetDeadline(t time.Time) error {
 
 func (c *gatheringConn) SetReadDeadline(t time.Time) error { return c.setUserDeadline(t) }
 
-// setUserDeadline sets the read deadline its user asked for, and cuts short
-// a gathering wait it falls within (a Poke, the stream's context ending).
+// setUserDeadline sets the read deadline its user asked for. One that falls
+// within a gathering wait (a Poke, the stream's context ending) cuts that
+// wait short, and for hurryFor after it reads gather nothing: whoever poked
+// waits for what the server sends next (a keepalive's reply, the WAL of a
+// cut-over), and gathering would hold each of those messages up to a bound.
 // The socket's own deadline is set under the same lock as gather's, so
 // neither overwrites a newer one of the other.
 func (c *gatheringConn) setUserDeadline(t time.Time) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.deadline = t
-	if !t.IsZero() && t.Before(time.Now().Add(c.maxGather)) {
+	if now := time.Now(); !t.IsZero() && t.Before(now.Add(c.maxGather)) {
+		c.hurry = now.Add(hurryFor)
 		select {
 		case c.wake <- struct{}{}:
 		default:
@@ -112,10 +119,17 @@ func (c *gatheringConn) disarmGather() error {
 	return c.Conn.SetReadDeadline(c.deadline)
 }
 
+// hurrying reports whether reads should take what comes at once.
+func (c *gatheringConn) hurrying() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return time.Now().Before(c.hurry)
+}
+
 // pause waits d, or less if the user's deadline cuts it short.
 func (c *gatheringConn) pause(d time.Duration) {
 	user := c.userDeadline()
-	if !user.IsZero() && !time.Now().Add(d).Before(user) {
+	if c.hurrying() || !user.IsZero() && !time.Now().Add(d).Before(user) {
 		return
 	}
 	t := time.NewTimer(d)
@@ -157,9 +171,17 @@ func (c *gatheringConn) gather(p []byte) (int, error) {
 		c.short = n < shortRead && n < len(p)
 		return n, err
 	}
+	if !c.idle && c.hurrying() && setLowWater(c.Conn, 1) {
+		// A plain socket until the hurry ends: the first read with data
+		// after it turns gathering back on.
+		c.idle = true
+		if err := c.disarmGather(); err != nil {
+			return 0, err
+		}
+	}
 	if c.idle {
 		n, err := c.Conn.Read(p) // under the user's deadline only
-		if n > 0 && setLowWater(c.Conn, lowWater) {
+		if n > 0 && !c.hurrying() && setLowWater(c.Conn, lowWater) {
 			c.idle, c.wait = false, c.maxGather
 		}
 		c.noteRead(n)

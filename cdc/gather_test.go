@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -15,6 +17,10 @@ import (
 
 // tcpPair dials a loopback listener through the stream's dial wrapper.
 func tcpPair(t *testing.T) (client net.Conn, server net.Conn) {
+	return tcpPairGathering(t, DefaultMaxGather)
+}
+
+func tcpPairGathering(t *testing.T, maxGather time.Duration) (client net.Conn, server net.Conn) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -27,7 +33,7 @@ func tcpPair(t *testing.T) (client net.Conn, server net.Conn) {
 		accepted <- c
 	}()
 	cfg := &pgconn.Config{DialFunc: (&net.Dialer{}).DialContext}
-	gatherReads(cfg, DefaultMaxGather)
+	gatherReads(cfg, maxGather)
 	client, err = cfg.DialFunc(context.Background(), "tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
@@ -102,4 +108,56 @@ func TestGatheringConnDeadline(t *testing.T) {
 	if n, err := server.Read(make([]byte, 1)); n != 0 || err != io.EOF {
 		t.Fatalf("server after CloseWrite: %d, %v; want EOF", n, err)
 	}
+}
+
+// TestGatheringConnPokeReadsAtOnce: after a Poke (a deadline in the past,
+// then the stream's next one), what the server sends next arrives at once,
+// not after a gathering wait: a cut-over holding a lock waits for it.
+func TestGatheringConnPokeReadsAtOnce(t *testing.T) {
+	const gather = 3 * time.Second
+	client, server := tcpPairGathering(t, gather)
+	// A short read: the next one would pause to gather.
+	server.Write([]byte("a"))
+	client.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(client, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	client.SetReadDeadline(time.Unix(1, 0)) // Poke
+	if _, err := client.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read after the poke: %v, want a deadline error", err)
+	}
+	client.SetReadDeadline(time.Now().Add(10 * time.Second)) // the next standby status
+	got := make(chan time.Time, 1)
+	go func() {
+		if _, err := io.ReadFull(client, make([]byte, 1)); err == nil {
+			got <- time.Now()
+		}
+		close(got)
+	}()
+	// Write only once the read waits on the socket: data queued before it
+	// would be taken at once, gathering or not.
+	waitGoroutine(t, "[IO wait", "gatheringConn")
+	sent := time.Now()
+	server.Write([]byte("b"))
+	at, ok := <-got
+	if !ok {
+		t.Fatal("the message after the poke did not arrive")
+	}
+	if d := at.Sub(sent); d > gather/2 {
+		t.Fatalf("the message after a poke took %v: it waited for gathering (bound %v)", d, gather)
+	}
+}
+
+// waitGoroutine waits until a goroutine whose stack mentions fn is in state.
+func waitGoroutine(t *testing.T, state, fn string) {
+	t.Helper()
+	buf := make([]byte, 1<<20)
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); runtime.Gosched() {
+		for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+			if strings.Contains(g, state) && strings.Contains(g, fn) {
+				return
+			}
+		}
+	}
+	t.Fatalf("no goroutine in %s within %s", state, fn)
 }
