@@ -6,7 +6,7 @@ BIN       := bin/cdcbackfill
 PKGS      := ./...
 TEST_TIMEOUT ?= 30m
 
-.PHONY: build test test-matrix vet lint bench demo chaos clean
+.PHONY: build test test-matrix vet lint bench profile demo chaos clean
 
 build:
 	$(GO) build -o $(BIN) ./cmd/cdcbackfill
@@ -53,6 +53,11 @@ test-matrix: build
 
 bench: build
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 60m ./bench/
+
+# profile: the daemon's CPU per write in sync at one rate (RATE, DUR), with
+# a CPU profile; about a minute (see bench/profile-sync.sh).
+profile: build
+	bench/profile-sync.sh
 
 # chaos: the randomized fault suite, long (make test runs 2 iterations).
 # CHAOS_SEED=N replays a run; the seed and a summary table are printed.
