@@ -10,8 +10,10 @@
 #   RATE=1800 DUR=30 make profile
 #   EXTRA_CFG='sync: {flush_interval: 20ms}' make profile
 #
-# Needs initdb, pg_ctl and pgbench of PostgreSQL 15+ (PG_BINDIR, default
-# Debian's 15) and runs the server as the postgres user when root.
+# Needs initdb and pg_ctl of PostgreSQL 15+ (PG_BINDIR, default Debian's
+# 15; e.g. a server internal/pgserver fetched into
+# /var/cache/cdcbackfill/postgres), pgbench and psql of any version, and
+# runs the server as the postgres user when root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,8 +22,17 @@ RATE=${RATE:-3000}
 DUR=${DUR:-20}
 PORT=${PORT:-55432}
 DAEMON=$PWD/bin/cdcbackfill
-for p in "$BIN/initdb" "$BIN/pg_ctl" "$BIN/pgbench" "$DAEMON"; do
-  [ -x "$p" ] || { echo "profile-sync: $p not found (PG_BINDIR=$BIN; make build)" >&2; exit 2; }
+# The fetched 16-18 servers carry no client programs: take pgbench and psql
+# from an installed PostgreSQL then (any version talks to them).
+client() {
+  for c in "$BIN/$1" $(command -v "$1") /usr/lib/postgresql/*/bin/"$1"; do
+    [ -x "$c" ] && { echo "$c"; return; }
+  done
+}
+PGBENCH=$(client pgbench)
+PSQL=$(client psql)
+for p in "$BIN/initdb" "$BIN/pg_ctl" "$PGBENCH" "$PSQL" "$DAEMON"; do
+  [ -x "$p" ] || { echo "profile-sync: initdb, pg_ctl, pgbench, psql or bin/cdcbackfill not found (PG_BINDIR=$BIN; make build)" >&2; exit 2; }
 done
 
 work=$(mktemp -d /tmp/cdcbackfill-profile.XXXXXX)
@@ -52,8 +63,6 @@ cleanup() {
 trap cleanup EXIT
 
 dsn="postgres://postgres@127.0.0.1:$PORT/postgres?sslmode=disable"
-PSQL=psql
-[ -x "$BIN/psql" ] && PSQL=$BIN/psql
 "$PSQL" -q "$dsn" <<SQL
 CREATE TABLE users (id bigint PRIMARY KEY, full_name text, email text);
 INSERT INTO users SELECT g, 'first' || g || ' last' || g, 'u' || g || '@example.com' FROM generate_series(1, 200000) g;
@@ -89,7 +98,7 @@ S
 ticks() { awk '{print $14 + $15}' "/proc/$dpid/stat"; }
 hz=$(getconf CLK_TCK)
 before=$(ticks)
-out=$("$BIN/pgbench" -n -M prepared -c 4 -j 2 -R "$RATE" -T "$DUR" -f "$work/update.sql" "$dsn" 2>&1)
+out=$("$PGBENCH" -n -M prepared -c 4 -j 2 -R "$RATE" -T "$DUR" -f "$work/update.sql" "$dsn" 2>&1)
 after=$(ticks)
 txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
 echo "$out" | grep -E '^tps|^latency average'
