@@ -681,9 +681,6 @@ const statementKeys = 1000
 // new columns, checks it); held keys stay for the next flush.
 func (a *Applier) flush(ctx context.Context) error {
 	begin := time.Now()
-	if err := a.awaitVisible(ctx); err != nil {
-		return fmt.Errorf("apply keys: %w", err)
-	}
 	entries := make([]*pending, 0, len(a.buf))
 	for _, p := range a.buf {
 		entries = append(entries, p)
@@ -692,6 +689,9 @@ func (a *Applier) flush(ctx context.Context) error {
 	var held int
 	var err error
 	if h := pglogrepl.LSN(a.handover.Load()); h != 0 {
+		if err := a.awaitVisible(ctx); err != nil {
+			return fmt.Errorf("apply keys: %w", err)
+		}
 		corrected, held, err = a.handOver(ctx, entries, h)
 	} else {
 		corrected, held, err = a.correct(ctx, entries)
@@ -725,13 +725,28 @@ func (a *Applier) flush(ctx context.Context) error {
 
 // correct recomputes entries while the expressions own the new columns,
 // counting the evidence of dual-write in statements that corrected nothing.
+//
+// Each statement must see every transaction that put its keys in the
+// buffer (see awaitVisible). Rather than a snapshot of its own first, a
+// round trip per flush, each statement reports the snapshot it ran with;
+// in the rare case one of those transactions was still running in it, the
+// statement runs again once they are visible. Once one statement's
+// snapshot has them all, the later ones' snapshots do too.
 func (a *Applier) correct(ctx context.Context, entries []*pending) (corrected int64, held int, err error) {
+	var unseen []uint32 // the buffer's transactions no statement's snapshot has shown complete yet
+	for x := range a.xids {
+		unseen = append(unseen, x)
+	}
 	for chunk := range slices.Chunk(entries, min(a.cfg.MaxBatchKeys, statementKeys)) {
 		keys := make([]recompute.Key, len(chunk))
 		for i, p := range chunk {
 			keys[i] = p.key
 		}
 		res, err := a.apply(ctx, keys)
+		if err == nil && len(unseen) > 0 {
+			res, err = a.applyAgainIfUnseen(ctx, keys, res, unseen)
+			unseen = nil
+		}
 		if err != nil {
 			return 0, 0, fmt.Errorf("apply keys: batch of %d keys of %s: %w", len(keys), a.relation, err)
 		}
@@ -746,7 +761,29 @@ func (a *Applier) correct(ctx context.Context, entries []*pending) (corrected in
 		a.countEvidence(chunk, res)
 		a.keepHeld(chunk, res.Skipped)
 	}
+	clear(a.xids)
 	return corrected, held, nil
+}
+
+// applyAgainIfUnseen runs keys' statement again when any of xids was still
+// running in the snapshot of the run that gave res, once they are all
+// visible: that run may have missed their rows (an insert not seen at all).
+// The result counts the corrections of both runs.
+func (a *Applier) applyAgainIfUnseen(ctx context.Context, keys []recompute.Key, res recompute.Result, xids []uint32) (recompute.Result, error) {
+	running, err := stillRunning(res.Snapshot, xids)
+	if err != nil || len(running) == 0 {
+		return res, err
+	}
+	if _, err := a.waitVisible(ctx, running); err != nil {
+		return res, err
+	}
+	again, err := a.apply(ctx, keys)
+	if err != nil {
+		return res, err
+	}
+	again.Corrected += res.Corrected
+	again.Samples = append(res.Samples, again.Samples...)
+	return again, nil
 }
 
 // countEvidence credits a statement's evidence-bearing keys when it

@@ -45,6 +45,10 @@ type Result struct {
 	Last      Key      // the highest key scanned (Range only), nil when none
 	Skipped   []Key    // keys out of parity and held by another transaction
 	Samples   []string // a few corrected keys (Keys only), shown as (k)=(v), for the operator
+	// Snapshot is the statement's own snapshot as pg_current_snapshot()
+	// prints it (Keys and KeysFast): a transaction running in it had
+	// changes the statement could not see.
+	Snapshot string
 }
 
 // maxSamples bounds the corrected keys a statement returns.
@@ -125,7 +129,7 @@ func (t *Table) samplesSQL() string {
 func (t *Table) KeysSQL() string {
 	cte, keysIn := t.keysCTE()
 	return cte + t.lockAndUpdate(keysIn) + fmt.Sprintf(`
-SELECT (SELECT count(*) FROM _cdcb_upd), %s, s.key
+SELECT (SELECT count(*) FROM _cdcb_upd), %s, s.key, pg_current_snapshot()::text
 FROM (SELECT 1) AS _cdcb_one LEFT JOIN _cdcb_skipped s ON true`, t.samplesSQL())
 }
 
@@ -148,7 +152,7 @@ _cdcb_upd AS (
 	WHERE %s AND %s
 	RETURNING ARRAY[%s] AS key
 )
-SELECT (SELECT count(*) FROM _cdcb_upd), %s`,
+SELECT (SELECT count(*) FROM _cdcb_upd), %s, pg_current_snapshot()::text`,
 		t.Ident(), t.setList(), keysIn, t.outOfParity(), t.textKeys(), t.samplesSQL())
 }
 
@@ -163,7 +167,7 @@ func (t *Table) KeysFast(ctx context.Context, q Querier, keys []Key) (Result, er
 		return Result{}, nil
 	}
 	var res Result
-	err := q.QueryRow(ctx, t.keysFastSQL(), keyColumns(t, keys)...).Scan(&res.Corrected, &res.Samples)
+	err := q.QueryRow(ctx, t.keysFastSQL(), keyColumns(t, keys)...).Scan(&res.Corrected, &res.Samples, &res.Snapshot)
 	return res, err
 }
 
@@ -195,7 +199,7 @@ func (t *Table) Keys(ctx context.Context, q Querier, keys []Key) (Result, error)
 	var res Result
 	for rows.Next() {
 		var skipped, samples []string
-		if err := rows.Scan(&res.Corrected, &samples, &skipped); err != nil {
+		if err := rows.Scan(&res.Corrected, &samples, &skipped, &res.Snapshot); err != nil {
 			return Result{}, err
 		}
 		if skipped != nil {
