@@ -176,6 +176,7 @@ type Applier struct {
 	backoff     bool              // the last flush applied nothing: wait for due even when full
 	keyCols     []string          // KeyColumns of the last Change mapped
 	keyIdx      []int             // keyIdx[i] is where t.Key[i] sits in those KeyColumns
+	keyInOrder  bool              // those KeyColumns are t.Key, in order: a Change's Key is the key
 	held        bool              // Hold: no flush until Release
 	sources     map[string]uint64 // last source image hash seen per key, at most sourceMemory
 }
@@ -572,6 +573,13 @@ func (a *Applier) tableKey(ev cdc.Event) (recompute.Key, error) {
 			}
 		}
 		a.keyCols, a.keyIdx = ev.KeyColumns, idx
+		a.keyInOrder = len(idx) == len(ev.KeyColumns)
+		for i, j := range idx {
+			a.keyInOrder = a.keyInOrder && i == j
+		}
+	}
+	if a.keyInOrder {
+		return ev.Key, nil // the event's own slice: no copy per change
 	}
 	key := make(recompute.Key, len(a.keyIdx))
 	for i, j := range a.keyIdx {

@@ -58,7 +58,7 @@ type Event struct {
 	CommitTime time.Time     // Begin and Commit
 	Relation   string        // Change: "schema.table"
 	KeyColumns []string      // Change: replica identity key columns in relation column order; shared, do not modify
-	Key        []string      // Change: text values of KeyColumns (pgoutput text format), same order
+	Key        []string      // Change: text values of KeyColumns (pgoutput text format), same order; the event's own, kept by the consumer as it likes
 	Deletes    int           // Commit: number of delete/truncate messages in the transaction (for counters)
 	// Xid is the transaction's top-level id (Begin, Change and Commit; 0 for
 	// Idle and Reset). The walsender sends a transaction once its commit
