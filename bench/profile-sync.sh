@@ -4,11 +4,12 @@
 # run, about a minute) and meant for trying a change to the daemon's hot
 # path: it prints pgbench's rate, the daemon's CPU per write, and the top of
 # the profile. Production durability (fsync, synchronous_commit,
-# full_page_writes on).
+# full_page_writes on). The migration is packaging/demo-migration.yaml; its
+# sync phase lasts while the load writes full_name only.
 #
 #   make profile                       # 3000 writes/s for 20s
 #   RATE=1800 DUR=30 make profile
-#   EXTRA_CFG='sync: {flush_interval: 20ms}' make profile
+#   CDCBACKFILL_SYNC_FLUSH_INTERVAL=100ms make profile   # any key, as its variable
 #
 # Needs initdb and pg_ctl of PostgreSQL 15+ (PG_BINDIR, default Debian's
 # 15; e.g. a server internal/pgserver fetched into
@@ -68,26 +69,14 @@ CREATE TABLE users (id bigint PRIMARY KEY, full_name text, email text);
 INSERT INTO users SELECT g, 'first' || g || ' last' || g, 'u' || g || '@example.com' FROM generate_series(1, 200000) g;
 VACUUM ANALYZE users;
 SQL
-cat >"$work/cfg.yaml" <<CFG
-name: profile
-database:
-  dsn: $dsn
-table: public.users
-expand:
-  - ALTER TABLE users ADD COLUMN first_name text, ADD COLUMN last_name text
-columns:
-  first_name: split_part(full_name, ' ', 1)
-  last_name: split_part(full_name, ' ', 2)
-contract:
-  - ALTER TABLE users DROP COLUMN full_name
-http:
-  listen: ""
-${EXTRA_CFG:-}
-CFG
-CDCBACKFILL_CPUPROFILE=$work/cpu.prof "$DAEMON" run --config "$work/cfg.yaml" >"$work/daemon.log" 2>&1 &
+# The running example, as shipped; the environment points it at this server
+# (and overrides any other key the caller set, see the top).
+CDCBACKFILL_DATABASE_DSN=$dsn CDCBACKFILL_HTTP_LISTEN='' CDCBACKFILL_CPUPROFILE=$work/cpu.prof \
+  "$DAEMON" run --config packaging/demo-migration.yaml >"$work/daemon.log" 2>&1 &
 dpid=$!
 for _ in $(seq 600); do
-  [ "$("$PSQL" -tA "$dsn" -c "SELECT phase FROM cdcbackfill.migrations" 2>/dev/null || true)" = sync ] && break
+  st=$(CDCBACKFILL_DATABASE_DSN=$dsn "$DAEMON" status --config packaging/demo-migration.yaml --json 2>/dev/null || true)
+  grep -q '"phase": *"sync"' <<<"$st" && break
   kill -0 "$dpid" 2>/dev/null || { echo "profile-sync: the daemon exited; its log:" >&2; tail -20 "$work/daemon.log" >&2; exit 1; }
   sleep 0.5
 done
