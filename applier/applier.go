@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -687,26 +688,43 @@ const statementKeys = 1000
 
 // flush recomputes every buffered key (or, once the application owns the
 // new columns, checks it); held keys stay for the next flush.
+//
+// Its statements must see every transaction that put keys in the buffer
+// (a.xids). The walsender sends a transaction as soon as its commit record
+// is flushed, which may be before the committing backend has left the proc
+// array: for microseconds normally, for the whole wait for a synchronous
+// standby when synchronous replication is on. A statement whose snapshot is
+// taken in that window still sees the row as it was before the transaction
+// (an inserted row not at all), finds it in parity or missing, and the key
+// would count as applied, the slot confirmed past a change never applied.
+// Once a transaction is no longer running in one snapshot it is visible to
+// every later one. Correcting, each statement reports its snapshot and runs
+// again when needed (correct); checking, the statements report none, so a
+// snapshot is polled first (waitVisible).
 func (a *Applier) flush(ctx context.Context) error {
 	begin := time.Now()
 	entries := make([]*pending, 0, len(a.buf))
 	for _, p := range a.buf {
 		entries = append(entries, p)
 	}
+	unseen := slices.Collect(maps.Keys(a.xids))
 	var corrected int64
 	var held int
 	var err error
 	if h := pglogrepl.LSN(a.handover.Load()); h != 0 {
-		if err := a.awaitVisible(ctx); err != nil {
-			return fmt.Errorf("apply keys: %w", err)
+		if len(unseen) > 0 {
+			if _, err := a.waitVisible(ctx, unseen); err != nil {
+				return fmt.Errorf("apply keys: %w", err)
+			}
 		}
 		corrected, held, err = a.handOver(ctx, entries, h)
 	} else {
-		corrected, held, err = a.correct(ctx, entries)
+		corrected, held, err = a.correct(ctx, entries, unseen)
 	}
 	if err != nil {
 		return err
 	}
+	clear(a.xids)
 	a.flushes.Add(1)
 	a.corrections.Add(uint64(corrected))
 	a.retries.Add(uint64(held))
@@ -734,17 +752,12 @@ func (a *Applier) flush(ctx context.Context) error {
 // correct recomputes entries while the expressions own the new columns,
 // counting the evidence of dual-write in statements that corrected nothing.
 //
-// Each statement must see every transaction that put its keys in the
-// buffer (see awaitVisible). Rather than a snapshot of its own first, a
-// round trip per flush, each statement reports the snapshot it ran with;
-// in the rare case one of those transactions was still running in it, the
-// statement runs again once they are visible. Once one statement's
+// unseen are the buffer's transactions (see flush). Rather than a snapshot
+// of its own first, a round trip per flush, each statement reports the
+// snapshot it ran with; in the rare case one of unseen was still running in
+// it, the statement runs again once they are visible. Once one statement's
 // snapshot has them all, the later ones' snapshots do too.
-func (a *Applier) correct(ctx context.Context, entries []*pending) (corrected int64, held int, err error) {
-	var unseen []uint32 // the buffer's transactions no statement's snapshot has shown complete yet
-	for x := range a.xids {
-		unseen = append(unseen, x)
-	}
+func (a *Applier) correct(ctx context.Context, entries []*pending, unseen []uint32) (corrected int64, held int, err error) {
 	for chunk := range slices.Chunk(entries, min(a.cfg.MaxBatchKeys, statementKeys)) {
 		keys := make([]recompute.Key, len(chunk))
 		for i, p := range chunk {
@@ -769,7 +782,6 @@ func (a *Applier) correct(ctx context.Context, entries []*pending) (corrected in
 		a.countEvidence(chunk, res)
 		a.keepHeld(chunk, res.Skipped)
 	}
-	clear(a.xids)
 	return corrected, held, nil
 }
 
@@ -985,34 +997,6 @@ func (a *Applier) keepHeld(chunk []*pending, skipped []recompute.Key) {
 			a.buf[c] = &pending{key: k, lsn: earliest.lsn, time: earliest.time}
 		}
 	}
-}
-
-// awaitVisible waits until every transaction that put keys in the buffer
-// since the last check is visible to a new snapshot, then forgets them.
-//
-// The walsender sends a transaction as soon as its commit record is flushed,
-// which may be before the committing backend has left the proc array: for
-// microseconds normally, for the whole wait for a synchronous standby when
-// synchronous replication is on. A recompute statement whose snapshot is
-// taken in that window still sees the row as it was before the transaction
-// (an inserted row not at all), finds it in parity or missing, and the key
-// would count as applied, the slot confirmed past a change never applied.
-// Once a transaction is no longer running in one snapshot it is visible to
-// every later one, so the recompute statements that follow (later
-// statements on the same connection) see its changes.
-func (a *Applier) awaitVisible(ctx context.Context) error {
-	if len(a.xids) == 0 {
-		return nil
-	}
-	xids := make([]uint32, 0, len(a.xids))
-	for x := range a.xids {
-		xids = append(xids, x)
-	}
-	if _, err := a.waitVisible(ctx, xids); err != nil {
-		return err
-	}
-	clear(a.xids)
-	return nil
 }
 
 // Poll intervals of waitVisible: the wait is normally microseconds, but may

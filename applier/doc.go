@@ -16,9 +16,10 @@
 //     synchronous standby), and a snapshot taken then still sees the old row
 //     (an inserted row not at all). So the applier keeps the xids (Event.Xid)
 //     of the transactions that put keys in the buffer, at most MaxBatchKeys of
-//     them, and before each flush polls a new snapshot on its own connection
-//     until none of them is running; only then do the recompute statements
-//     run, and their later snapshots see every one of those transactions.
+//     them. Each recompute statement reports the snapshot it ran with; where
+//     one of those transactions was still running in it, the statement runs
+//     again once none is. After the hand-over the check statements report no
+//     snapshot, so a flush polls one on its own connection first.
 //   - Keys another transaction holds come back skipped and stay in the buffer
 //     with their FinalLSN, to be retried; they hold the confirmed position.
 //   - The confirmed position is the end of the last Commit (or Idle position)
