@@ -36,8 +36,8 @@ import (
 // the messages but not the wake-ups.
 const (
 	lowWater = 64 << 10
-	// DefaultMaxGather is Config.MaxGather's default.
-	DefaultMaxGather = 5 * time.Millisecond
+	// defaultMaxGather is Config.MaxGather's default.
+	defaultMaxGather = 5 * time.Millisecond
 	// idleGathers is how many bounds of waiting with nothing read make the
 	// socket a plain one again.
 	idleGathers = 4
@@ -243,9 +243,6 @@ func gatherReads(cfg *pgconn.Config, maxGather time.Duration) {
 		conn, err := dial(ctx, network, addr)
 		if err != nil {
 			return nil, err
-		}
-		if maxGather <= 0 {
-			maxGather = DefaultMaxGather
 		}
 		c := &gatheringConn{Conn: conn, lowWater: setLowWater(conn, lowWater), maxGather: maxGather, wake: make(chan struct{}, 1)}
 		c.buf = bufio.NewReaderSize(gatherer{c}, readBuffer)

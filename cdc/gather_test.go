@@ -17,7 +17,7 @@ import (
 
 // tcpPair dials a loopback listener through the stream's dial wrapper.
 func tcpPair(t *testing.T) (client net.Conn, server net.Conn) {
-	return tcpPairGathering(t, DefaultMaxGather)
+	return tcpPairGathering(t, defaultMaxGather)
 }
 
 func tcpPairGathering(t *testing.T, maxGather time.Duration) (client net.Conn, server net.Conn) {

@@ -184,6 +184,9 @@ func New(cfg Config) *Stream {
 	if cfg.StandbyInterval <= 0 {
 		cfg.StandbyInterval = DefaultStandbyInterval
 	}
+	if cfg.MaxGather <= 0 {
+		cfg.MaxGather = defaultMaxGather
+	}
 	if cfg.ReconnectMin <= 0 {
 		cfg.ReconnectMin = 100 * time.Millisecond
 	}

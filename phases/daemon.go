@@ -74,7 +74,6 @@ type live struct {
 	ap             *applier.Applier
 	apEvents       uint64 // the current applier's events already counted
 	apFixes        uint64 // the current applier's corrections already counted
-	apEvidence     uint64 // the current applier's evidence already counted
 }
 
 // Run is `cdcbackfill run`: it returns nil when the migration is done (or
@@ -299,9 +298,9 @@ func (d *Daemon) phases(ctx context.Context) error {
 			if err := d.store.SetHandover(ctx, d.conn, lsn); err != nil {
 				return err
 			}
-			d.handover.Store(uint64(lsn))
+			d.setHandover(lsn)
 		default:
-			d.handover.Store(0)
+			d.setHandover(0)
 		}
 		d.waiting.Store("")
 		switch st.Phase {

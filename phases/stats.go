@@ -83,9 +83,9 @@ func (d *Daemon) publishStatsOn(ctx context.Context, conn *pgx.Conn, st *state.M
 func (l *live) follow(ap *applier.Applier) {
 	if l.ap != ap {
 		if l.ap != nil {
-			l.savedEvidence += l.ap.Stats().Evidence - l.apEvidence
+			l.savedEvidence += l.ap.Stats().Evidence
 		}
-		l.ap, l.apEvents, l.apFixes, l.apEvidence = ap, 0, 0, 0
+		l.ap, l.apEvents, l.apFixes = ap, 0, 0
 	}
 }
 

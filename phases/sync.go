@@ -88,7 +88,7 @@ func (d *Daemon) evidence() (evidence, corrections uint64, streamTime time.Time)
 	d.live.mu.Lock()
 	defer d.live.mu.Unlock()
 	_, fixes, s := d.pending()
-	return d.live.savedEvidence + s.Evidence - d.live.apEvidence, d.live.savedFixes + fixes, s.StreamTime
+	return d.live.savedEvidence + s.Evidence, d.live.savedFixes + fixes, s.StreamTime
 }
 
 // evidenceWatch decides, from positive evidence only, that the application

@@ -136,7 +136,7 @@ func (b *Backfiller) walk(ctx context.Context, conn *pgx.Conn, worker int, r Ran
 		if err != nil {
 			return err
 		}
-		size = b.nextSize(size, took)
+		size = NextBatchSize(size, took, b.TargetBatchTime)
 		if b.Log != nil {
 			b.Log.Debug("backfill batch", "worker", worker, "rows", res.Scanned, "corrected", res.Corrected,
 				"skipped", len(res.Skipped), "took", took, "next_size", size)
@@ -221,10 +221,6 @@ func (b *Backfiller) rangeBatch(ctx context.Context, tx pgx.Tx, lo, hi recompute
 		return recompute.Result{}, err
 	}
 	return b.Table.Range(ctx, tx, lo, hi, size)
-}
-
-func (b *Backfiller) nextSize(size int, took time.Duration) int {
-	return NextBatchSize(size, took, b.TargetBatchTime)
 }
 
 // NextBatchSize moves a batch size toward the one that takes 2/3 of target,
