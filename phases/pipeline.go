@@ -285,16 +285,8 @@ func (d *Daemon) writerConn(ctx context.Context, kind string, i int) (*pgx.Conn,
 	name := d.cfg.OriginPrefix() + kind + strconv.Itoa(i)
 	_, err = conn.Exec(ctx, `SELECT pg_replication_origin_create($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)`, name)
 	if err == nil {
-		for try := 0; ; try++ {
-			_, err = conn.Exec(ctx, `SELECT pg_replication_origin_session_setup($1)`, name)
-			// 55006: a session of a daemon that just died still holds it.
-			if dbconn.SQLState(err) != pgerrcode.ObjectInUse || try == 50 {
-				break
-			}
-			if dbconn.Sleep(ctx, 200*time.Millisecond) != nil {
-				break
-			}
-		}
+		// A session of a daemon that just died still holds it.
+		err = execWhileInUse(ctx, conn, 200*time.Millisecond, `SELECT pg_replication_origin_session_setup($1)`, name)
 	}
 	if err != nil {
 		if dbconn.SQLState(err) != pgerrcode.InsufficientPrivilege {
@@ -331,19 +323,27 @@ func closeAll(conns []*pgx.Conn) {
 
 // dropOrigins removes the daemon's replication origins.
 func dropOrigins(ctx context.Context, conn *pgx.Conn, prefix string) error {
+	// A writer's session just closed still holds its origin for a moment on
+	// the server.
+	err := execWhileInUse(ctx, conn, 100*time.Millisecond,
+		`SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE starts_with(roname, $1)`, prefix)
+	if err == nil || dbconn.SQLState(err) == pgerrcode.InsufficientPrivilege {
+		return nil
+	}
+	return fmt.Errorf("drop replication origins %s*: %w", prefix, err)
+}
+
+// execWhileInUse runs sql, again every pause while it fails with 55006
+// (object in use: a replication origin another session still holds), at
+// most 50 times more. It returns the last error, or ctx's.
+func execWhileInUse(ctx context.Context, conn *pgx.Conn, pause time.Duration, sql string, args ...any) error {
 	for try := 0; ; try++ {
-		_, err := conn.Exec(ctx, `SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE starts_with(roname, $1)`, prefix)
-		switch {
-		case err == nil, dbconn.SQLState(err) == pgerrcode.InsufficientPrivilege:
-			return nil
-		case dbconn.SQLState(err) == pgerrcode.ObjectInUse && try < 50:
-			// A writer's session just closed still holds its origin for a
-			// moment on the server.
-			if err := dbconn.Sleep(ctx, 100*time.Millisecond); err != nil {
-				return err
-			}
-		default:
-			return fmt.Errorf("drop replication origins %s*: %w", prefix, err)
+		_, err := conn.Exec(ctx, sql, args...)
+		if dbconn.SQLState(err) != pgerrcode.ObjectInUse || try == 50 {
+			return err
+		}
+		if err := dbconn.Sleep(ctx, pause); err != nil {
+			return err
 		}
 	}
 }
