@@ -80,8 +80,9 @@ func (c *gatheringConn) SetDeadline(t time.Time) error {
 func (c *gatheringConn) SetReadDeadline(t time.Time) error { return c.setUserDeadline(t) }
 
 // setUserDeadline sets the read deadline its user asked for. One that falls
-// within a gathering wait (a Poke, the stream's context ending) cuts that
-// wait short, and for hurryFor after it reads gather nothing: whoever poked
+// within a gathering wait cuts that wait short; one already past (a Poke,
+// the stream's context ending) also makes reads gather nothing for
+// hurryFor: whoever poked
 // waits for what the server sends next (a keepalive's reply, the WAL of a
 // cut-over), and gathering would hold each of those messages up to a bound.
 // The socket's own deadline is set under the same lock as gather's, so
@@ -91,7 +92,9 @@ func (c *gatheringConn) setUserDeadline(t time.Time) error {
 	defer c.mu.Unlock()
 	c.deadline = t
 	if now := time.Now(); !t.IsZero() && t.Before(now.Add(c.maxGather)) {
-		c.hurry = now.Add(hurryFor)
+		if !t.After(now) { // a Poke or the end: the caller wants what comes next
+			c.hurry = now.Add(hurryFor)
+		}
 		select {
 		case c.wake <- struct{}{}:
 		default:
