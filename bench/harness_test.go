@@ -77,11 +77,6 @@ func serverLine(b *testing.B) string {
 	return fmt.Sprintf("server: %s; %d cores", strings.Join(parts, " "), runtime.NumCPU())
 }
 
-// parityQuery counts the rows whose new columns differ from their
-// expressions, written independently of the daemon's own statements.
-const parityQuery = `SELECT count(*) FROM users
-	WHERE (first_name, last_name) IS DISTINCT FROM (split_part(full_name, ' ', 1), split_part(full_name, ' ', 2))`
-
 // seedUsers creates users with ids 1..rows+probeRows (the probe rows come
 // last; the pgbench script never touches them) in a fresh database and
 // returns its DSN. With filled, it adds first_name/last_name and fills them
@@ -128,8 +123,8 @@ func checkParity(b *testing.B, dsn string) int64 {
 		b.Fatal(err)
 	}
 	defer conn.Close(ctx)
-	var bad int64
-	if err := conn.QueryRow(ctx, parityQuery).Scan(&bad); err != nil {
+	bad, err := workload.OutOfParity(ctx, conn)
+	if err != nil {
 		b.Fatal(err)
 	}
 	return bad

@@ -741,8 +741,8 @@ func (s *straggler) writes() (writes, late int64, failures []workload.Failure) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, a := range s.bouts {
-		n, _ := a.Transactions()
-		writes += n
+		total, failed := a.Transactions()
+		writes += total - failed
 		for _, f := range a.Failures() {
 			var pgErr *pgconn.PgError
 			if errors.As(f.Err, &pgErr) && pgErr.Code == "42703" {
