@@ -80,6 +80,7 @@ for _ in $(seq 600); do
   kill -0 "$dpid" 2>/dev/null || { echo "profile-sync: the daemon exited; its log:" >&2; tail -20 "$work/daemon.log" >&2; exit 1; }
   sleep 0.5
 done
+grep -q '"phase": *"sync"' <<<"$st" || { echo "profile-sync: the migration did not reach sync in 5 minutes; its log: $work/daemon.log" >&2; exit 1; }
 cat >"$work/update.sql" <<'S'
 \set id random(1, 200000)
 UPDATE users SET full_name = 'first' || :id || ' x' || random() WHERE id = :id;
@@ -94,7 +95,7 @@ echo "$out" | grep -E '^tps|^latency average'
 awk -v t=$((after - before)) -v hz="$hz" -v n="$txns" 'BEGIN {
   printf "daemon process: %.0f ms of CPU for %d writes = %.1f µs per write\n", t * 1000 / hz, n, t * 1e6 / hz / n }'
 kill -TERM "$dpid"
-for _ in $(seq 100); do kill -0 "$dpid" 2>/dev/null || break; sleep 0.1; done
-dpid=""
+for _ in $(seq 100); do kill -0 "$dpid" 2>/dev/null || { dpid=""; break; }; sleep 0.1; done
+[ -z "$dpid" ] || { echo "profile-sync: the daemon did not stop in 10s: no profile" >&2; exit 1; }
 go tool pprof -top -nodecount=25 "$DAEMON" "$work/cpu.prof" 2>/dev/null | sed -n '4,40p'
 echo "profile: $work/cpu.prof (go tool pprof $DAEMON $work/cpu.prof)"
