@@ -30,6 +30,7 @@ type Config struct {
 	Backfill       Backfill       `mapstructure:"backfill"`
 	Throttle       Throttle       `mapstructure:"throttle"`
 	Sync           Sync           `mapstructure:"sync"`
+	Verify         Verify         `mapstructure:"verify"`
 	DualWrite      DualWrite      `mapstructure:"dual_write"`
 	ContractPolicy ContractPolicy `mapstructure:"contract_policy"`
 	DDL            DDL            `mapstructure:"ddl"`
@@ -68,6 +69,12 @@ type Sync struct {
 	// has the walsender drop them (PostgreSQL 16+, when nothing else
 	// replicates into the table), client skips them in the daemon.
 	OriginFilter string `mapstructure:"origin_filter" default:"auto" check:"auto|client"`
+}
+
+type Verify struct {
+	// Connections that check parts of one verify chunk at once (a single
+	// integer key only): the pass only reads, so no row lock bounds it.
+	Workers int `mapstructure:"workers" default:"2" check:"1..64"`
 }
 
 type DualWrite struct {

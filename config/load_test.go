@@ -100,6 +100,7 @@ func defaultsWant() Config {
 		Backfill:       Backfill{BatchSize: 5000, TargetBatchTime: 200 * time.Millisecond, Sleep: 10 * time.Millisecond, MaxRowsPerSecond: 0, Workers: 1},
 		Throttle:       Throttle{MaxReplicaLag: 10 * time.Second, MaxSlotLag: 1 << 30},
 		Sync:           Sync{FlushInterval: 50 * time.Millisecond, MaxBatchKeys: 5000, OriginFilter: "auto"},
+		Verify:         Verify{Workers: 2},
 		DualWrite:      DualWrite{Detect: "manual", QuietPeriod: 2 * time.Minute, MinEvidence: 1000},
 		ContractPolicy: ContractPolicy{Mode: "manual", Hold: 10 * time.Minute, LockTimeout: 500 * time.Millisecond, CatchupTimeout: time.Second},
 		DDL:            DDL{LockTimeout: 2 * time.Second, MaxRetries: 30},
@@ -153,7 +154,7 @@ func TestLoadMinimalFillsDefaults(t *testing.T) {
 			t.Errorf("Keys() has unknown %q", k)
 		}
 	}
-	if len(Keys()) != 29 {
+	if len(Keys()) != 30 {
 		t.Errorf("Keys() has %d keys", len(Keys()))
 	}
 }

@@ -3,9 +3,12 @@ package phases
 import (
 	"context"
 	"fmt"
+	"math"
+	"strconv"
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
@@ -41,6 +44,7 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 	saidNever := false
 	var passHi recompute.Key // the highest key of the pass in hand
 	chunk := d.cfg.Backfill.BatchSize
+	parts := 1 // connections checking a chunk at once, decided at each pass's start
 	return d.pipe.Load().guard(ctx, func(ctx context.Context) error {
 		for ctx.Err() == nil {
 			st, outstanding, err := d.loadAndRecheck(ctx)
@@ -61,7 +65,7 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 				d.rlog.Info("verify: rows out of parity hold the contract; the hold starts once none is left", "rows", outstanding)
 			}
 			if !st.PassDone {
-				if passHi, err = d.verifyChunk(ctx, st, throttle, passHi, &chunk); err != nil {
+				if passHi, err = d.verifyChunk(ctx, st, throttle, passHi, &chunk, &parts); err != nil {
 					return err
 				}
 				if outstanding == 0 {
@@ -196,8 +200,9 @@ func (d *Daemon) newThrottle(what string) *snapshot.Throttle {
 // half-way is judged as the stream judges it; one that still differs is
 // reported to the check sink. It returns the pass's highest key. Chunks are
 // sized as backfill batches are, to backfill.target_batch_time: a read takes
-// no row lock, so the bound is only on how long one statement runs.
-func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle *snapshot.Throttle, hi recompute.Key, size *int) (recompute.Key, error) {
+// no row lock, so the bound is only on how long one statement runs. Where
+// the key allows (see spreadParts) a chunk is checked in *parts at once.
+func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle *snapshot.Throttle, hi recompute.Key, size, parts *int) (recompute.Key, error) {
 	if st.VerifyCursor == nil || hi == nil {
 		// A pass covers the keys that exist when it starts; rows inserted
 		// later come through the stream.
@@ -208,16 +213,28 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle 
 		if hi == nil {
 			return nil, d.store.VerifyChunk(ctx, d.conn, 0, nil) // empty table: nothing to check
 		}
+		if *parts, err = d.spreadParts(ctx, hi); err != nil {
+			return nil, err
+		}
 	}
-	if err := throttle.Wait(ctx, *size); err != nil {
+	if err := throttle.Wait(ctx, *size**parts); err != nil {
 		return hi, nil
 	}
 	began := time.Now()
-	res, err := d.table.Check(ctx, d.conn, st.VerifyCursor, hi, *size)
+	var res recompute.Result
+	var cursor recompute.Key // after the chunk; nil: the pass ended
+	var err error
+	if *parts > 1 {
+		res, cursor, err = d.checkSpread(ctx, st.VerifyCursor, hi, *size, *parts)
+	} else {
+		res, err = d.table.Check(ctx, d.conn, st.VerifyCursor, hi, *size)
+		if res.Scanned == int64(*size) {
+			cursor = res.Last
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("verify chunk after %v: %w", st.VerifyCursor, err)
 	}
-	scanned := *size
 	*size = snapshot.NextBatchSize(*size, time.Since(began), d.cfg.Backfill.TargetBatchTime)
 	if len(res.Skipped) > 0 {
 		lsn, err := insertLSN(ctx, d.conn)
@@ -235,10 +252,84 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle 
 			return nil, err
 		}
 	}
-	cursor := res.Last
-	if res.Scanned < int64(scanned) {
-		cursor = nil // the pass ended
-		d.log.Info("verify: a whole pass over the table ended", "rows_checked", st.VerifyRowsChecked+res.Scanned)
+	if cursor == nil {
+		d.log.Info("verify: a whole pass over the table ended", "rows_checked", st.VerifyRowsChecked+res.Scanned, "connections", *parts)
 	}
 	return hi, d.store.VerifyChunk(ctx, d.conn, res.Scanned, cursor)
+}
+
+// spreadParts is how many connections check each chunk of a pass up to hi:
+// verify.workers where the key is one integer column whose values are
+// dense (at most twice as many values as rows from the lowest key to hi),
+// so a part of w values holds about w rows and at most w; else 1, and
+// chunks are walked by keyset alone.
+func (d *Daemon) spreadParts(ctx context.Context, hi recompute.Key) (int, error) {
+	if d.cfg.Verify.Workers <= 1 || !d.table.IntegerKey() {
+		return 1, nil
+	}
+	lo, _, estimate, err := d.table.Bounds(ctx, d.conn)
+	if err != nil || lo == nil {
+		return 1, err
+	}
+	l, err1 := strconv.ParseInt(lo[0], 10, 64)
+	h, err2 := strconv.ParseInt(hi[0], 10, 64)
+	if err1 != nil || err2 != nil || l <= math.MinInt64/4 || h >= math.MaxInt64/4 || float64(h-l) > 2*float64(estimate) {
+		return 1, nil
+	}
+	return d.cfg.Verify.Workers, nil
+}
+
+// checkSpread checks, each part on its own connection at once, parts of
+// width key values after cursor (nil: from the start) up to hi. A part of
+// width values of a unique integer key holds at most width rows, so each
+// is checked whole. It returns what the parts found together and the
+// cursor after them (nil: hi was reached).
+func (d *Daemon) checkSpread(ctx context.Context, cursor, hi recompute.Key, width, parts int) (recompute.Result, recompute.Key, error) {
+	last, _ := strconv.ParseInt(hi[0], 10, 64)
+	var base int64
+	if cursor != nil {
+		base, _ = strconv.ParseInt(cursor[0], 10, 64)
+	} else {
+		lo, _, _, err := d.table.Bounds(ctx, d.conn)
+		if err != nil || lo == nil {
+			return recompute.Result{}, nil, err
+		}
+		first, _ := strconv.ParseInt(lo[0], 10, 64)
+		base = first - 1
+	}
+	results := make([]recompute.Result, parts)
+	g, gctx := errgroup.WithContext(ctx)
+	end := base
+	for i := range parts {
+		from := end
+		if from >= last {
+			break
+		}
+		end = min(from+int64(width), last)
+		g.Go(func() error {
+			conn, err := d.pool.Acquire(gctx)
+			if err != nil {
+				return err
+			}
+			defer conn.Release()
+			var lo recompute.Key
+			if i > 0 || cursor != nil {
+				lo = recompute.Key{strconv.FormatInt(from, 10)}
+			}
+			results[i], err = d.table.Check(gctx, conn, lo, recompute.Key{strconv.FormatInt(end, 10)}, width)
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return recompute.Result{}, nil, err
+	}
+	var res recompute.Result
+	for _, r := range results {
+		res.Scanned += r.Scanned
+		res.Skipped = append(res.Skipped, r.Skipped...)
+	}
+	if end >= last {
+		return res, nil, nil
+	}
+	return res, recompute.Key{strconv.FormatInt(end, 10)}, nil
 }

@@ -26,16 +26,13 @@ type Range struct {
 	Done   bool          `json:"done"`
 }
 
-// integerTypes are the key types a range can be split on by value.
-var integerTypes = map[string]bool{"smallint": true, "integer": true, "bigint": true}
-
 // SplitRanges divides the plan into up to n ranges. Only a single integer
 // key is split (by value); any other key is walked by one worker.
 func SplitRanges(t *recompute.Table, p Plan, n int) []Range {
 	if p.Hi == nil {
 		return []Range{{Done: true}}
 	}
-	if n <= 1 || len(t.Key) != 1 || !integerTypes[t.Key[0].Type] {
+	if n <= 1 || !t.IntegerKey() {
 		return []Range{{Hi: p.Hi}}
 	}
 	lo, ok1 := new(big.Int).SetString(p.Lo[0], 10)

@@ -24,6 +24,12 @@ type KeyColumn struct {
 	Type string // format_type() of the column, e.g. "bigint", "uuid"
 }
 
+// IntegerKey says whether the key is one column of an integer type: its
+// values can be split into ranges by value.
+func (t *Table) IntegerKey() bool { return len(t.Key) == 1 && isInteger(t.Key[0].Type) }
+
+func isInteger(typ string) bool { return typ == "smallint" || typ == "integer" || typ == "bigint" }
+
 // Table is the migrated table as the statements need it.
 type Table struct {
 	Schema, Name string
