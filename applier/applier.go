@@ -26,8 +26,10 @@ import (
 const (
 	DefaultFlushInterval = 50 * time.Millisecond
 	DefaultMaxBatchKeys  = 5000
-	DefaultStopTimeout   = 10 * time.Second
-	DefaultLockTimeout   = 2 * time.Second
+	// DefaultMaxDeferredKeys bounds the deferred mode's buffer.
+	DefaultMaxDeferredKeys = 100000
+	DefaultStopTimeout     = 10 * time.Second
+	DefaultLockTimeout     = 2 * time.Second
 )
 
 // sourceMemory bounds the keys whose last source image the applier
@@ -69,6 +71,22 @@ type Config struct {
 	// Checks receives what the applier finds once the application owns the
 	// new columns (see SetHandover); required before then.
 	Checks Checks
+	// Defer, when positive, is the deferred mode: while the expressions own
+	// the new columns a changed key waits up to Defer before its correction.
+	// Until dual-write nobody reads the new columns, so their freshness is
+	// traded for the application's capacity: repeated changes of a key
+	// coalesce into one correction, and corrections run in key order, in
+	// statements of up to statementKeys, paced by Pace. The confirmed
+	// position stays behind the oldest waiting change, so the slot keeps
+	// the WAL to replay them after a crash. Hurry and the hand-over end the
+	// wait.
+	Defer time.Duration
+	// MaxDeferredKeys bounds the keys waiting in the deferred mode (memory:
+	// about 200 bytes a key); a full buffer is corrected at once.
+	MaxDeferredKeys int
+	// Pace, when set, runs before each statement of a deferred correction,
+	// with its number of keys; an error ends Run.
+	Pace   func(ctx context.Context, keys int) error
 	Logger *slog.Logger // may be nil
 }
 
@@ -122,6 +140,10 @@ type Stats struct {
 	// Handover is the position from which the application owns the new
 	// columns (0: the expressions own them).
 	Handover pglogrepl.LSN
+	// Deferring: corrections wait up to Config.Defer (the deferred mode,
+	// before the hand-over); PendingKeys is then the backlog, and
+	// LastCommitTime its oldest change.
+	Deferring bool
 }
 
 // maxRecent bounds Stats.RecentCorrections.
@@ -153,6 +175,8 @@ type Applier struct {
 	mismatches    atomic.Uint64
 	handover      atomic.Uint64 // LSN from which the application owns the new columns; 0: none
 	running       atomic.Bool
+	hurry         atomic.Bool   // Hurry was called: apply the buffer now
+	wake          chan struct{} // Hurry wakes the Run goroutine through it
 	stopped       chan struct{} // closed when Run returns
 	ctl           chan func()   // run by the Run goroutine between events and flushes
 
@@ -208,6 +232,9 @@ func New(conn *pgx.Conn, table *recompute.Table, cfg Config) *Applier {
 	if cfg.StopTimeout <= 0 {
 		cfg.StopTimeout = DefaultStopTimeout
 	}
+	if cfg.MaxDeferredKeys <= 0 {
+		cfg.MaxDeferredKeys = DefaultMaxDeferredKeys
+	}
 	if cfg.LockTimeout <= 0 {
 		cfg.LockTimeout = DefaultLockTimeout
 	}
@@ -224,6 +251,7 @@ func New(conn *pgx.Conn, table *recompute.Table, cfg Config) *Applier {
 		log:      log.With("table", relation),
 		stopped:  make(chan struct{}),
 		ctl:      make(chan func()),
+		wake:     make(chan struct{}, 1),
 		advanced: make(chan struct{}),
 		buf:      make(map[string]*pending, cfg.MaxBatchKeys),
 		xids:     make(map[uint32]struct{}),
@@ -262,6 +290,7 @@ func (a *Applier) Stats() Stats {
 	}
 	st.Evidence, st.Checked, st.Mismatches = a.evidence.Load(), a.checked.Load(), a.mismatches.Load()
 	st.Handover = pglogrepl.LSN(a.handover.Load())
+	st.Deferring = a.deferring()
 	a.mu.Lock()
 	st.RecentCorrections = slices.Clone(a.recent)
 	a.mu.Unlock()
@@ -298,7 +327,32 @@ func (a *Applier) WaitApplied(ctx context.Context, lsn pglogrepl.LSN) error {
 // Config.Checks (keys whose latest change came before lsn are still
 // corrected where their row is unchanged since); lsn 0 gives the new columns
 // back to the expressions (a hand-over found premature).
-func (a *Applier) SetHandover(lsn pglogrepl.LSN) { a.handover.Store(uint64(lsn)) }
+func (a *Applier) SetHandover(lsn pglogrepl.LSN) {
+	a.handover.Store(uint64(lsn))
+	a.Hurry() // keys deferred until now are the expressions' still: correct them
+}
+
+// Hurry has the buffered keys applied now, rather than when their flush
+// interval or deferral ends: someone waits on WaitApplied.
+func (a *Applier) Hurry() {
+	a.hurry.Store(true)
+	select {
+	case a.wake <- struct{}{}:
+	default:
+	}
+}
+
+// deferring says whether corrections wait up to Config.Defer now.
+func (a *Applier) deferring() bool { return a.cfg.Defer > 0 && a.handover.Load() == 0 }
+
+// bufferLimit is how many keys (and transactions) the buffer holds before
+// it is flushed however young they are.
+func (a *Applier) bufferLimit() int {
+	if a.deferring() {
+		return a.cfg.MaxDeferredKeys
+	}
+	return a.cfg.MaxBatchKeys
+}
 
 // do runs f on the Run goroutine, between events and flushes, and waits for
 // it.
@@ -462,7 +516,11 @@ func (a *Applier) run(ctx, wctx context.Context, in <-chan cdc.Event) error {
 		if ctx.Err() != nil {
 			return a.finish(wctx)
 		}
-		full := len(a.buf) >= a.cfg.MaxBatchKeys || len(a.xids) >= a.cfg.MaxBatchKeys
+		if a.hurry.Swap(false) && len(a.buf) > 0 {
+			a.due, a.backoff = time.Now(), false
+		}
+		limit := a.bufferLimit()
+		full := len(a.buf) >= limit || len(a.xids) >= limit
 		if full && !a.backoff && !a.held {
 			if err := a.flush(wctx); err != nil {
 				return err
@@ -491,6 +549,7 @@ func (a *Applier) run(ctx, wctx context.Context, in <-chan cdc.Event) error {
 			return a.finish(wctx)
 		case f := <-a.ctl:
 			f()
+		case <-a.wake: // a Hurry: the loop's top takes it
 		case <-timerC:
 			armed = time.Time{}
 			if err := a.flush(wctx); err != nil {
@@ -639,7 +698,11 @@ func (a *Applier) add(key recompute.Key, lsn pglogrepl.LSN, t time.Time, xid uin
 		p.evidence = p.evidence || evidence
 	} else {
 		if len(a.buf) == 0 {
-			a.due = time.Now().Add(a.cfg.FlushInterval)
+			wait := a.cfg.FlushInterval
+			if a.deferring() {
+				wait = a.cfg.Defer
+			}
+			a.due = time.Now().Add(wait)
 		}
 		a.buf[c] = &pending{key: key, lsn: lsn, time: t, lastLSN: lsn, lastTime: t, lastXid: xid, evidence: evidence}
 		a.pendingKeys.Store(int64(len(a.buf)))
@@ -758,7 +821,18 @@ func (a *Applier) flush(ctx context.Context) error {
 // it, the statement runs again once they are visible. Once one statement's
 // snapshot has them all, the later ones' snapshots do too.
 func (a *Applier) correct(ctx context.Context, entries []*pending, unseen []uint32) (corrected int64, held int, err error) {
+	deferred := a.deferring()
+	if deferred {
+		// Rows in index order: a statement's rows share pages, and the
+		// bulk correction walks the table once.
+		slices.SortFunc(entries, func(x, y *pending) int { return a.table.CompareKeys(x.key, y.key) })
+	}
 	for chunk := range slices.Chunk(entries, min(a.cfg.MaxBatchKeys, statementKeys)) {
+		if deferred && a.cfg.Pace != nil {
+			if err := a.cfg.Pace(ctx, len(chunk)); err != nil {
+				return 0, 0, err
+			}
+		}
 		keys := make([]recompute.Key, len(chunk))
 		for i, p := range chunk {
 			keys[i] = p.key

@@ -973,3 +973,69 @@ func TestIdleConfirmsPastUnpublishedWrites(t *testing.T) {
 		t.Errorf("stream: %v", err)
 	}
 }
+
+// TestDeferredCorrection: in the deferred mode a changed key waits, and
+// the confirmed position stays at its transaction, so the slot keeps the
+// WAL to replay it; repeated changes of a key are one correction; Hurry
+// corrects them all, a paced statement per 1000 keys; a full buffer is
+// corrected without one.
+func TestDeferredCorrection(t *testing.T) {
+	f := newUsers(t, 3000) // every row out of parity
+	cfg := testConfig(t)
+	cfg.Defer = time.Hour
+	cfg.MaxDeferredKeys = 2500
+	var mu sync.Mutex
+	var paced []int
+	cfg.Pace = func(ctx context.Context, keys int) error {
+		mu.Lock()
+		defer mu.Unlock()
+		paced = append(paced, keys)
+		return nil
+	}
+	r := f.start(cfg, 0x100)
+	var up, down []int
+	for i := 1; i <= 2000; i++ {
+		up, down = append(up, i), append(down, 2001-i)
+	}
+	evs := slices.Concat(txn(0x1000, 0x1100, down...), txn(0x2000, 0x2100, up...), txn(0x3000, 0x3100, down...))
+	r.send(evs...)
+	waitFor(t, "the events to be read", func() bool { return r.a.Stats().Events == uint64(len(evs)) })
+	st := r.a.Stats()
+	if !st.Deferring || st.PendingKeys != 2000 || st.ConfirmedLSN != 0x1000 || st.Corrections != 0 {
+		t.Fatalf("while deferring: %+v; want 2000 keys pending, confirmed at the first transaction 0/1000, no correction", st)
+	}
+	if n := f.outOfParity(); n != 3000 {
+		t.Fatalf("%d rows out of parity while deferring, want all 3000", n)
+	}
+
+	r.a.Hurry()
+	r.waitApplied(0x3100)
+	if n := f.outOfParity(); n != 1000 {
+		t.Errorf("%d rows out of parity after Hurry, want the 1000 never changed", n)
+	}
+	st = r.a.Stats()
+	if st.Corrections != 2000 || st.Flushes != 1 {
+		t.Errorf("after Hurry: %d corrections in %d flushes, want 2000 in 1", st.Corrections, st.Flushes)
+	}
+	mu.Lock()
+	if !slices.Equal(paced, []int{1000, 1000}) {
+		t.Errorf("paced statements %v, want [1000 1000]", paced)
+	}
+	mu.Unlock()
+
+	// 1000 keys wait; 1500 more fill the buffer (2500): corrected at once.
+	var rest, first []int
+	for i := 2001; i <= 3000; i++ {
+		rest = append(rest, i)
+	}
+	for i := 1; i <= 1500; i++ {
+		first = append(first, i)
+	}
+	f.exec(`UPDATE users SET full_name = 'Renamed ' || id WHERE id <= 1500`)
+	r.send(txn(0x4000, 0x4100, rest...)...)
+	r.send(txn(0x5000, 0x5100, first...)...)
+	r.waitApplied(0x5100)
+	if n := f.outOfParity(); n != 0 {
+		t.Errorf("%d rows out of parity after the buffer filled, want 0", n)
+	}
+}

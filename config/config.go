@@ -69,6 +69,14 @@ type Sync struct {
 	// has the walsender drop them (PostgreSQL 16+, when nothing else
 	// replicates into the table), client skips them in the daemon.
 	OriginFilter string `mapstructure:"origin_filter" default:"auto" check:"auto|client"`
+	// continuous corrects each changed row within flush_interval; deferred
+	// holds changed keys up to defer_for (at most max_deferred_keys of
+	// them) and corrects them in key order, in bulk, paced as the backfill
+	// is: for busy tables, until dual-write, when nobody reads the new
+	// columns yet.
+	Correction      string        `mapstructure:"correction" default:"continuous" check:"continuous|deferred"`
+	DeferFor        time.Duration `mapstructure:"defer_for" default:"30s" check:">0"`
+	MaxDeferredKeys int           `mapstructure:"max_deferred_keys" default:"100000" check:">0"`
 }
 
 type Verify struct {

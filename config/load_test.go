@@ -99,7 +99,7 @@ func defaultsWant() Config {
 	return Config{
 		Backfill:       Backfill{BatchSize: 5000, TargetBatchTime: 200 * time.Millisecond, Sleep: 10 * time.Millisecond, MaxRowsPerSecond: 0, Workers: 1},
 		Throttle:       Throttle{MaxReplicaLag: 10 * time.Second, MaxSlotLag: 1 << 30},
-		Sync:           Sync{FlushInterval: 50 * time.Millisecond, MaxBatchKeys: 5000, OriginFilter: "auto"},
+		Sync:           Sync{FlushInterval: 50 * time.Millisecond, MaxBatchKeys: 5000, OriginFilter: "auto", Correction: "continuous", DeferFor: 30 * time.Second, MaxDeferredKeys: 100000},
 		Verify:         Verify{Workers: 2},
 		DualWrite:      DualWrite{Detect: "manual", QuietPeriod: 2 * time.Minute, MinEvidence: 1000},
 		ContractPolicy: ContractPolicy{Mode: "manual", Hold: 10 * time.Minute, LockTimeout: 500 * time.Millisecond, CatchupTimeout: time.Second},
@@ -154,7 +154,7 @@ func TestLoadMinimalFillsDefaults(t *testing.T) {
 			t.Errorf("Keys() has unknown %q", k)
 		}
 	}
-	if len(Keys()) != 30 {
+	if len(Keys()) != 33 {
 		t.Errorf("Keys() has %d keys", len(Keys()))
 	}
 }

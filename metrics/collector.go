@@ -22,6 +22,7 @@ type collector struct {
 	slotLagBytes, applyLagSeconds, streamEvents, corrections   *prometheus.Desc
 	verifyRowsChecked, verifyMismatches, throttled, ddlRetries *prometheus.Desc
 	mismatchesFound, premature, evidence, holdProven, stall    *prometheus.Desc
+	deferredKeys                                               *prometheus.Desc
 }
 
 func newCollector(src Source, timeout time.Duration) *collector {
@@ -48,6 +49,8 @@ func newCollector(src Source, timeout time.Duration) *collector {
 			"a stopped daemon's slot fills the disk."),
 		applyLagSeconds: d("apply_lag_seconds", "Seconds between a write's commit and the daemon recomputing its row. "+
 			"Alert when it grows: the new columns fall behind the writers."),
+		deferredKeys: d("deferred_keys", "Changed rows whose correction waits (sync.correction deferred), the oldest apply_lag_seconds old. "+
+			"Alert when apply_lag_seconds passes sync.defer_for by much: the bulk corrections do not keep up."),
 		streamEvents: d("stream_events_total", "Row changes read from the replication stream. "+
 			"Alert when it stops rising while the application writes: the stream has stalled."),
 		corrections: d("corrections_total", "Rows the sync rewrote because a writer left their new columns stale. "+
@@ -74,7 +77,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 		c.rowsDone, c.rowsTotal, c.rowsPerSecond, c.etaSeconds,
 		c.slotLagBytes, c.applyLagSeconds, c.streamEvents, c.corrections,
 		c.verifyRowsChecked, c.verifyMismatches, c.throttled, c.ddlRetries,
-		c.mismatchesFound, c.premature, c.evidence, c.holdProven, c.stall,
+		c.mismatchesFound, c.premature, c.evidence, c.holdProven, c.stall, c.deferredKeys,
 	} {
 		ch <- d
 	}
@@ -114,6 +117,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.etaSeconds, s.EtaSeconds)
 	gauge(c.slotLagBytes, float64(s.SlotLagBytes))
 	gauge(c.applyLagSeconds, s.ApplyLagSeconds)
+	gauge(c.deferredKeys, float64(s.DeferredKeys))
 	counter(c.streamEvents, s.StreamEvents)
 	counter(c.corrections, s.Corrections)
 	gauge(c.verifyRowsChecked, float64(s.VerifyRowsChecked))

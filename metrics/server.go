@@ -29,6 +29,7 @@ type Snapshot struct {
 	EtaSeconds        float64
 	SlotLagBytes      int64
 	ApplyLagSeconds   float64
+	DeferredKeys      int64 // changed rows whose correction waits (sync.correction deferred)
 	StreamEvents      int64
 	Corrections       int64
 	VerifyRowsChecked int64

@@ -123,7 +123,7 @@ func TestMetricsFollowTheSnapshot(t *testing.T) {
 	f.set(metrics.Snapshot{
 		Phase: "backfill", Leader: true,
 		RowsDone: 400, RowsTotal: 1000, RowsPerSecond: 250.5, EtaSeconds: 2.4,
-		SlotLagBytes: 1 << 20, ApplyLagSeconds: 0.3,
+		SlotLagBytes: 1 << 20, ApplyLagSeconds: 0.3, DeferredKeys: 1234,
 		StreamEvents: 77, Corrections: 5,
 		ThrottleReason: "replica lag 12s > 10s",
 		DDLRetries:     2,
@@ -144,6 +144,7 @@ func TestMetricsFollowTheSnapshot(t *testing.T) {
 		"cdcbackfill_backfill_eta_seconds":                    2.4,
 		"cdcbackfill_slot_lag_bytes":                          1 << 20,
 		"cdcbackfill_apply_lag_seconds":                       0.3,
+		"cdcbackfill_deferred_keys":                           1234,
 		"cdcbackfill_stream_events_total":                     77,
 		"cdcbackfill_corrections_total":                       5,
 		"cdcbackfill_verify_rows_checked":                     0,

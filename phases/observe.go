@@ -45,6 +45,7 @@ func (o *observer) snapshot(ctx context.Context) (metrics.Snapshot, error) {
 	snap.RowsDone, snap.RowsTotal = r.Backfill.RowsDone, r.Backfill.RowsTotal
 	snap.RowsPerSecond, snap.EtaSeconds = r.Backfill.RowsPerSecond, r.Backfill.EtaSeconds
 	snap.SlotLagBytes, snap.ApplyLagSeconds = r.Sync.LagBytes, r.Sync.LagSeconds
+	snap.DeferredKeys = int64(r.Sync.DeferredKeys)
 	snap.StreamEvents, snap.Corrections = r.Sync.Events, r.Sync.Corrections
 	snap.VerifyRowsChecked, snap.VerifyMismatches = r.Verify.RowsChecked, r.Verify.Mismatches
 	snap.MismatchesFound, snap.PrematureDetections = r.Verify.MismatchesFound, int64(r.Verify.PrematureDetections)

@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
+	"golang.org/x/time/rate"
 
 	"github.com/cdcbackfill/cdcbackfill/applier"
 	"github.com/cdcbackfill/cdcbackfill/cdc"
@@ -114,13 +115,17 @@ func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 		}
 		return fmt.Errorf("%w: slot %q (%s)", cdc.ErrSlotLost, d.cfg.SlotName(), why)
 	}
-	ap := applier.New(w, d.table, applier.Config{
+	acfg := applier.Config{
 		FlushInterval: d.cfg.Sync.FlushInterval,
 		MaxBatchKeys:  d.cfg.Sync.MaxBatchKeys,
 		LockTimeout:   d.cfg.DDL.LockTimeout,
 		Checks:        &d.checks,
 		Logger:        d.log,
-	})
+	}
+	if d.cfg.Sync.Correction == "deferred" {
+		acfg.Defer, acfg.MaxDeferredKeys, acfg.Pace = d.cfg.Sync.DeferFor, d.cfg.Sync.MaxDeferredKeys, d.deferredPace()
+	}
+	ap := applier.New(w, d.table, acfg)
 	ap.SetConfirmed(info.ConfirmedLSN)
 	ap.SetHandover(pglogrepl.LSN(d.handover.Load()))
 	// PostgreSQL 18 streams nothing, silently, for a publication that is
@@ -246,11 +251,33 @@ func (p *pipeline) waitApplied(ctx context.Context, lsn pglogrepl.LSN) error {
 		}
 		if st != nil && time.Since(poke) >= 100*time.Millisecond {
 			st.Poke()
+			if ap != nil {
+				ap.Hurry() // keys deferred or waiting their interval
+			}
 			poke = time.Now()
 		}
 		if err := dbconn.Sleep(ctx, 10*time.Millisecond); err != nil {
 			return err
 		}
+	}
+}
+
+// deferredPace paces the statements of a deferred correction as backfill
+// batches are: backfill.sleep between them, and no more than
+// backfill.max_rows_per_second. The slot lag bound is not applied: the
+// deferral itself holds the slot back.
+func (d *Daemon) deferredPace() func(ctx context.Context, keys int) error {
+	var lim *rate.Limiter
+	if r := d.cfg.Backfill.MaxRowsPerSecond; r > 0 {
+		lim = rate.NewLimiter(rate.Limit(r), max(int(r), 1))
+	}
+	return func(ctx context.Context, keys int) error {
+		if lim != nil {
+			if err := lim.WaitN(ctx, min(keys, lim.Burst())); err != nil {
+				return err
+			}
+		}
+		return dbconn.Sleep(ctx, d.cfg.Backfill.Sleep)
 	}
 }
 

@@ -61,6 +61,9 @@ func (d *Daemon) publishStatsOn(ctx context.Context, conn *pgx.Conn, st *state.M
 	d.live.savedEvents += newEvents
 	d.live.savedFixes += newFixes
 	lastCommit := as.LastCommitTime
+	if as.Deferring {
+		stats.DeferredKeys = as.PendingKeys
+	}
 	stats.CorrectionSamples = as.RecentCorrections
 	if stats.CorrectionSamples == nil {
 		stats.CorrectionSamples = st.Stats.CorrectionSamples // keep the last known across restarts

@@ -34,6 +34,12 @@ type StatusReport struct {
 		Events      int64   `json:"events"`
 		Corrections int64   `json:"corrections"`
 		SlotStatus  string  `json:"slot_wal_status,omitempty"`
+		// Correction is sync.correction; in the deferred mode DeferredKeys
+		// is the backlog of changed keys waiting, the oldest of them
+		// LagSeconds old (at most sync.defer_for).
+		Correction   string  `json:"correction"`
+		DeferredKeys int     `json:"deferred_keys"`
+		DeferFor     float64 `json:"defer_for_seconds,omitempty"`
 		// CorrectionSamples: keys the stream recently corrected, newest first.
 		CorrectionSamples []string `json:"correction_samples"`
 		// DualWrite: how far the evidence of dual-write has come (detect auto).
@@ -112,11 +118,16 @@ func statusOn(ctx context.Context, conn dbconn.Querier, cfg *config.Config) (*St
 		r.Backfill.RowsPerSecond, r.Backfill.EtaSeconds = st.Stats.RowsPerSecond, st.Stats.EtaSeconds
 		r.Throttle, r.Waiting = st.Stats.ThrottleReason, st.Stats.Waiting
 		r.Sync.LagSeconds = st.Stats.LagSeconds
+		r.Sync.DeferredKeys = st.Stats.DeferredKeys
 		r.Sync.DualWrite = st.Stats.DualWrite
 	} else if !st.Phase.Ended() {
 		r.Waiting = "a daemon: none runs this migration (cdcbackfill run)"
 	}
 	r.Sync.Events, r.Sync.Corrections = st.SyncEvents, st.Corrections
+	r.Sync.Correction = cfg.Sync.Correction
+	if cfg.Sync.Correction == "deferred" {
+		r.Sync.DeferFor = cfg.Sync.DeferFor.Seconds()
+	}
 	r.Sync.CorrectionSamples = st.Stats.CorrectionSamples
 	if r.Sync.CorrectionSamples == nil {
 		r.Sync.CorrectionSamples = []string{}

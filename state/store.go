@@ -101,6 +101,9 @@ type Stats struct {
 	CorrectionSamples []string `json:"correction_samples,omitempty"`
 	// DualWrite is the evidence of dual-write (sync, detect auto).
 	DualWrite *DualWrite `json:"dual_write,omitempty"`
+	// DeferredKeys are the changed keys whose correction waits
+	// (sync.correction deferred); 0 otherwise.
+	DeferredKeys int `json:"deferred_keys,omitempty"`
 	// Waiting says what the phase waits for, in a sentence.
 	Waiting     string `json:"waiting,omitempty"`
 	HeartbeatAt string `json:"heartbeat_at,omitempty"`

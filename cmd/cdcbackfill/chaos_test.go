@@ -221,7 +221,13 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 	// cdcbackfill (phases.Connect and the slot's connection set
 	// "cdcbackfill"; the pool and the stream take the DSN's), so terminate
 	// faults find all of them and none of the application's.
-	c.cfg = writeConfig(t, autoConfig(withParam(dsn, "application_name=cdcbackfill-chaos"))+chaosTuning)
+	tuning := chaosTuning
+	if c.rng.IntN(3) == 0 {
+		// Corrections that wait: faults then land with keys held back.
+		tuning += "sync:\n  correction: deferred\n  defer_for: 2s\n"
+		t.Logf("sync.correction: deferred, defer_for 2s")
+	}
+	c.cfg = writeConfig(t, autoConfig(withParam(dsn, "application_name=cdcbackfill-chaos"))+tuning)
 
 	appPool, err := pgxpool.New(context.Background(), withParam(dsn, "application_name=chaos-app"))
 	if err != nil {

@@ -156,6 +156,10 @@ func printStatus(w io.Writer, r *phases.StatusReport) {
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintf(w, "sync: slot lag %s (%.1fs), events %d, corrections %d\n", units.BytesSize(float64(r.Sync.LagBytes)), r.Sync.LagSeconds, r.Sync.Events, r.Sync.Corrections)
+	if r.Sync.Correction == "deferred" && r.Phase == "sync" {
+		fmt.Fprintf(w, "      deferred corrections: %d keys waiting, the oldest %.1fs (sync.defer_for %s)\n", r.Sync.DeferredKeys, r.Sync.LagSeconds,
+			(time.Duration(r.Sync.DeferFor * float64(time.Second))).String())
+	}
 	if len(r.Sync.CorrectionSamples) > 0 {
 		fmt.Fprintf(w, "      recent corrections (the application does not write these as the expressions say): %s\n", strings.Join(r.Sync.CorrectionSamples, " "))
 	}

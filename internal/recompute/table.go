@@ -1,9 +1,11 @@
 package recompute
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -29,6 +31,28 @@ type KeyColumn struct {
 func (t *Table) IntegerKey() bool { return len(t.Key) == 1 && isInteger(t.Key[0].Type) }
 
 func isInteger(typ string) bool { return typ == "smallint" || typ == "integer" || typ == "bigint" }
+
+// CompareKeys orders keys as the primary key's index does where a column
+// is an integer, and by bytes elsewhere (the server's collation may order
+// text otherwise: the order serves locality, never correctness).
+func (t *Table) CompareKeys(a, b Key) int {
+	for i := range min(len(a), len(b)) {
+		if i < len(t.Key) && isInteger(t.Key[i].Type) {
+			x, err1 := strconv.ParseInt(a[i], 10, 64)
+			y, err2 := strconv.ParseInt(b[i], 10, 64)
+			if err1 == nil && err2 == nil {
+				if c := cmp.Compare(x, y); c != 0 {
+					return c
+				}
+				continue
+			}
+		}
+		if c := strings.Compare(a[i], b[i]); c != 0 {
+			return c
+		}
+	}
+	return cmp.Compare(len(a), len(b))
+}
 
 // Table is the migrated table as the statements need it.
 type Table struct {
