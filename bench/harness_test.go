@@ -163,6 +163,7 @@ type daemonOptions struct {
 	expanded     bool          // the table has the new columns already: no expand statement
 	workers      int           // backfill.workers; 0 keeps the default
 	originFilter string        // sync.origin_filter; "" keeps the default
+	deferFor     time.Duration // sync.correction deferred with this defer_for; 0 keeps continuous
 	contract     string        // contract_policy.mode; "" is manual (the migration stays in verify)
 	hold         time.Duration // contract_policy.hold, with contract
 	debugJSON    bool          // log at debug level as JSON (the backfill's batch times)
@@ -195,8 +196,14 @@ http:
 	if o.throttleOff {
 		s.WriteString("throttle:\n  max_replica_lag: 0s\n  max_slot_lag: 0\n")
 	}
+	if o.originFilter != "" || o.deferFor > 0 {
+		s.WriteString("sync:\n")
+	}
 	if o.originFilter != "" {
-		fmt.Fprintf(&s, "sync:\n  origin_filter: %s\n", o.originFilter)
+		fmt.Fprintf(&s, "  origin_filter: %s\n", o.originFilter)
+	}
+	if o.deferFor > 0 {
+		fmt.Fprintf(&s, "  correction: deferred\n  defer_for: %s\n", o.deferFor)
 	}
 	if o.contract == "" {
 		s.WriteString("contract_policy:\n  mode: manual\n")
@@ -399,6 +406,9 @@ type pgbench struct {
 	rows   int
 
 	postmaster int // for the server's CPU time; 0 when unknown
+	// drain, when set, runs after pgbench ends and before the CPU is
+	// counted: work the setup put off (deferred corrections) counts too.
+	drain func()
 }
 
 // findPgbench looks in the local server's binaries, then PATH, then
@@ -500,7 +510,11 @@ func (p *pgbench) run(b *testing.B, rate float64, dur time.Duration, withLog boo
 	host0, disk0, start := hostBusy(), diskBusy(), time.Now()
 	err = cmd.Run()
 	var r loadResult
-	r.wall, r.hostBusy, r.diskBusy = time.Since(start), hostBusy()-host0, diskBusy()-disk0
+	r.wall = time.Since(start)
+	if p.drain != nil && err == nil {
+		p.drain()
+	}
+	r.hostBusy, r.diskBusy = hostBusy()-host0, diskBusy()-disk0
 	r.roles, r.sys = meter.finish()
 	if cmd.ProcessState != nil {
 		r.loadCPU = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()

@@ -18,6 +18,7 @@ const (
 	syncRows     = 200000
 	drainTime    = 30 * time.Second // longest wait for the lag samples of a run to resolve
 	fixedRateCap = 3000             // the fixed rate: half the no-migration max, at most this
+	deferFor     = 5 * time.Second  // sync.defer_for of the deferred setup
 )
 
 // The runs of BenchmarkSync; -short (make test-matrix) runs each setup
@@ -48,11 +49,11 @@ type syncSetup struct {
 }
 
 // BenchmarkSync measures what the application's writes cost while the
-// new columns are kept in sync, on four setups: no migration; a plpgsql
+// new columns are kept in sync, on five setups: no migration; a plpgsql
 // BEFORE trigger computing the new columns; the floor of any slot-based
 // sync (publication, slot and pg_recvlogical, no applier); cdcbackfill in
 // sync before dual-write (the daemon corrects every row the application
-// writes).
+// writes); and the same with sync.correction deferred.
 //
 // The application is pgbench (4 clients, 2 threads, -M prepared) updating
 // full_name of random rows among 200k. First each setup's unthrottled
@@ -112,7 +113,19 @@ END $$`,
 	d.stop(b)
 	ours := &syncSetup{name: "cdcbackfill in sync", load: newPgbench(b, pb, dsnB, syncRows), slot: d.slot(), client: d.pid, probed: true,
 		start: func() { d.start(b); d.waitStreaming(b, 2*time.Minute) }, stop: func() { d.stop(b) }}
-	setups := []*syncSetup{none, trigger, floor, ours}
+	// The same in the deferred mode: corrections wait up to 5s (shorter
+	// than a run, so each run has some), then run in bulk. The CPU counted
+	// includes the corrections still waiting when a run ends.
+	dsnD := seedUsers(b, syncRows, false)
+	dd := newDaemon(b, bin, dsnD, "bench_deferred", daemonOptions{deferFor: deferFor})
+	dd.waitPhase(b, "sync", 5*time.Minute)
+	execSQL(b, dsnD, `VACUUM ANALYZE users`, `CHECKPOINT`)
+	waitCaughtUp(b, dsnD, dd.slot(), time.Minute)
+	dd.stop(b)
+	deferred := &syncSetup{name: "cdcbackfill deferred " + deferFor.String(), load: newPgbench(b, pb, dsnD, syncRows), slot: dd.slot(), client: dd.pid,
+		start: func() { dd.start(b); dd.waitStreaming(b, 2*time.Minute) }, stop: func() { dd.stop(b) }}
+	deferred.load.drain = func() { waitCaughtUp(b, dsnD, dd.slot(), 2*time.Minute) }
+	setups := []*syncSetup{none, trigger, floor, ours, deferred}
 
 	// measure runs a load, sampling the slot's lag where the new columns
 	// follow the writes, lock waits everywhere.
@@ -173,6 +186,10 @@ END $$`,
 	if bad := checkParity(b, dsnC); bad != 0 {
 		b.Fatalf("trigger: %d rows differ", bad)
 	}
+	if bad := checkParity(b, dsnD); bad != 0 {
+		b.Fatalf("deferred: %d rows differ after the slot caught up\nlog:\n%s", bad, dd.logTail())
+	}
+	dd.abort(b)
 
 	// Apply rate: rising fixed rates; a step passes when every probe of it
 	// showed in the new columns within 1s. The first failure ends it: a
