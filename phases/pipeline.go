@@ -11,7 +11,6 @@ import (
 	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
-	"golang.org/x/time/rate"
 
 	"github.com/cdcbackfill/cdcbackfill/applier"
 	"github.com/cdcbackfill/cdcbackfill/cdc"
@@ -263,19 +262,14 @@ func (p *pipeline) waitApplied(ctx context.Context, lsn pglogrepl.LSN) error {
 }
 
 // deferredPace paces the statements of a deferred correction as backfill
-// batches are: backfill.sleep between them, and no more than
-// backfill.max_rows_per_second. The slot lag bound is not applied: the
-// deferral itself holds the slot back.
+// batches are: the throttle's row rate (backfill.max_rows_per_second), then
+// backfill.sleep. Not the lag bounds or the pause: the deferral itself holds
+// the slot back, and corrections must go on for waits on the stream to end.
 func (d *Daemon) deferredPace() func(ctx context.Context, keys int) error {
-	var lim *rate.Limiter
-	if r := d.cfg.Backfill.MaxRowsPerSecond; r > 0 {
-		lim = rate.NewLimiter(rate.Limit(r), max(int(r), 1))
-	}
+	th := snapshot.NewThrottle(snapshot.ThrottleConfig{MaxRowsPerSecond: d.cfg.Backfill.MaxRowsPerSecond}, nil, nil)
 	return func(ctx context.Context, keys int) error {
-		if lim != nil {
-			if err := lim.WaitN(ctx, min(keys, lim.Burst())); err != nil {
-				return err
-			}
+		if err := th.Wait(ctx, keys); err != nil {
+			return err
 		}
 		return dbconn.Sleep(ctx, d.cfg.Backfill.Sleep)
 	}

@@ -42,9 +42,7 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 	var mark time.Time // the server's clock at the last proof of this run; zero: none yet
 	found := d.checks.found.Load()
 	saidNever := false
-	var passHi recompute.Key // the highest key of the pass in hand
-	chunk := d.cfg.Backfill.BatchSize
-	parts := 1 // connections checking a chunk at once, decided at each pass's start
+	pass := verifyPass{size: d.cfg.Backfill.BatchSize, parts: 1}
 	return d.pipe.Load().guard(ctx, func(ctx context.Context) error {
 		for ctx.Err() == nil {
 			st, outstanding, err := d.loadAndRecheck(ctx)
@@ -65,7 +63,7 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 				d.rlog.Info("verify: rows out of parity hold the contract; the hold starts once none is left", "rows", outstanding)
 			}
 			if !st.PassDone {
-				if passHi, err = d.verifyChunk(ctx, st, throttle, passHi, &chunk, &parts); err != nil {
+				if err = d.verifyChunk(ctx, st, throttle, &pass); err != nil {
 					return err
 				}
 				if outstanding == 0 {
@@ -194,129 +192,122 @@ func (d *Daemon) newThrottle(what string) *snapshot.Throttle {
 	return th
 }
 
+// verifyPass is how the pass in hand is read.
+type verifyPass struct {
+	hi    recompute.Key // the pass's highest key; nil: the next chunk starts a pass
+	size  int           // rows of the next chunk (split: key values per part)
+	parts int           // connections checking a chunk at once (see spreadParts)
+	first int64         // split: the pass's lowest key
+}
+
 // verifyChunk checks the next chunk of the pass, read-only, and saves its
 // cursor and count. A row that differs is checked again once the stream
 // has passed the position the chunk was read at, so a change the chunk saw
 // half-way is judged as the stream judges it; one that still differs is
-// reported to the check sink. It returns the pass's highest key. Chunks are
-// sized as backfill batches are, to backfill.target_batch_time: a read takes
-// no row lock, so the bound is only on how long one statement runs. Where
-// the key allows (see spreadParts) a chunk is checked in *parts at once.
-func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle *snapshot.Throttle, hi recompute.Key, size, parts *int) (recompute.Key, error) {
-	if st.VerifyCursor == nil || hi == nil {
+// reported to the check sink. Chunks are sized as backfill batches are, to
+// backfill.target_batch_time: a read takes no row lock, so the bound is
+// only on how long one statement runs. Where the key allows (see
+// spreadParts) a chunk is checked in parts at once.
+func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle *snapshot.Throttle, p *verifyPass) error {
+	if st.VerifyCursor == nil || p.hi == nil {
 		// A pass covers the keys that exist when it starts; rows inserted
 		// later come through the stream.
-		var err error
-		if hi, err = d.table.HighestKey(ctx, d.conn); err != nil {
-			return nil, err
+		lo, hi, estimate, err := d.table.Bounds(ctx, d.conn)
+		if err != nil {
+			return err
 		}
 		if hi == nil {
-			return nil, d.store.VerifyChunk(ctx, d.conn, 0, nil) // empty table: nothing to check
+			return d.store.VerifyChunk(ctx, d.conn, 0, nil) // empty table: nothing to check
 		}
-		if *parts, err = d.spreadParts(ctx, hi); err != nil {
-			return nil, err
-		}
+		p.hi = hi
+		p.parts, p.first = d.spreadParts(lo, hi, estimate)
 	}
-	if err := throttle.Wait(ctx, *size**parts); err != nil {
-		return hi, nil
+	if err := throttle.Wait(ctx, p.size*p.parts); err != nil {
+		return nil
 	}
 	began := time.Now()
 	var res recompute.Result
 	var cursor recompute.Key // after the chunk; nil: the pass ended
 	var err error
-	if *parts > 1 {
-		res, cursor, err = d.checkSpread(ctx, st.VerifyCursor, hi, *size, *parts)
+	if p.parts > 1 {
+		res, cursor, err = d.checkSpread(ctx, st.VerifyCursor, p)
 	} else {
-		res, err = d.table.Check(ctx, d.conn, st.VerifyCursor, hi, *size)
-		if res.Scanned == int64(*size) {
+		res, err = d.table.Check(ctx, d.conn, st.VerifyCursor, p.hi, p.size)
+		if res.Scanned == int64(p.size) {
 			cursor = res.Last
 		}
 	}
 	if err != nil {
-		return nil, fmt.Errorf("verify chunk after %v: %w", st.VerifyCursor, err)
+		return fmt.Errorf("verify chunk after %v: %w", st.VerifyCursor, err)
 	}
-	*size = snapshot.NextBatchSize(*size, time.Since(began), d.cfg.Backfill.TargetBatchTime)
+	p.size = snapshot.NextBatchSize(p.size, time.Since(began), d.cfg.Backfill.TargetBatchTime)
 	if len(res.Skipped) > 0 {
 		lsn, err := insertLSN(ctx, d.conn)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if err := d.pipe.Load().waitApplied(ctx, lsn); err != nil {
-			return nil, err
+			return err
 		}
 		found, err := d.table.CheckKeys(ctx, d.conn, res.Skipped)
 		if err != nil {
-			return nil, fmt.Errorf("verify: check again %d rows: %w", len(res.Skipped), err)
+			return fmt.Errorf("verify: check again %d rows: %w", len(res.Skipped), err)
 		}
 		if err := d.checks.Report(ctx, found, nil); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	if cursor == nil {
-		d.log.Info("verify: a whole pass over the table ended", "rows_checked", st.VerifyRowsChecked+res.Scanned, "connections", *parts)
+		d.log.Info("verify: a whole pass over the table ended", "rows_checked", st.VerifyRowsChecked+res.Scanned, "connections", p.parts)
 	}
-	return hi, d.store.VerifyChunk(ctx, d.conn, res.Scanned, cursor)
+	return d.store.VerifyChunk(ctx, d.conn, res.Scanned, cursor)
 }
 
-// spreadParts is how many connections check each chunk of a pass up to hi:
-// verify.workers where the key is one integer column whose values are
-// dense (at most twice as many values as rows from the lowest key to hi),
-// so a part of w values holds about w rows and at most w; else 1, and
-// chunks are walked by keyset alone.
-func (d *Daemon) spreadParts(ctx context.Context, hi recompute.Key) (int, error) {
+// spreadParts is how many connections check each chunk of a pass from lo
+// to hi, and the pass's lowest key: verify.workers where the key is one
+// integer column whose values are dense (at most twice as many values as
+// rows), so a part of w values holds about w rows and at most w; else 1,
+// and chunks are walked by keyset alone.
+func (d *Daemon) spreadParts(lo, hi recompute.Key, estimate int64) (parts int, first int64) {
 	if d.cfg.Verify.Workers <= 1 || !d.table.IntegerKey() {
-		return 1, nil
-	}
-	lo, _, estimate, err := d.table.Bounds(ctx, d.conn)
-	if err != nil || lo == nil {
-		return 1, err
+		return 1, 0
 	}
 	l, err1 := strconv.ParseInt(lo[0], 10, 64)
 	h, err2 := strconv.ParseInt(hi[0], 10, 64)
 	if err1 != nil || err2 != nil || l <= math.MinInt64/4 || h >= math.MaxInt64/4 || float64(h-l) > 2*float64(estimate) {
-		return 1, nil
+		return 1, 0
 	}
-	return d.cfg.Verify.Workers, nil
+	return d.cfg.Verify.Workers, l
 }
 
-// checkSpread checks, each part on its own connection at once, parts of
-// width key values after cursor (nil: from the start) up to hi. A part of
-// width values of a unique integer key holds at most width rows, so each
-// is checked whole. It returns what the parts found together and the
-// cursor after them (nil: hi was reached).
-func (d *Daemon) checkSpread(ctx context.Context, cursor, hi recompute.Key, width, parts int) (recompute.Result, recompute.Key, error) {
-	last, _ := strconv.ParseInt(hi[0], 10, 64)
-	var base int64
+// checkSpread checks, each part on its own connection at once, p.parts
+// parts of p.size key values after cursor (nil: from the pass's first key)
+// up to p.hi. A part of w values of a unique integer key holds at most w
+// rows, so each is checked whole. It returns what the parts found together
+// and the cursor after them (nil: p.hi was reached).
+func (d *Daemon) checkSpread(ctx context.Context, cursor recompute.Key, p *verifyPass) (recompute.Result, recompute.Key, error) {
+	last, _ := strconv.ParseInt(p.hi[0], 10, 64)
+	base := p.first - 1 // keys after it: the first key on
 	if cursor != nil {
 		base, _ = strconv.ParseInt(cursor[0], 10, 64)
-	} else {
-		lo, _, _, err := d.table.Bounds(ctx, d.conn)
-		if err != nil || lo == nil {
-			return recompute.Result{}, nil, err
-		}
-		first, _ := strconv.ParseInt(lo[0], 10, 64)
-		base = first - 1
 	}
-	results := make([]recompute.Result, parts)
+	results := make([]recompute.Result, p.parts)
 	g, gctx := errgroup.WithContext(ctx)
 	end := base
-	for i := range parts {
+	for i := range p.parts {
 		from := end
 		if from >= last {
 			break
 		}
-		end = min(from+int64(width), last)
+		end = min(from+int64(p.size), last)
+		lo, hi := recompute.Key{strconv.FormatInt(from, 10)}, recompute.Key{strconv.FormatInt(end, 10)}
 		g.Go(func() error {
 			conn, err := d.pool.Acquire(gctx)
 			if err != nil {
 				return err
 			}
 			defer conn.Release()
-			var lo recompute.Key
-			if i > 0 || cursor != nil {
-				lo = recompute.Key{strconv.FormatInt(from, 10)}
-			}
-			results[i], err = d.table.Check(gctx, conn, lo, recompute.Key{strconv.FormatInt(end, 10)}, width)
+			results[i], err = d.table.Check(gctx, conn, lo, hi, p.size)
 			return err
 		})
 	}

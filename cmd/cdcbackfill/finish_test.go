@@ -683,13 +683,5 @@ func TestDeferredCorrectionFinishes(t *testing.T) {
 	}
 
 	a.Deploy(workload.WritesBoth)
-	if code := d.wait(t, 3*time.Minute); code != 0 {
-		t.Fatalf("daemon exit %d\n%s", code, d.output())
-	}
-	waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return a.Release() == workload.WritesNew })
-	a.Stop()
-	if n := differFromExpected(t, pool); n != 0 {
-		t.Errorf("%d rows differ from what the writers last wrote", n)
-	}
-	nothingLeft(t, pool)
+	finishesAsWritten(t, d, a, pool, 3*time.Minute)
 }

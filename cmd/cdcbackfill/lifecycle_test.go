@@ -69,6 +69,22 @@ contract_policy:
 `
 }
 
+// finishesAsWritten waits for the daemon to exit 0 (at done) and the
+// application to switch to the new columns, stops the application, and
+// checks that every row holds what it last wrote and nothing is left behind.
+func finishesAsWritten(t *testing.T, d *daemon, a *workload.App, pool *pgxpool.Pool, timeout time.Duration) {
+	t.Helper()
+	if code := d.wait(t, timeout); code != 0 {
+		t.Fatalf("daemon exit %d\n%s", code, d.output())
+	}
+	waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return a.Release() == workload.WritesNew })
+	a.Stop()
+	if n := differFromExpected(t, pool); n != 0 {
+		t.Errorf("%d rows differ from what the application last wrote", n)
+	}
+	nothingLeft(t, pool)
+}
+
 // TestFullStory: writers write only full_name, then dual-write; with
 // detect auto and contract auto the daemon reaches done by itself, drops
 // full_name, and every row holds what the writers last wrote.
@@ -195,15 +211,7 @@ func TestWrongDualWriteKeepsOutOfContract(t *testing.T) {
 		exec1(t, dsn, `UPDATE users SET first_name = split_part(full_name, ' ', 1) WHERE first_name = 'WRONG'`)
 		return query[int64](t, pool, `SELECT count(*) FROM users WHERE first_name = 'WRONG'`) == 0
 	})
-	if code := d.wait(t, 2*time.Minute); code != 0 {
-		t.Fatalf("daemon exit %d\n%s", code, d.output())
-	}
-	waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return a.Release() == workload.WritesNew })
-	a.Stop()
-	if n := differFromExpected(t, pool); n != 0 {
-		t.Errorf("%d rows differ from what the application last wrote", n)
-	}
-	nothingLeft(t, pool)
+	finishesAsWritten(t, d, a, pool, 2*time.Minute)
 }
 
 // TestAbortRollback: abort --rollback during backfill and during sync

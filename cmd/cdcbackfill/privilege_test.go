@@ -46,15 +46,7 @@ func TestLeastPrivilege(t *testing.T) {
 			d := startDaemon(t, writeConfig(t, autoConfig(migratorDSN)))
 			waitFor(t, 2*time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
 			a.Deploy(workload.WritesBoth)
-			if code := d.wait(t, 3*time.Minute); code != 0 {
-				t.Fatalf("daemon exit %d\n%s", code, d.output())
-			}
-			waitFor(t, time.Minute, "the app to switch to the new columns", func() bool { return a.Release() == workload.WritesNew })
-			a.Stop()
-			if n := differFromExpected(t, pool); n != 0 {
-				t.Errorf("%d rows differ from what the writers last wrote", n)
-			}
-			nothingLeft(t, pool)
+			finishesAsWritten(t, d, a, pool, 3*time.Minute)
 			warned := strings.Contains(d.output(), "may not set a replication origin")
 			if warned == origins {
 				t.Errorf("origin warning %v with origin grants %v\n%s", warned, origins, d.output())
