@@ -71,6 +71,11 @@ type Config struct {
 	// Checks receives what the applier finds once the application owns the
 	// new columns (see SetHandover); required before then.
 	Checks Checks
+	// Gate, when set, closes every correction at the hand-over recorded in
+	// the state row: a statement that finds it recorded writes nothing,
+	// and the applier hands over at that position itself, whenever the
+	// conductor notices. Nil: only SetHandover hands over.
+	Gate *recompute.Gate
 	// Defer, when positive, is the deferred mode: while the expressions own
 	// the new columns a changed key waits up to Defer before its correction.
 	// Until dual-write nobody reads the new columns, so their freshness is
@@ -775,14 +780,20 @@ func (a *Applier) flush(ctx context.Context) error {
 	var held int
 	var err error
 	if h := pglogrepl.LSN(a.handover.Load()); h != 0 {
-		if len(unseen) > 0 {
-			if _, err := a.waitVisible(ctx, unseen); err != nil {
-				return fmt.Errorf("apply keys: %w", err)
-			}
-		}
-		corrected, held, err = a.handOver(ctx, entries, h)
+		corrected, held, err = a.checkAfterHandover(ctx, entries, unseen, h)
 	} else {
 		corrected, held, err = a.correct(ctx, entries, unseen)
+		var ho *handedOver
+		if errors.As(err, &ho) {
+			// Handed over while correcting: what the earlier statements
+			// wrote came before it; the rest of the buffer is checked.
+			a.SetHandover(ho.lsn)
+			a.log.Info("applier: the hand-over is recorded; from now on the daemon checks the new columns and never writes them", "handover_lsn", ho.lsn)
+			var c int64
+			var h int
+			c, h, err = a.checkAfterHandover(ctx, slices.Collect(maps.Values(a.buf)), unseen, ho.lsn)
+			corrected, held = corrected+c, held+h
+		}
 	}
 	if err != nil {
 		return err
@@ -844,6 +855,15 @@ func (a *Applier) correct(ctx context.Context, entries []*pending, unseen []uint
 		}
 		if err != nil {
 			return 0, 0, fmt.Errorf("apply keys: batch of %d keys of %s: %w", len(keys), a.relation, err)
+		}
+		if res.Handover != "" {
+			// The gate found the hand-over recorded: nothing was written,
+			// and the keys left are the application's rules' now.
+			h, err := pglogrepl.ParseLSN(res.Handover)
+			if err != nil {
+				return 0, 0, fmt.Errorf("read the hand-over position %q: %w", res.Handover, err)
+			}
+			return corrected, held, &handedOver{lsn: h}
 		}
 		corrected += res.Corrected
 		held += len(res.Skipped)
@@ -914,6 +934,23 @@ func maxTime(a, b time.Time) time.Time {
 		return b
 	}
 	return a
+}
+
+// handedOver is what correct returns when a gated statement found the
+// hand-over recorded at lsn.
+type handedOver struct{ lsn pglogrepl.LSN }
+
+func (h *handedOver) Error() string { return "handed over at " + h.lsn.String() }
+
+// checkAfterHandover is handOver once the buffer's transactions are
+// visible.
+func (a *Applier) checkAfterHandover(ctx context.Context, entries []*pending, unseen []uint32, h pglogrepl.LSN) (corrected int64, held int, err error) {
+	if len(unseen) > 0 {
+		if _, err := a.waitVisible(ctx, unseen); err != nil {
+			return 0, 0, fmt.Errorf("apply keys: %w", err)
+		}
+	}
+	return a.handOver(ctx, entries, h)
 }
 
 // handOver runs once the application owns the new columns from position h.
@@ -1002,7 +1039,7 @@ func (a *Applier) apply(ctx context.Context, keys []recompute.Key) (recompute.Re
 		if err := a.setLockTimeout(ctx, true); err != nil {
 			return recompute.Result{}, err
 		}
-		res, err := a.table.KeysFast(ctx, a.conn, keys)
+		res, err := a.table.KeysFast(ctx, a.conn, a.cfg.Gate, keys)
 		if !dbconn.IsLockTimeout(err) {
 			return res, err
 		}
@@ -1011,8 +1048,8 @@ func (a *Applier) apply(ctx context.Context, keys []recompute.Key) (recompute.Re
 		return recompute.Result{}, err
 	}
 	a.lockedFlushes.Add(1)
-	res, err := a.table.Keys(ctx, a.conn, keys)
-	a.contended = err == nil && len(res.Skipped) > 0
+	res, err := a.table.KeysGated(ctx, a.conn, a.cfg.Gate, keys)
+	a.contended = err == nil && len(res.Skipped) > 0 && res.Handover == ""
 	return res, err
 }
 

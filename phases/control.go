@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -86,6 +87,21 @@ func approve(ctx context.Context, conn *pgx.Conn, cfg *config.Config, store stat
 	if st.Phase == state.Contract && st.OldUsage != nil && len(st.OldUsage.Still) > 0 && !opts.Force {
 		return "", fmt.Errorf("approve: statements that use the old column without the new ones ran during the hold (see `cdcbackfill status`), e.g. %q (%d calls); make sure nothing needs the old column, then approve --force",
 			st.OldUsage.Still[0].Query, st.OldUsage.Still[0].Calls)
+	}
+	if st.Phase == state.Sync {
+		lsn, err := store.ApproveDualWrite(ctx, conn)
+		if errors.Is(err, state.ErrNotInSync) {
+			return "", fmt.Errorf("approve: migration %q left sync meanwhile; see cdcbackfill status", cfg.Name)
+		}
+		if err != nil {
+			return "", fmt.Errorf("approve: %w", err)
+		}
+		names := make([]string, len(cfg.Columns))
+		for i, c := range cfg.Columns {
+			names[i] = c.Name
+		}
+		return fmt.Sprintf("migration %q: dual-write approved at WAL position %s: from now on the application owns %s; the daemon will not write them",
+			cfg.Name, lsn, strings.Join(names, ", ")), nil
 	}
 	if err := store.Approve(ctx, conn, st.Phase, opts.Force); err != nil {
 		return "", err

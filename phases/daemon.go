@@ -44,6 +44,9 @@ type Daemon struct {
 	// new columns; 0 while the expressions own them. The pipeline gives it
 	// to each applier it starts.
 	handover atomic.Uint64
+	// approvedHandover is the hand-over approve recorded in sync, as the
+	// state row last said (0: none).
+	approvedHandover atomic.Uint64
 	// sources are the table's columns the expressions read (for the
 	// evidence of dual-write); nil when they could not be found.
 	sources []string
@@ -349,7 +352,19 @@ func (d *Daemon) setControl(st *state.Migration) {
 	if was := d.approved.Swap(approved); was != approved && approved != "" {
 		d.log.Info("approved by operator", "phase", approved, "force", st.ForceApproved)
 	}
+	// approve records the hand-over itself, in sync; the applier's gate has
+	// stopped its corrections since, and the applier is told at once.
+	var recorded pglogrepl.LSN
+	if st.Phase == state.Sync && st.HandoverLSN != nil {
+		recorded = *st.HandoverLSN
+	}
+	if d.approvedHandover.Swap(uint64(recorded)) != uint64(recorded) && recorded != 0 && d.handover.Load() == 0 {
+		d.setHandover(recorded)
+	}
 }
+
+// recordedHandover is the hand-over approve recorded in sync (0: none).
+func (d *Daemon) recordedHandover() pglogrepl.LSN { return pglogrepl.LSN(d.approvedHandover.Load()) }
 
 // approvedFor reports whether an operator approved phase.
 func (d *Daemon) approvedFor(p state.Phase) bool { return d.approved.Load().(state.Phase) == p }

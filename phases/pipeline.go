@@ -119,6 +119,7 @@ func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 		MaxBatchKeys:  d.cfg.Sync.MaxBatchKeys,
 		LockTimeout:   d.cfg.DDL.LockTimeout,
 		Checks:        &d.checks,
+		Gate:          d.store.HandoverGate(),
 		Logger:        d.log,
 	}
 	if d.cfg.Sync.Correction == "deferred" {

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/jackc/pglogrepl"
+
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
@@ -18,7 +20,9 @@ func (d *Daemon) sync(ctx context.Context, st *state.Migration) error {
 	if err := d.startPipeline(ctx); err != nil {
 		return err
 	}
-	d.setHandover(0)
+	if st.HandoverLSN == nil {
+		d.setHandover(0)
+	}
 	d.log.Info("sync: the stream keeps the new columns in sync; waiting for dual-write", "detect", d.cfg.DualWrite.Detect)
 	w := evidenceWatch{minEvidence: d.cfg.DualWrite.MinEvidence, period: d.cfg.DualWrite.QuietPeriod, syncSince: time.Now()}
 	defer d.dualWrite.Store(nil)
@@ -31,12 +35,14 @@ func (d *Daemon) sync(ctx context.Context, st *state.Migration) error {
 				d.waiting.Store("paused by operator: dual-write is neither detected nor taken from approve until resume")
 				continue
 			}
+			if h := d.recordedHandover(); h != 0 {
+				// approve recorded the hand-over in its own transaction:
+				// the application has owned the new columns since then.
+				return d.handOverAt(ctx, h)
+			}
 			switch d.cfg.DualWrite.Detect {
 			case "manual":
 				d.waiting.Store("the application to dual-write: cdcbackfill approve once it does")
-				if d.approvedFor(state.Sync) {
-					return d.handOver(ctx, map[string]any{"by": "approve"})
-				}
 			case "auto":
 				ev, fixes, streamTime := d.evidence()
 				dw := w.observe(time.Now(), ev, fixes, streamTime)
@@ -62,23 +68,24 @@ func (d *Daemon) sync(ctx context.Context, st *state.Migration) error {
 				}
 				d.log.Info("sync: dual-write detected: application writes of the new columns needed no correction for the quiet period",
 					"evidence", dw.Evidence, "quiet_period", d.cfg.DualWrite.QuietPeriod)
-				return d.handOver(ctx, map[string]any{"by": "evidence", "evidence": dw.Evidence,
+				lsn, err := d.store.HandOverNow(ctx, d.conn, map[string]any{"by": "evidence", "evidence": dw.Evidence,
 					"quiet_period": d.cfg.DualWrite.QuietPeriod.String()})
+				if err != nil {
+					return err
+				}
+				d.setHandover(lsn)
+				d.log.Info("sync: the application owns the new columns from now on: the daemon checks them and never writes them", "handover_lsn", lsn)
+				return nil
 			}
 		}
 	})
 }
 
-// handOver makes the application the owner of the new columns from now: a
-// WAL position read now, given to the applier before the state says so.
-func (d *Daemon) handOver(ctx context.Context, detail map[string]any) error {
-	lsn, err := insertLSN(ctx, d.conn)
-	if err != nil {
-		return err
-	}
+// handOverAt moves to verify with the hand-over approve recorded at lsn.
+func (d *Daemon) handOverAt(ctx context.Context, lsn pglogrepl.LSN) error {
 	d.setHandover(lsn)
-	d.log.Info("sync: the application owns the new columns from now on: the daemon checks them and never writes them", "handover_lsn", lsn)
-	return d.store.HandOver(ctx, d.conn, lsn, detail)
+	d.log.Info("sync: dual-write approved: the application owns the new columns since the approval; the daemon checks them and never writes them", "handover_lsn", lsn)
+	return d.store.HandOver(ctx, d.conn, lsn, map[string]any{"by": "approve"})
 }
 
 // evidence is the stream's evidence of dual-write so far: the count, the

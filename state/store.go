@@ -358,6 +358,99 @@ func (s Store) Approve(ctx context.Context, q dbconn.Querier, phase Phase, force
 	return s.Event(ctx, q, phase, "approve", map[string]any{"force": force})
 }
 
+// handoverLock is the key of the lock the hand-over takes exclusively and
+// every correction of the daemon shares (recompute.Gate).
+func (s Store) handoverLock() string {
+	return "hashtextextended(" + dbconn.QuoteLiteral("cdcbackfill.handover:"+s.Name) + ", 0)"
+}
+
+// HandoverGate closes the daemon's corrections once this migration's
+// hand-over is recorded (see recompute.Gate). Name is [a-z0-9_]: the
+// literals are safe.
+func (s Store) HandoverGate() *recompute.Gate {
+	return &recompute.Gate{
+		Lock:     "SELECT pg_advisory_xact_lock_shared(" + s.handoverLock() + ")",
+		Handover: "SELECT handover_lsn::text FROM cdcbackfill.migrations WHERE name = " + dbconn.QuoteLiteral(s.Name),
+	}
+}
+
+// HandoverWait bounds how long the hand-over waits for the corrections in
+// flight (each one statement) to finish.
+const HandoverWait = 30 * time.Second
+
+// recordHandover runs set in a transaction that holds the hand-over lock
+// exclusively: corrections in flight finish first, and none starts before
+// it commits (durably, whatever the role's synchronous_commit). set
+// returns the position it recorded.
+func (s Store) recordHandover(ctx context.Context, conn *pgx.Conn, set func(tx pgx.Tx) (pglogrepl.LSN, error)) (pglogrepl.LSN, error) {
+	var lsn pglogrepl.LSN
+	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", HandoverWait.Milliseconds())); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = on"); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock("+s.handoverLock()+")"); err != nil {
+			if dbconn.IsLockTimeout(err) {
+				return fmt.Errorf("the daemon's corrections did not pause within %s: %w", HandoverWait, err)
+			}
+			return err
+		}
+		var err error
+		lsn, err = set(tx)
+		return err
+	})
+	return lsn, err
+}
+
+// ErrNotInSync is returned by ApproveDualWrite when the migration has left
+// sync.
+var ErrNotInSync = errors.New("the migration is no longer in sync")
+
+// ApproveDualWrite records the operator's approval of dual-write and, in
+// the same transaction, the hand-over: the WAL insert position, before this
+// transaction's commit, so every change committed after approve returns
+// comes after it and is the application's. The daemon acts on it whenever
+// it notices; its corrections stop at this commit (HandoverGate). A second
+// approve keeps the first position.
+func (s Store) ApproveDualWrite(ctx context.Context, conn *pgx.Conn) (pglogrepl.LSN, error) {
+	return s.recordHandover(ctx, conn, func(tx pgx.Tx) (pglogrepl.LSN, error) {
+		var text string
+		err := tx.QueryRow(ctx, `UPDATE cdcbackfill.migrations SET approved_phase = 'sync',
+			handover_lsn = coalesce(handover_lsn, pg_current_wal_insert_lsn()), updated_at = now()
+			WHERE name = $1 AND phase = 'sync' RETURNING handover_lsn::text`, s.Name).Scan(&text)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return 0, ErrNotInSync
+		}
+		if err != nil {
+			return 0, fmt.Errorf("record the approval of %q: %w", s.Name, err)
+		}
+		lsn, err := pglogrepl.ParseLSN(text)
+		if err != nil {
+			return 0, err
+		}
+		return lsn, s.Event(ctx, tx, Sync, "approve", map[string]any{"handover_lsn": text})
+	})
+}
+
+// HandOverNow moves sync to verify on the daemon's own decision (evidence
+// of dual-write): the hand-over position is read and recorded in the
+// transaction that makes the decision, under the hand-over lock.
+func (s Store) HandOverNow(ctx context.Context, conn *pgx.Conn, detail map[string]any) (pglogrepl.LSN, error) {
+	return s.recordHandover(ctx, conn, func(tx pgx.Tx) (pglogrepl.LSN, error) {
+		var text string
+		if err := tx.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&text); err != nil {
+			return 0, err
+		}
+		lsn, err := pglogrepl.ParseLSN(text)
+		if err != nil {
+			return 0, err
+		}
+		return lsn, s.HandOver(ctx, tx, lsn, detail)
+	})
+}
+
 // ErrTooLate is returned by RequestAbort once the contract DDL committed.
 var ErrTooLate = errors.New("the contract DDL has committed")
 

@@ -129,8 +129,11 @@ func TestApplicationOwnsNewColumnsAfterApprove(t *testing.T) {
 	waitFor(t, time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
 	if r := cli(t, 10*time.Second, nil, "approve", "--config", cfg); r.code != 0 {
 		t.Fatalf("approve\n%s", r)
+	} else {
+		mustContain(t, r, "from now on the application owns first_name, last_name; the daemon will not write them")
 	}
-	waitFor(t, time.Minute, "phase verify", func() bool { return phase(t, pool) == "verify" })
+	// The deploy pipeline moves on the moment approve returns: no wait for
+	// the daemon to notice.
 	exec1(t, dsn, `UPDATE users SET full_name = 'Mary Ann Smith', first_name = 'Mary Ann', last_name = 'Smith' WHERE id = 7`)
 	var s phases.StatusReport
 	waitFor(t, time.Minute, "status to report the row", func() bool {
@@ -176,6 +179,56 @@ func TestApplicationOwnsNewColumnsAfterApprove(t *testing.T) {
 	}
 	if n := query[int64](t, pool, `SELECT count(*) FROM cdcbackfill.events WHERE kind = 'accept_mismatches'`); n != 1 {
 		t.Errorf("%d accept events, want 1", n)
+	}
+}
+
+// TestApproveHandsOverAtItsCommit: the hand-over is the position approve
+// records, not the moment the daemon notices. A paused daemon does not act
+// on approve, so the application's write lands while the daemon still
+// runs sync and its stream still corrects: the write must survive all the
+// same, reported as out of parity, and the migration hands over once
+// resumed.
+func TestApproveHandsOverAtItsCommit(t *testing.T) {
+	dsn, pool := seed(t, 2000)
+	cfg := writeConfig(t, usersConfig(dsn)+"dual_write:\n  detect: manual\n")
+	d := startDaemon(t, cfg)
+	waitFor(t, time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
+	if r := cli(t, 10*time.Second, nil, "pause", "--config", cfg); r.code != 0 {
+		t.Fatalf("pause\n%s", r)
+	}
+	// Before approve the daemon corrects: the old release's write is fixed.
+	exec1(t, dsn, `UPDATE users SET full_name = 'Ann Lee', first_name = 'x' WHERE id = 5`)
+	waitFor(t, time.Minute, "row 5 corrected before approve", func() bool {
+		return query[string](t, pool, `SELECT first_name FROM users WHERE id = 5`) == "Ann"
+	})
+	r := cli(t, 10*time.Second, nil, "approve", "--config", cfg)
+	if r.code != 0 {
+		t.Fatalf("approve\n%s", r)
+	}
+	mustContain(t, r, "from now on the application owns first_name, last_name; the daemon will not write them")
+	exec1(t, dsn, `UPDATE users SET full_name = 'Mary Ann Smith', first_name = 'Mary Ann', last_name = 'Smith' WHERE id = 7`)
+	waitFor(t, time.Minute, "the write to be reported out of parity", func() bool {
+		return status(t, cfg).Verify.Mismatches > 0
+	})
+	if p := phase(t, pool); p != "sync" {
+		t.Fatalf("phase %s while paused, want sync: the test needs the daemon not to have acted on approve", p)
+	}
+	if got := query[string](t, pool, `SELECT first_name FROM users WHERE id = 7`); got != "Mary Ann" {
+		t.Fatalf("the application's write after approve returned was overwritten: first_name %q", got)
+	}
+	if r := cli(t, 10*time.Second, nil, "resume", "--config", cfg); r.code != 0 {
+		t.Fatalf("resume\n%s", r)
+	}
+	waitFor(t, time.Minute, "phase verify", func() bool { return phase(t, pool) == "verify" })
+	recorded := query[string](t, pool, `SELECT (detail->>'handover_lsn') FROM cdcbackfill.events WHERE kind = 'approve'`)
+	if got := query[string](t, pool, `SELECT handover_lsn::text FROM cdcbackfill.migrations`); got != recorded {
+		t.Errorf("hand-over at %s, want the position approve recorded, %s", got, recorded)
+	}
+	if got := query[string](t, pool, `SELECT first_name FROM users WHERE id = 7`); got != "Mary Ann" {
+		t.Errorf("first_name %q after the hand-over, want the application's Mary Ann", got)
+	}
+	if !strings.Contains(d.output(), "the hand-over is recorded") {
+		t.Errorf("the applier did not say it found the hand-over\n%s", d.output())
 	}
 }
 

@@ -49,6 +49,78 @@ type Result struct {
 	// prints it (Keys and KeysFast): a transaction running in it had
 	// changes the statement could not see.
 	Snapshot string
+	// Handover is the hand-over position the statement's Gate found
+	// recorded, as pg_lsn prints it; the statement then wrote nothing. ""
+	// while the expressions own the new columns, or without a gate.
+	Handover string
+}
+
+// Gate closes the daemon's corrections at the hand-over. The act that
+// records the hand-over (approve, or the detection of dual-write) takes
+// the Lock's lock exclusively in its own transaction; a gated statement
+// runs after Lock, in one implicit transaction with it, so its snapshot is
+// taken once that act has either committed (the statement sees the
+// hand-over and writes nothing) or not begun (it waits for the statement).
+// So no correction reads a row the application wrote after the hand-over
+// returned.
+type Gate struct {
+	// Lock takes, until its transaction ends, the shared side of the lock
+	// the hand-over takes exclusively (a statement).
+	Lock string
+	// Handover is a scalar subquery: the recorded hand-over position as
+	// text, NULL while the expressions own the new columns.
+	Handover string
+}
+
+// Batcher is a connection that sends statements in one implicit
+// transaction (pgx.Conn, pgx.Tx).
+type Batcher interface {
+	Querier
+	SendBatch(ctx context.Context, b *pgx.Batch) pgx.BatchResults
+}
+
+// handoverSQL is the gate's hand-over subquery, or a NULL without a gate.
+func (g *Gate) handoverSQL() string {
+	if g == nil {
+		return "NULL::text"
+	}
+	return "(" + g.Handover + ")"
+}
+
+// query runs sql after the gate's lock, in one implicit transaction; fn
+// reads its rows.
+func (g *Gate) query(ctx context.Context, q Batcher, sql string, args []any, fn func(pgx.Rows) error) error {
+	if g == nil {
+		rows, err := q.Query(ctx, sql, args...)
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		if err := fn(rows); err != nil {
+			return err
+		}
+		return rows.Err()
+	}
+	b := &pgx.Batch{}
+	b.Queue(g.Lock)
+	b.Queue(sql, args...)
+	br := q.SendBatch(ctx, b)
+	if _, err := br.Exec(); err != nil {
+		br.Close()
+		return err
+	}
+	rows, err := br.Query()
+	if err == nil {
+		err = fn(rows)
+		rows.Close()
+		if err == nil {
+			err = rows.Err()
+		}
+	}
+	if cerr := br.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // maxSamples bounds the corrected keys a statement returns.
@@ -126,11 +198,18 @@ func (t *Table) samplesSQL() string {
 }
 
 // KeysSQL recomputes the rows of the given keys (parameters: see keysCTE).
-func (t *Table) KeysSQL() string {
+func (t *Table) KeysSQL() string { return t.keysSQL(nil) }
+
+// keysSQL is KeysSQL closed by gate (nil: none): while the hand-over is
+// recorded it locks and writes nothing, and reports the position.
+func (t *Table) keysSQL(gate *Gate) string {
 	cte, keysIn := t.keysCTE()
+	if gate != nil {
+		keysIn += " AND " + gate.handoverSQL() + " IS NULL"
+	}
 	return cte + t.lockAndUpdate(keysIn) + fmt.Sprintf(`
-SELECT (SELECT count(*) FROM _cdcb_upd), %s, s.key, pg_current_snapshot()::text
-FROM (SELECT 1) AS _cdcb_one LEFT JOIN _cdcb_skipped s ON true`, t.samplesSQL())
+SELECT (SELECT count(*) FROM _cdcb_upd), %s, s.key, pg_current_snapshot()::text, %s
+FROM (SELECT 1) AS _cdcb_one LEFT JOIN _cdcb_skipped s ON true`, t.samplesSQL(), gate.handoverSQL())
 }
 
 // FastLockTimeout bounds how long a plain recompute statement (FastRange,
@@ -144,16 +223,20 @@ const FastLockTimeout = 10 * time.Millisecond
 // the keys' rows that are out of parity. Waiting for a row lock re-checks
 // the row's latest version (EvalPlanQual), so a row changed meanwhile is
 // computed from that version.
-func (t *Table) keysFastSQL() string {
+// With a gate, it writes nothing once the hand-over is recorded.
+func (t *Table) keysFastSQL(gate *Gate) string {
 	cte, keysIn := t.keysCTE()
+	if gate != nil {
+		keysIn += " AND " + gate.handoverSQL() + " IS NULL"
+	}
 	return cte + fmt.Sprintf(`,
 _cdcb_upd AS (
 	UPDATE %s SET %s
 	WHERE %s AND %s
 	RETURNING ARRAY[%s] AS key
 )
-SELECT (SELECT count(*) FROM _cdcb_upd), %s, pg_current_snapshot()::text`,
-		t.Ident(), t.setList(), keysIn, t.outOfParity(), t.textKeys(), t.samplesSQL())
+SELECT (SELECT count(*) FROM _cdcb_upd), %s, pg_current_snapshot()::text, %s`,
+		t.Ident(), t.setList(), keysIn, t.outOfParity(), t.textKeys(), t.samplesSQL(), gate.handoverSQL())
 }
 
 // KeysFast recomputes the rows of keys in one UPDATE. Run it under
@@ -162,12 +245,25 @@ SELECT (SELECT count(*) FROM _cdcb_upd), %s, pg_current_snapshot()::text`,
 // changed nothing, and the caller runs Keys, which passes over held rows.
 // Row locks taken ahead (Keys) cost a WAL record and a page write per row,
 // so they are paid only where there is contention.
-func (t *Table) KeysFast(ctx context.Context, q Querier, keys []Key) (Result, error) {
+// With a gate (nil: none) it writes nothing once the hand-over is
+// recorded, and Result.Handover says where it is.
+func (t *Table) KeysFast(ctx context.Context, q Batcher, gate *Gate, keys []Key) (Result, error) {
 	if len(keys) == 0 {
 		return Result{}, nil
 	}
 	var res Result
-	err := q.QueryRow(ctx, t.keysFastSQL(), keyColumns(t, keys)...).Scan(&res.Corrected, &res.Samples, &res.Snapshot)
+	var handover *string
+	err := gate.query(ctx, q, t.keysFastSQL(gate), keyColumns(t, keys), func(rows pgx.Rows) error {
+		for rows.Next() {
+			if err := rows.Scan(&res.Corrected, &res.Samples, &res.Snapshot, &handover); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if handover != nil {
+		res.Handover = *handover
+	}
 	return res, err
 }
 
@@ -187,29 +283,40 @@ func keyColumns(t *Table, keys []Key) []any {
 
 // Keys recomputes the rows of keys (missing rows are ignored: a deleted row
 // needs nothing).
-func (t *Table) Keys(ctx context.Context, q Querier, keys []Key) (Result, error) {
+func (t *Table) Keys(ctx context.Context, q Batcher, keys []Key) (Result, error) {
+	return t.KeysGated(ctx, q, nil, keys)
+}
+
+// KeysGated is Keys closed by gate: once the hand-over is recorded it
+// locks and writes nothing, and Result.Handover says where it is.
+func (t *Table) KeysGated(ctx context.Context, q Batcher, gate *Gate, keys []Key) (Result, error) {
 	if len(keys) == 0 {
 		return Result{}, nil
 	}
-	rows, err := q.Query(ctx, t.KeysSQL(), keyColumns(t, keys)...)
+	var res Result
+	err := gate.query(ctx, q, t.keysSQL(gate), keyColumns(t, keys), func(rows pgx.Rows) error {
+		for rows.Next() {
+			var skipped, samples []string
+			var handover *string
+			if err := rows.Scan(&res.Corrected, &samples, &skipped, &res.Snapshot, &handover); err != nil {
+				return err
+			}
+			if skipped != nil {
+				res.Skipped = append(res.Skipped, skipped)
+			}
+			if res.Samples == nil {
+				res.Samples = samples
+			}
+			if handover != nil {
+				res.Handover = *handover
+			}
+		}
+		return nil
+	})
 	if err != nil {
 		return Result{}, err
 	}
-	defer rows.Close()
-	var res Result
-	for rows.Next() {
-		var skipped, samples []string
-		if err := rows.Scan(&res.Corrected, &samples, &skipped, &res.Snapshot); err != nil {
-			return Result{}, err
-		}
-		if skipped != nil {
-			res.Skipped = append(res.Skipped, skipped)
-		}
-		if res.Samples == nil {
-			res.Samples = samples
-		}
-	}
-	return res, rows.Err()
+	return res, nil
 }
 
 // rangeKeys selects up to $n keys after $lo (exclusive; absent for the first
