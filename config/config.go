@@ -101,6 +101,10 @@ type ContractPolicy struct {
 	// How long the cut-over waits, holding the lock, for the stream to
 	// receive everything up to the WAL position read under it.
 	CatchupTimeout time.Duration `mapstructure:"catchup_timeout" default:"1s" check:">0"`
+	// The longest the contract DDL may run while the cut-over holds the
+	// table's lock (its statement_timeout): what runs longer rolls back and
+	// releases the lock, and the migration waits for the operator.
+	MaxHold time.Duration `mapstructure:"max_hold" default:"2s" check:">0"`
 }
 
 type DDL struct {

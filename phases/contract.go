@@ -50,6 +50,13 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 			return d.store.BackToVerify(ctx, d.conn, map[string]any{"rows": outstanding})
 		case d.paused.Load():
 			d.waiting.Store("resume: the migration is paused before the contract DDL (cdcbackfill resume)")
+		case d.overran.Load() != nil && (st.ApprovedPhase == nil || *st.ApprovedPhase != state.Contract):
+			// Read from the state row just loaded: the withdrawal of the
+			// approval is in it, and only a new approve lifts it.
+			over := d.overran.Load()
+			d.waiting.Store(fmt.Sprintf("%s; make it cheaper (see \"What DDL is safe\" in the README) or raise contract_policy.max_hold (%s), then cdcbackfill approve to try the cut-over again",
+				over, d.cfg.ContractPolicy.MaxHold))
+			d.rlog.Info("contract: waiting for the operator after a contract statement overran max_hold", "statement", over.stmt)
 		case d.cfg.ContractPolicy.Mode == "manual" && !d.approvedFor(state.Contract):
 			msg := "approval of the contract: cdcbackfill approve"
 			if st.OldUsage != nil && len(st.OldUsage.Still) > 0 {
@@ -72,7 +79,11 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 			case res == cutoverPaused:
 				tries--
 				continue
+			case res == cutoverOverran:
+				tries--
+				continue // the loop waits for the operator
 			}
+			d.overran.Store(nil)
 			if tries > d.cfg.DDL.MaxRetries {
 				return fmt.Errorf("contract: the cut-over did not succeed in %d tries (last: %s); end the sessions that hold %s, or retry later (raise ddl.max_retries to try longer)",
 					tries, res, d.table.Ident())
@@ -99,7 +110,20 @@ const (
 	cutoverBehind   cutoverResult = "the stream did not receive everything before the lock within contract_policy.catchup_timeout"
 	cutoverMismatch cutoverResult = "rows out of parity under the lock"
 	cutoverPaused   cutoverResult = "paused by operator"
+	cutoverOverran  cutoverResult = "a contract statement ran longer than contract_policy.max_hold under the lock"
 )
+
+// overrunError is a contract statement cancelled by max_hold in the
+// cut-over: retrying it as it is would only hold the lock that long again.
+type overrunError struct {
+	stmt string
+	took time.Duration
+}
+
+func (e *overrunError) Error() string {
+	return fmt.Sprintf("the contract statement %q ran %s under the table's ACCESS EXCLUSIVE lock, longer than contract_policy.max_hold, and was rolled back",
+		e.stmt, e.took.Round(time.Millisecond))
+}
 
 // cutover is one try: in one transaction it takes the ACCESS EXCLUSIVE lock
 // the DDL needs anyway (first, under a lock_timeout below deadlock_timeout:
@@ -221,6 +245,19 @@ func (d *Daemon) cutover(ctx context.Context, st *state.Migration, try int, long
 	}
 	checked := time.Now()
 	done, err := d.contractInTx(ctx, tx, st.ContractDone)
+	var over *overrunError
+	if errors.As(err, &over) {
+		tx.Rollback(ctx)
+		s := stall()
+		d.overran.Store(over)
+		d.log.Warn("contract: cut-over rolled back: a contract statement held the table's lock too long; it is not retried until the operator approves again",
+			"statement", over.stmt, "ran", over.took.Round(time.Millisecond), "max_hold", d.cfg.ContractPolicy.MaxHold, "stall", s.Round(time.Millisecond))
+		if err := d.store.WithdrawApproval(ctx, d.conn, state.Contract, map[string]any{"statement": over.stmt, "ran_ms": ms(over.took),
+			"max_hold_ms": ms(d.cfg.ContractPolicy.MaxHold)}); err != nil {
+			return "", err
+		}
+		return cutoverOverran, nil
+	}
 	if err != nil {
 		return "", err
 	}
@@ -322,13 +359,27 @@ func keyID(k recompute.Key) string { return strings.Join(k, "\x00") }
 // (CREATE or DROP INDEX CONCURRENTLY) and every one after it run after the
 // commit (finishContract): the old column is gone by then. It returns the
 // number of statements done.
+//
+// The statements together run under contract_policy.max_hold (each one's
+// statement_timeout is what is left of it): lock_timeout bounds the wait
+// for a lock, not how long a statement then holds the table's.
 func (d *Daemon) contractInTx(ctx context.Context, tx pgx.Tx, from int) (int, error) {
+	start := time.Now()
+	defer tx.Exec(context.WithoutCancel(ctx), "SET LOCAL statement_timeout = 0")
 	for i := from; i < len(d.cfg.Contract); i++ {
 		stmt := d.cfg.Contract[i]
 		if _, err := tx.Exec(ctx, "SAVEPOINT cdcb_contract"); err != nil {
 			return 0, err
 		}
+		left := max(d.cfg.ContractPolicy.MaxHold-time.Since(start), time.Millisecond)
+		if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL statement_timeout = %d", max(left.Milliseconds(), 1))); err != nil {
+			return 0, err
+		}
+		began := time.Now()
 		if _, err := tx.Exec(ctx, stmt); err != nil {
+			if dbconn.SQLState(err) == pgerrcode.QueryCanceled && ctx.Err() == nil {
+				return 0, &overrunError{stmt: stmt, took: time.Since(began)}
+			}
 			if dbconn.SQLState(err) == pgerrcode.ActiveSQLTransaction {
 				if _, rerr := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT cdcb_contract"); rerr != nil {
 					return 0, rerr

@@ -47,6 +47,9 @@ type Daemon struct {
 	// approvedHandover is the hand-over approve recorded in sync, as the
 	// state row last said (0: none).
 	approvedHandover atomic.Uint64
+	// overran is the contract statement that ran past max_hold in the
+	// last cut-over; the next waits for the operator's approve.
+	overran atomic.Pointer[overrunError]
 	// sources are the table's columns the expressions read (for the
 	// evidence of dual-write); nil when they could not be found.
 	sources []string

@@ -451,6 +451,15 @@ func (s Store) HandOverNow(ctx context.Context, conn *pgx.Conn, detail map[strin
 	})
 }
 
+// WithdrawApproval forgets an approval of phase, so that the step waits for
+// the operator again, and logs why.
+func (s Store) WithdrawApproval(ctx context.Context, q dbconn.Querier, phase Phase, detail map[string]any) error {
+	if err := s.update(ctx, q, "approved_phase = NULL"); err != nil {
+		return err
+	}
+	return s.Event(ctx, q, phase, "approval_withdrawn", detail)
+}
+
 // ErrTooLate is returned by RequestAbort once the contract DDL committed.
 var ErrTooLate = errors.New("the contract DDL has committed")
 

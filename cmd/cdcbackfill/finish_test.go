@@ -232,6 +232,67 @@ func TestApproveHandsOverAtItsCommit(t *testing.T) {
 	}
 }
 
+// TestCutoverBoundsTheDDLsHold: lock_timeout bounds the wait for the lock,
+// contract_policy.max_hold how long the contract DDL then holds it. A
+// contract statement that scans for longer (here a CHECK that sleeps a
+// millisecond a row: seconds over the table) is rolled back at max_hold,
+// the lock released, and the migration waits in contract for the
+// operator, naming the statement, instead of retrying it blindly.
+func TestCutoverBoundsTheDDLsHold(t *testing.T) {
+	dsn, pool := seed(t, 5000)
+	cfg := writeConfig(t, strings.Replace(usersConfig(dsn), "contract:\n",
+		"contract:\n  - ALTER TABLE users ADD CONSTRAINT slow CHECK (pg_sleep(0.001) IS NOT NULL)\n", 1)+`dual_write:
+  detect: manual
+contract_policy:
+  mode: auto
+  hold: 1s
+  lock_timeout: 200ms
+  max_hold: 300ms
+`)
+	d := startDaemon(t, cfg)
+	defer func() {
+		if t.Failed() {
+			t.Log(d.output())
+		}
+	}()
+	waitFor(t, time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
+	if r := cli(t, 10*time.Second, nil, "approve", "--config", cfg); r.code != 0 {
+		t.Fatalf("approve\n%s", r)
+	}
+	waitFor(t, time.Minute, "phase contract", func() bool { return phase(t, pool) == "contract" })
+	probe := startStallProbe(t, pool)
+	var s phases.StatusReport
+	waitFor(t, time.Minute, "the cut-over to give up on the slow statement", func() bool {
+		s = status(t, cfg)
+		return strings.Contains(s.Waiting, "longer than contract_policy.max_hold")
+	})
+	waitFor(t, 10*time.Second, "the daemon to stay put in contract", func() bool { return phaseLasted(t, pool, time.Second) })
+	longest := probe.stop()
+	for _, want := range []string{`"ALTER TABLE users ADD CONSTRAINT slow CHECK (pg_sleep(0.001) IS NOT NULL)"`, "cdcbackfill approve"} {
+		if !strings.Contains(s.Waiting, want) {
+			t.Errorf("status waiting %q lacks %q", s.Waiting, want)
+		}
+	}
+	if p := phase(t, pool); p != "contract" {
+		t.Errorf("phase %s, want contract", p)
+	}
+	if !hasColumn(t, pool, "full_name") {
+		t.Error("the old column was dropped although the cut-over rolled back")
+	}
+	if n := query[int64](t, pool, `SELECT count(*) FROM pg_constraint WHERE conname = 'slow'`); n != 0 {
+		t.Error("the slow constraint exists: the cut-over did not roll back")
+	}
+	if n := strings.Count(d.output(), "cut-over rolled back"); n != 1 {
+		t.Errorf("%d cut-overs rolled back by max_hold, want 1 (no blind retry)", n)
+	}
+	// The stall is bounded: the lock wait, the stream's catch-up (tens of
+	// ms) and max_hold; without the bound the statement held it ~5 s.
+	if bound := 300*time.Millisecond + 200*time.Millisecond + 500*time.Millisecond; longest > bound {
+		t.Errorf("the application waited %s, more than max_hold + lock_timeout + 500ms = %s", longest, bound)
+	}
+	t.Logf("the application's slowest round trip: %s", longest)
+}
+
 // stallProbe is an application reading and writing one row in a loop,
 // recording its slowest round trip.
 type stallProbe struct {
