@@ -379,6 +379,7 @@ func (d *Daemon) finishContract(ctx context.Context, st *state.Migration) error 
 	if err := d.dropReplication(ctx); err != nil {
 		return err
 	}
+	d.rlog.End() // the waits of the contract are over: summarized before "done", not after
 	d.log.Info("migration done: contract DDL ran; slot, publication and origins dropped")
 	return d.store.Move(ctx, d.conn, state.Contract, state.Done, nil)
 }

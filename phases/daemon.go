@@ -116,7 +116,7 @@ func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *boo
 	d := &Daemon{cfg: cfg, log: log, rlog: repeatlog.New(log, 0), store: state.Store{Name: cfg.Name}, obs: obs}
 	d.checks.d = d
 	defer obs.leader.Store(false)
-	defer d.rlog.Flush(true)
+	defer d.rlog.End() // what it counted is over with this daemon's run
 	d.approved.Store(state.Phase(""))
 	d.waiting.Store("")
 	d.originMode.Store("")
@@ -320,6 +320,8 @@ func (d *Daemon) phases(ctx context.Context) error {
 		default:
 			return fmt.Errorf("state row of %q has unknown phase %q", d.cfg.Name, st.Phase)
 		}
+		// The phase moved on (or failed): what its loops repeated is over.
+		d.rlog.End()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
@@ -395,7 +397,7 @@ func (d *Daemon) watch(ctx context.Context, stop context.CancelCauseFunc, lock *
 			return
 		}
 		d.publishStatsOn(ctx, conn, st)
-		d.rlog.Flush(false)
+		d.rlog.Flush()
 	}
 }
 
