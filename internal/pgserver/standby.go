@@ -51,6 +51,9 @@ func (s *Server) StartStandby(ctx context.Context, slot string) (_ *Standby, err
 	if err := l.startOnFreePort(ctx); err != nil {
 		return nil, fmt.Errorf("start standby: %w", err)
 	}
+	if err := sb.waitStreaming(ctx); err != nil {
+		return nil, err
+	}
 	s.logf("standby on slot %s ready at %s", slot, l.dsn())
 	return sb, nil
 }
@@ -70,9 +73,43 @@ func (sb *Standby) Stop() error {
 	return err
 }
 
-// Start starts a stopped standby again on its port; it resumes streaming
-// from its slot.
-func (sb *Standby) Start(ctx context.Context) error { return sb.l.start(ctx) }
+// Start starts a stopped standby again on its port and returns once it
+// streams from its slot again.
+func (sb *Standby) Start(ctx context.Context) error {
+	if err := sb.l.start(ctx); err != nil {
+		return err
+	}
+	return sb.waitStreaming(ctx)
+}
+
+// waitStreaming polls the primary until the walsender of the standby's
+// slot streams and has had the standby's first reply (its replay
+// position).
+func (sb *Standby) waitStreaming(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, sb.primary.DSN())
+	if err != nil {
+		return fmt.Errorf("wait for standby on slot %s: %w", sb.slot, err)
+	}
+	defer conn.Close(context.Background())
+	for {
+		var streaming bool
+		err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid
+			WHERE s.slot_name = $1 AND r.state = 'streaming' AND r.replay_lsn IS NOT NULL)`, sb.slot).Scan(&streaming)
+		if err != nil {
+			return fmt.Errorf("wait for standby on slot %s: %w", sb.slot, err)
+		}
+		if streaming {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("wait for standby on slot %s to stream: %w", sb.slot, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
 
 // Remove stops the standby, removes its directory and drops its slot on
 // the primary (waiting for the walsender to let go of it).
