@@ -93,6 +93,9 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	const firstBackoff = 500 * time.Millisecond
 	backoff := firstBackoff
 	led := false // ever led: from then on a lost database is waited out
+	// An outage retried every 10s says so once, then a summary per interval.
+	outage := repeatlog.New(log, 0)
+	defer outage.End()
 	for {
 		ledThisTime := false
 		err := runOnce(ctx, cfg, log, &ledThisTime, obs)
@@ -102,8 +105,9 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		}
 		if ledThisTime {
 			backoff = firstBackoff // it ran again: a new outage starts the backoff over
+			outage.End()
 		}
-		log.Warn("lost the database; starting over from the state row", "migration", cfg.Name, "err", err, "retry_in", backoff)
+		outage.Warn("lost the database; starting over from the state row", "migration", cfg.Name, "err", err, "retry_in", backoff)
 		if dbconn.Sleep(ctx, backoff) != nil {
 			return nil
 		}
