@@ -107,9 +107,10 @@ func (b StandbyBounds) Lagging(s Standby) (r Reason, ok bool) {
 	case !s.Connected:
 		return Reason{ReasonStandbyDisconnected, fmt.Sprintf("standby slot %q is not connected and holds %s of WAL"+unblock,
 			s.Slot, SizeText(s.Retained), s.Slot)}, true
-	case !s.Measured:
+	case !s.Measured && s.Slot == "":
+		// With a slot, what it retains still measures it (below).
 		return Reason{ReasonReplicaLag, fmt.Sprintf("standby %q is connected but its replay position cannot be read "+
-			"(grant pg_read_all_stats to the daemon's role, or add it to throttle.ignore_slots)", s.Label())}, true
+			"(grant pg_read_all_stats to the daemon's role, give the standby a slot, or add its application_name to throttle.ignore_slots)", s.Label())}, true
 	case b.MaxLagBytes > 0 && s.ReplayBytes > b.MaxLagBytes:
 		return Reason{ReasonReplicaBytes, fmt.Sprintf("standby %q replays %s behind > throttle.max_replica_lag_bytes %s",
 			s.Label(), SizeText(s.ReplayBytes), SizeText(b.MaxLagBytes))}, true
