@@ -19,6 +19,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
+	"github.com/cdcbackfill/cdcbackfill/internal/repeatlog"
 )
 
 // EventKind says what an Event reports.
@@ -256,6 +257,10 @@ func (s *Stream) Run(ctx context.Context, out chan<- Event, confirmed func() pgl
 
 	delay := s.cfg.ReconnectMin
 	needReset := false
+	// An outage retried with backoff says so once, then a summary per
+	// interval; a connection that streams again ends it.
+	outage := repeatlog.New(s.log, 0)
+	defer outage.End()
 	for {
 		started, err := s.session(ctx, connCfg, out, confirmed, needReset)
 		if ctx.Err() != nil {
@@ -269,10 +274,11 @@ func (s *Stream) Run(ctx context.Context, out chan<- Event, confirmed func() pgl
 			// Events of that connection may have reached the consumer.
 			needReset = true
 			delay = s.cfg.ReconnectMin
+			outage.End()
 		}
 		s.reconnects.Add(1)
 		wait := jitter(delay)
-		s.log.Warn("replication connection lost; reconnecting", "err", err, "in", wait)
+		outage.Warn("replication connection lost; reconnecting", "err", err, "in", wait)
 		if dbconn.Sleep(ctx, wait) != nil {
 			return nil
 		}

@@ -13,7 +13,8 @@
 //
 // The field's Go type says how the text of a value is read: string, int,
 // float64, time.Duration ("200ms"), int64 (a byte size, "1GB"), []string
-// (SQL statements) or []Column (a map of column to expression).
+// (SQL statements), SlotNames (a list of slot names) or []Column (a map of
+// column to expression).
 package config
 
 import "time"
@@ -57,10 +58,21 @@ type Backfill struct {
 	Workers          int           `mapstructure:"workers" default:"1" check:"1..64"`
 }
 
+// Throttle holds the batches back while a physical standby lags (in time
+// or in bytes: replay_lag is only measured while replay moves, so it goes
+// stale or NULL exactly when a standby is stuck), while a standby's slot
+// has no standby connected, and while the daemon's own slot lags.
 type Throttle struct {
-	MaxReplicaLag time.Duration `mapstructure:"max_replica_lag" default:"10s" check:">=0"`
-	MaxSlotLag    int64         `mapstructure:"max_slot_lag" default:"1GB" check:">=0" zero:"no cap"` // bytes
+	MaxReplicaLag      time.Duration `mapstructure:"max_replica_lag" default:"10s" check:">=0" zero:"not checked"`
+	MaxReplicaLagBytes int64         `mapstructure:"max_replica_lag_bytes" default:"1GB" check:">=0" zero:"not checked"` // bytes
+	// Physical slots (or application_name of standbys without one) the
+	// throttle does not watch, e.g. a decommissioned standby's.
+	IgnoreSlots SlotNames `mapstructure:"ignore_slots"`
+	MaxSlotLag  int64     `mapstructure:"max_slot_lag" default:"1GB" check:">=0" zero:"no cap"` // bytes
 }
+
+// SlotNames is a list of replication slot names.
+type SlotNames []string
 
 type Sync struct {
 	FlushInterval time.Duration `mapstructure:"flush_interval" default:"50ms" check:">0"`

@@ -22,6 +22,7 @@ var (
 	durationType   = reflect.TypeOf(time.Duration(0))
 	sizeType       = reflect.TypeOf(int64(0))
 	statementsType = reflect.TypeOf([]string(nil))
+	slotNamesType  = reflect.TypeOf(SlotNames(nil))
 	columnsType    = reflect.TypeOf([]Column(nil))
 )
 
@@ -145,7 +146,7 @@ func Keys() []string {
 }
 
 // ListKey says whether key takes a list: a list-valued flag gives one SQL
-// statement per item, or one NAME=EXPRESSION for columns.
+// statement (or slot name) per item, or one NAME=EXPRESSION for columns.
 func ListKey(name string) bool {
 	k, _ := findKey(name)
 	return k.typ != nil && k.typ.Kind() == reflect.Slice

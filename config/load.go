@@ -182,6 +182,12 @@ func decodeHook(from, to reflect.Value) (any, error) {
 	switch to.Type() {
 	case statementsType:
 		return statements(data)
+	case slotNamesType:
+		v, err := list(data, "slot names", "a slot name")
+		if l, ok := v.([]string); ok {
+			return SlotNames(l), err
+		}
+		return v, err
 	case columnsType:
 		return columns(data)
 	}
@@ -226,15 +232,23 @@ func decodeHook(from, to reflect.Value) (any, error) {
 // environment variable or flag (a YAML list, or else one statement; empty
 // is none), or the items of a list-valued flag.
 func statements(data any) (any, error) {
+	return list(data, "SQL statements", "a SQL statement")
+}
+
+// list reads a list of strings (what: "SQL statements", item: "a SQL
+// statement"), as statements says.
+func list(data any, what, item string) (any, error) {
 	switch x := data.(type) {
 	case []string:
 		return x, nil
+	case SlotNames:
+		return []string(x), nil
 	case string:
 		if strings.TrimSpace(x) == "" {
 			return []string{}, nil
 		}
 		if n := parseYAML(x); n != nil && n.Kind == yaml.SequenceNode {
-			return statements(n)
+			return list(n, what, item)
 		}
 		return []string{x}, nil
 	}
@@ -243,19 +257,19 @@ func statements(data any) (any, error) {
 		return data, nil
 	}
 	if n.Kind != yaml.SequenceNode {
-		return nil, &fault{msg: "must be a list of SQL statements (a YAML list, one statement per item), got " + describe(n)}
+		return nil, &fault{msg: fmt.Sprintf("must be a list of %s (a YAML list, one per item), got %s", what, describe(n))}
 	}
-	list := make([]string, len(n.Content))
+	out := make([]string, len(n.Content))
 	for i, it := range n.Content {
 		switch it = deref(it); {
 		case isNull(it):
 		case it.Kind == yaml.ScalarNode:
-			list[i] = it.Value
+			out[i] = it.Value
 		default:
-			return nil, &fault{sub: fmt.Sprintf("[%d]", i), msg: fmt.Sprintf(`must be a SQL statement (a string), got %s; quote statements that contain ": "`, describe(it))}
+			return nil, &fault{sub: fmt.Sprintf("[%d]", i), msg: fmt.Sprintf(`must be %s (a string), got %s; quote items that contain ": "`, item, describe(it))}
 		}
 	}
-	return list, nil
+	return out, nil
 }
 
 // columns reads the columns mapping, sorted by name: a YAML mapping, or the

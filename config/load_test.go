@@ -98,7 +98,7 @@ func mustLoad(t *testing.T, path string, fs *pflag.FlagSet) *Config {
 func defaultsWant() Config {
 	return Config{
 		Backfill:       Backfill{BatchSize: 5000, TargetBatchTime: 200 * time.Millisecond, Sleep: 10 * time.Millisecond, MaxRowsPerSecond: 0, Workers: 1},
-		Throttle:       Throttle{MaxReplicaLag: 10 * time.Second, MaxSlotLag: 1 << 30},
+		Throttle:       Throttle{MaxReplicaLag: 10 * time.Second, MaxReplicaLagBytes: 1 << 30, MaxSlotLag: 1 << 30},
 		Sync:           Sync{FlushInterval: 50 * time.Millisecond, MaxBatchKeys: 5000, OriginFilter: "auto", Correction: "continuous", DeferFor: 30 * time.Second, MaxDeferredKeys: 100000},
 		Verify:         Verify{Workers: 2},
 		DualWrite:      DualWrite{Detect: "manual", QuietPeriod: 2 * time.Minute, MinEvidence: 1000},
@@ -154,7 +154,7 @@ func TestLoadMinimalFillsDefaults(t *testing.T) {
 			t.Errorf("Keys() has unknown %q", k)
 		}
 	}
-	if len(Keys()) != 33 {
+	if len(Keys()) != 35 {
 		t.Errorf("Keys() has %d keys", len(Keys()))
 	}
 }
@@ -204,6 +204,20 @@ func TestEnvOnlyNoFile(t *testing.T) {
 	}
 	if c.Throttle.MaxSlotLag != 512<<20 {
 		t.Errorf("MaxSlotLag = %d", c.Throttle.MaxSlotLag)
+	}
+}
+
+// throttle.ignore_slots reads as a YAML list in the file, and as a YAML
+// list or one name in the environment.
+func TestIgnoreSlots(t *testing.T) {
+	c := mustLoad(t, writeFile(t, minimalYAML+"throttle:\n  ignore_slots: [replica1, old_standby]\n  max_replica_lag_bytes: 256MB\n"), nil)
+	if !reflect.DeepEqual(c.Throttle.IgnoreSlots, SlotNames{"replica1", "old_standby"}) || c.Throttle.MaxReplicaLagBytes != 256<<20 {
+		t.Errorf("throttle %+v", c.Throttle)
+	}
+	t.Setenv("CDCBACKFILL_THROTTLE_IGNORE_SLOTS", "replica9")
+	c = mustLoad(t, writeFile(t, minimalYAML), nil)
+	if !reflect.DeepEqual(c.Throttle.IgnoreSlots, SlotNames{"replica9"}) {
+		t.Errorf("IgnoreSlots = %q", c.Throttle.IgnoreSlots)
 	}
 }
 
@@ -310,6 +324,9 @@ func TestLoadErrors(t *testing.T) {
 		{"zero lock timeout", base() + "ddl:\n  lock_timeout: 0\n", []string{"config: ddl.lock_timeout: must be greater than 0"}, nil},
 		{"bad size", base() + "throttle:\n  max_slot_lag: lots\n", []string{`config: throttle.max_slot_lag: must be a size such as 1GB or 512MB, got "lots"`}, nil},
 		{"bad size unit", base() + "throttle:\n  max_slot_lag: 5PB\n", []string{`config: throttle.max_slot_lag: must be a size such as 1GB or 512MB`, `got "5PB"`}, nil},
+		{"ignore_slots not a list", base() + "throttle:\n  ignore_slots: {a: b}\n", []string{"config: throttle.ignore_slots: must be a list of slot names"}, nil},
+		{"bad slot name", base() + "throttle:\n  ignore_slots: [replica1, Replica-2]\n", []string{`config: throttle.ignore_slots[1]: must be a replication slot name`, `got "Replica-2"`}, nil},
+		{"negative replica bytes", base() + "throttle:\n  max_replica_lag_bytes: -1\n", []string{"config: throttle.max_replica_lag_bytes: must not be negative"}, nil},
 		{"bad enum", base() + "contract_policy:\n  mode: sometimes\n", []string{`config: contract_policy.mode: must be one of manual, auto, never, got "sometimes"`}, nil},
 		{"bad log level", base() + "log:\n  level: loud\n  format: xml\n", []string{`config: log.level: must be one of debug, info, warn, error, got "loud"`, `config: log.format: must be one of text, json, got "xml"`}, nil},
 		{"bad detect", base() + "dual_write:\n  detect: maybe\n", []string{`config: dual_write.detect: must be one of manual, auto, got "maybe"`}, nil},
@@ -539,7 +556,7 @@ func TestValidateDefault(t *testing.T) {
 		t.Error("DefaultValue/EnvVar")
 	}
 	for _, k := range Keys() {
-		if want := k == "expand" || k == "columns" || k == "contract" || k == "rollback"; ListKey(k) != want {
+		if want := k == "expand" || k == "columns" || k == "contract" || k == "rollback" || k == "throttle.ignore_slots"; ListKey(k) != want {
 			t.Errorf("ListKey(%q) = %v", k, !want)
 		}
 	}

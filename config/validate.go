@@ -16,6 +16,8 @@ import (
 var (
 	nameRE   = regexp.MustCompile(`^[a-z0-9_]{1,40}$`)
 	columnRE = regexp.MustCompile(`^[a-z_][a-z0-9_]*$`)
+	// slotNameRE is what PostgreSQL accepts as a slot name.
+	slotNameRE = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
 )
 
 // maxIdentLen is PostgreSQL's NAMEDATALEN-1.
@@ -93,6 +95,12 @@ func (c *Config) problems() []Problem {
 			for i, s := range v.Interface().([]string) {
 				if strings.TrimSpace(s) == "" {
 					add(fmt.Sprintf("%s[%d]", k.name, i), "must be a non-empty SQL statement")
+				}
+			}
+		} else if k.typ == slotNamesType {
+			for i, name := range v.Interface().(SlotNames) {
+				if !slotNameRE.MatchString(name) {
+					add(fmt.Sprintf("%s[%d]", k.name, i), "must be a replication slot name (lowercase letters, digits and _, at most %d), got %q", maxIdentLen, name)
 				}
 			}
 		} else if msg := k.problem(v); msg != "" {

@@ -63,7 +63,8 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 				msg = fmt.Sprintf("approval of the contract: %d statements still use the old column (see status); cdcbackfill approve --force once nothing needs it", len(st.OldUsage.Still))
 			}
 			d.waiting.Store(msg)
-			d.rlog.Info("contract: parity holds; waiting for " + msg)
+			// One message whatever the count in msg: the repeats are the same wait.
+			d.rlog.Info("contract: parity holds; waiting for approval", "waiting_for", msg)
 		case d.cfg.ContractPolicy.Mode == "manual" && st.OldUsage != nil && len(st.OldUsage.Still) > 0 && !st.ForceApproved:
 			d.waiting.Store("cdcbackfill approve --force: statements still use the old column (see status)")
 		default:
@@ -430,6 +431,7 @@ func (d *Daemon) finishContract(ctx context.Context, st *state.Migration) error 
 	if err := d.dropReplication(ctx); err != nil {
 		return err
 	}
+	d.rlog.End() // the waits of the contract are over: summarized before "done", not after
 	d.log.Info("migration done: contract DDL ran; slot, publication and origins dropped")
 	return d.store.Move(ctx, d.conn, state.Contract, state.Done, nil)
 }

@@ -99,6 +99,9 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	const firstBackoff = 500 * time.Millisecond
 	backoff := firstBackoff
 	led := false // ever led: from then on a lost database is waited out
+	// An outage retried every 10s says so once, then a summary per interval.
+	outage := repeatlog.New(log, 0)
+	defer outage.End()
 	for {
 		ledThisTime := false
 		err := runOnce(ctx, cfg, log, &ledThisTime, obs)
@@ -108,8 +111,9 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		}
 		if ledThisTime {
 			backoff = firstBackoff // it ran again: a new outage starts the backoff over
+			outage.End()
 		}
-		log.Warn("lost the database; starting over from the state row", "migration", cfg.Name, "err", err, "retry_in", backoff)
+		outage.Warn("lost the database; starting over from the state row", "migration", cfg.Name, "err", err, "retry_in", backoff)
 		if dbconn.Sleep(ctx, backoff) != nil {
 			return nil
 		}
@@ -122,7 +126,7 @@ func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *boo
 	d := &Daemon{cfg: cfg, log: log, rlog: repeatlog.New(log, 0), store: state.Store{Name: cfg.Name}, obs: obs}
 	d.checks.d = d
 	defer obs.leader.Store(false)
-	defer d.rlog.Flush(true)
+	defer d.rlog.End() // what it counted is over with this daemon's run
 	d.approved.Store(state.Phase(""))
 	d.waiting.Store("")
 	d.originMode.Store("")
@@ -326,6 +330,8 @@ func (d *Daemon) phases(ctx context.Context) error {
 		default:
 			return fmt.Errorf("state row of %q has unknown phase %q", d.cfg.Name, st.Phase)
 		}
+		// The phase moved on (or failed): what its loops repeated is over.
+		d.rlog.End()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
@@ -413,7 +419,7 @@ func (d *Daemon) watch(ctx context.Context, stop context.CancelCauseFunc, lock *
 			return
 		}
 		d.publishStatsOn(ctx, conn, st)
-		d.rlog.Flush(false)
+		d.rlog.Flush()
 	}
 }
 

@@ -77,6 +77,7 @@ var preflight = []check{
 	checkColumns,
 	checkExpressions,
 	checkReplication,
+	checkStandbys,
 	checkPrivileges,
 	checkStatements,
 	checkServerFeatures,

@@ -179,12 +179,14 @@ func (d *Daemon) proveClean(ctx context.Context) (now time.Time, ok bool, err er
 // and stops holding them back, with the reason.
 func (d *Daemon) newThrottle(what string) *snapshot.Throttle {
 	th := snapshot.NewThrottle(snapshot.ThrottleConfig{
-		MaxRowsPerSecond: d.cfg.Backfill.MaxRowsPerSecond,
-		MaxReplicaLag:    d.cfg.Throttle.MaxReplicaLag,
-		MaxSlotLag:       d.cfg.Throttle.MaxSlotLag,
-		Slot:             d.cfg.SlotName(),
-		Name:             what,
-		Logger:           d.log,
+		MaxRowsPerSecond:   d.cfg.Backfill.MaxRowsPerSecond,
+		MaxReplicaLag:      d.cfg.Throttle.MaxReplicaLag,
+		MaxReplicaLagBytes: d.cfg.Throttle.MaxReplicaLagBytes,
+		IgnoreSlots:        d.cfg.Throttle.IgnoreSlots,
+		MaxSlotLag:         d.cfg.Throttle.MaxSlotLag,
+		Slot:               d.cfg.SlotName(),
+		Name:               what,
+		Logger:             d.log,
 	}, d.pool, d.paused.Load)
 	d.live.mu.Lock()
 	d.live.throttleReason = th.Reason

@@ -29,8 +29,31 @@ func TestPlanAllGood(t *testing.T) {
 	}
 	mustContain(t, r, "ok    wal_level is logical", "primary key (id bigint)", "column first_name is added by expand",
 		"expression for last_name is valid SQL over the row", "role may replicate", "ALTER TABLE users ADD COLUMN first_name text",
-		"first_name = split_part(full_name, ' ', 1)", "about 1000 rows", "plan: all checks passed; nothing was changed")
+		"first_name = split_part(full_name, ' ', 1)", "about 1000 rows", "plan: all checks passed; nothing was changed",
+		"ok    standbys: none")
 	assertUnchanged(t, dsn)
+}
+
+// plan names the standbys and physical slots the throttle watches, the
+// ones it ignores, and warns of a slot nobody reads, which would hold the
+// backfill.
+func TestPlanListsStandbys(t *testing.T) {
+	dsn := pgtest.NewDatabase(t)
+	exec1(t, dsn, seedUsers,
+		"SELECT pg_create_physical_replication_slot('old_standby', true)",
+		"SELECT pg_create_physical_replication_slot('gone_standby', true)")
+	t.Cleanup(func() {
+		exec1(t, dsn, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name IN ('old_standby', 'gone_standby')")
+	})
+	pgtest.StartStandby(t, "replica1")
+	cfg := usersConfig(dsn) + "throttle:\n  ignore_slots: [old_standby]\n"
+	r := cli(t, 30*time.Second, nil, "plan", "--config", writeConfig(t, cfg))
+	if r.code != 0 {
+		t.Fatalf("plan failed\n%s", r)
+	}
+	mustContain(t, r, "on slot replica1, connected", "watched (throttle.max_replica_lag 10s, throttle.max_replica_lag_bytes 1024 MB)",
+		"ok    physical slot old_standby, no standby connected, holds", "ignored (throttle.ignore_slots)",
+		`warn  standby gone_standby: the backfill would wait now: standby slot "gone_standby" is not connected and holds`)
 }
 
 // assertUnchanged checks that plan left no trace: no state schema, no slot,

@@ -40,6 +40,55 @@ type localServer struct {
 // starts it on a free loopback port.
 func startLocal(ctx context.Context, bin Binaries, settings []string, logf func(string, ...any)) (_ *localServer, err error) {
 	binDir, major := bin.Dir, bin.Major
+	l, err := newLocalDir(binDir, major, settings, logf)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			_ = l.Stop()
+		}
+	}()
+	root := l.root
+	logf("initdb (PostgreSQL %d from %s, %s) in %s", major, binDir, bin.From, root)
+	out, err := l.command(ctx, "initdb", "-D", l.dataDir, "-U", "postgres", "-A", "trust",
+		"-E", "UTF8", "--locale=C", "--no-sync").CombinedOutput()
+	if err != nil {
+		return nil, fmt.Errorf("initdb: %w: %s", err, out)
+	}
+	// Logical decoding settings go in postgresql.conf, not on the command
+	// line, so a test can change them with ALTER SYSTEM and a restart.
+	conf, err := os.OpenFile(filepath.Join(l.dataDir, "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open postgresql.conf: %w", err)
+	}
+	_, err = conf.WriteString("\nwal_level = logical\nmax_replication_slots = 20\n")
+	if cerr := conf.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, fmt.Errorf("write postgresql.conf: %w", err)
+	}
+	// initdb -A trust writes the same, but do not depend on it.
+	const hba = "local all all trust\n" +
+		"local replication all trust\n" +
+		"host all all 127.0.0.1/32 trust\n" +
+		"host replication all 127.0.0.1/32 trust\n"
+	if err := os.WriteFile(filepath.Join(l.dataDir, "pg_hba.conf"), []byte(hba), 0o600); err != nil {
+		return nil, fmt.Errorf("write pg_hba.conf: %w", err)
+	}
+	if l.cred != nil {
+		if err := os.Chown(filepath.Join(l.dataDir, "pg_hba.conf"), int(l.cred.Uid), int(l.cred.Gid)); err != nil {
+			return nil, fmt.Errorf("chown pg_hba.conf: %w", err)
+		}
+	}
+
+	return l, l.startOnFreePort(ctx)
+}
+
+// newLocalDir makes the temporary directory of a server of binDir, owned
+// by the OS user the server runs as; the data directory is left to fill.
+func newLocalDir(binDir string, major int, settings []string, logf func(string, ...any)) (_ *localServer, err error) {
 	removeStale()
 	root, err := os.MkdirTemp("", tempPrefix)
 	if err != nil {
@@ -74,50 +123,22 @@ func startLocal(ctx context.Context, bin Binaries, settings []string, logf func(
 			return nil, fmt.Errorf("chown temp dir: %w", err)
 		}
 	}
+	return l, nil
+}
 
-	logf("initdb (PostgreSQL %d from %s, %s) in %s", major, binDir, bin.From, root)
-	out, err := l.command(ctx, "initdb", "-D", l.dataDir, "-U", "postgres", "-A", "trust",
-		"-E", "UTF8", "--locale=C", "--no-sync").CombinedOutput()
-	if err != nil {
-		return nil, fmt.Errorf("initdb: %w: %s", err, out)
-	}
-	// Logical decoding settings go in postgresql.conf, not on the command
-	// line, so a test can change them with ALTER SYSTEM and a restart.
-	conf, err := os.OpenFile(filepath.Join(l.dataDir, "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
-	if err != nil {
-		return nil, fmt.Errorf("open postgresql.conf: %w", err)
-	}
-	_, err = conf.WriteString("\nwal_level = logical\nmax_replication_slots = 20\n")
-	if cerr := conf.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return nil, fmt.Errorf("write postgresql.conf: %w", err)
-	}
-	// initdb -A trust writes the same, but do not depend on it.
-	const hba = "local all all trust\n" +
-		"local replication all trust\n" +
-		"host all all 127.0.0.1/32 trust\n" +
-		"host replication all 127.0.0.1/32 trust\n"
-	if err := os.WriteFile(filepath.Join(l.dataDir, "pg_hba.conf"), []byte(hba), 0o600); err != nil {
-		return nil, fmt.Errorf("write pg_hba.conf: %w", err)
-	}
-	if l.cred != nil {
-		if err := os.Chown(filepath.Join(l.dataDir, "pg_hba.conf"), int(l.cred.Uid), int(l.cred.Gid)); err != nil {
-			return nil, fmt.Errorf("chown pg_hba.conf: %w", err)
-		}
-	}
-
-	// Another process may take the free port before postgres binds it.
+// startOnFreePort starts the server on a free loopback port: another
+// process may take the free port before postgres binds it, so it tries
+// three.
+func (l *localServer) startOnFreePort(ctx context.Context) (err error) {
 	for attempt := 1; ; attempt++ {
 		if l.port, err = freePort(); err != nil {
-			return nil, err
+			return err
 		}
 		err = l.start(ctx)
 		if err == nil || !errors.Is(err, errPortInUse) || attempt == 3 {
-			return l, err
+			return err
 		}
-		logf("port %d taken, trying another", l.port)
+		l.logf("port %d taken, trying another", l.port)
 	}
 }
 

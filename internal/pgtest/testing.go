@@ -2,12 +2,15 @@ package pgtest
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/pgserver"
 )
 
 // shared is the server started by Main.
@@ -79,4 +82,33 @@ func NewDatabase(t testing.TB) string {
 		}
 	})
 	return dsn
+}
+
+// Standby is a physical standby of the shared server; see
+// pgserver.Standby.
+type Standby = pgserver.Standby
+
+// StartStandby makes a physical standby of the shared server streaming
+// through a new physical slot named slot (pg_basebackup -R -C -S), and
+// removes it, slot and all, when the test ends. It skips the test where
+// the shared server is not run from local binaries (CDCBACKFILL_TEST_DSN,
+// Docker): pg_basebackup and the standby run here, beside the primary.
+func StartStandby(t testing.TB, slot string) *Standby {
+	t.Helper()
+	srv := Shared(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	sb, err := srv.StartStandby(ctx, slot)
+	if errors.Is(err, pgserver.ErrStandbyUnsupported) {
+		t.Skipf("needs a standby beside the test server, which is %q here, not one run from local binaries: unset %s, or set %s", srv.Kind(), EnvDSN, pgserver.EnvBinDir)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := sb.Remove(); err != nil {
+			t.Error(err)
+		}
+	})
+	return sb
 }

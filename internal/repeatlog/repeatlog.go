@@ -5,12 +5,16 @@
 //
 // Invariant: a message is never silently dropped: every occurrence is
 // either logged or counted in the next summary line (at the next
-// occurrence after the interval, or at Flush).
+// occurrence after the interval, at Flush, or at End), or accounted for by
+// the caller's own closing line (Forget). A summary never
+// passes for the present when the condition is over: the one End writes
+// says it is the last, and its span ends at the last occurrence.
 package repeatlog
 
 import (
 	"context"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 )
@@ -28,6 +32,7 @@ type Log struct {
 type entry struct {
 	level slog.Level
 	since time.Time // when the interval began (the last line logged)
+	last  time.Time // the last occurrence
 	count int       // occurrences since, not logged
 	args  []any     // of the last of them
 }
@@ -56,7 +61,7 @@ func (l *Log) add(level slog.Level, msg string, args []any) {
 	e, ok := l.seen[msg]
 	if ok && now.Sub(e.since) < l.every {
 		e.count++
-		e.level, e.args = level, args
+		e.level, e.args, e.last = level, args, now
 		l.mu.Unlock()
 		return
 	}
@@ -65,37 +70,81 @@ func (l *Log) add(level slog.Level, msg string, args []any) {
 		c := *e
 		pending = &c
 	}
-	l.seen[msg] = &entry{level: level, since: now}
+	l.seen[msg] = &entry{level: level, since: now, last: now}
 	l.mu.Unlock()
 	if pending != nil {
-		l.summary(msg, pending, now)
+		l.summary(msg, pending)
 	}
 	l.log.Log(context.Background(), level, msg, args...)
 }
 
 // Flush writes the summary of every message whose interval has ended with
-// occurrences not logged; call it now and then (and at exit with force).
-func (l *Log) Flush(force bool) {
+// occurrences not logged; call it now and then, while the conditions may
+// still hold.
+func (l *Log) Flush() {
 	l.mu.Lock()
 	now := l.now()
-	type due struct {
-		msg string
-		e   entry
-	}
 	var out []due
 	for msg, e := range l.seen {
-		if e.count > 0 && (force || now.Sub(e.since) >= l.every) {
+		if e.count > 0 && now.Sub(e.since) >= l.every {
 			out = append(out, due{msg, *e})
 			e.count, e.since = 0, now
 		}
 	}
 	l.mu.Unlock()
 	for _, d := range out {
-		l.summary(d.msg, &d.e, now)
+		l.summary(d.msg, &d.e)
 	}
 }
 
-func (l *Log) summary(msg string, e *entry, now time.Time) {
-	args := append([]any{"repeated", e.count, "over", now.Sub(e.since).Round(time.Second)}, e.args...)
+// End says the conditions of msgs (none: of every message) are over: the
+// phase moved on, the throttle released, the daemon exits. Their pending
+// counts are written at once as the last summary, spanning up to the last
+// occurrence, and the messages are forgotten, so the next occurrence is
+// logged at once as a new condition.
+func (l *Log) End(msgs ...string) {
+	l.mu.Lock()
+	var out []due
+	for msg, e := range l.seen {
+		if len(msgs) > 0 && !slices.Contains(msgs, msg) {
+			continue
+		}
+		if e.count > 0 {
+			out = append(out, due{msg, *e})
+		}
+		delete(l.seen, msg)
+	}
+	l.mu.Unlock()
+	slices.SortFunc(out, func(a, b due) int { return a.e.last.Compare(b.e.last) })
+	for _, d := range out {
+		args := append([]any{"repeated", d.e.count, "over", d.e.last.Sub(d.e.since).Round(time.Second), "last_at", d.e.last.Format(time.RFC3339)}, d.e.args...)
+		l.log.Log(context.Background(), d.e.level, d.msg+" (repeated; last summary, the condition is over)", args...)
+	}
+}
+
+// Forget drops msg and its pending count, for a caller whose own line
+// accounts for the whole condition as it ends (a throttle's "released,
+// after 3m"); the next occurrence is logged at once. It returns the count
+// dropped.
+func (l *Log) Forget(msg string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	if e, ok := l.seen[msg]; ok {
+		n = e.count
+	}
+	delete(l.seen, msg)
+	return n
+}
+
+type due struct {
+	msg string
+	e   entry
+}
+
+// summary spans the interval up to the last occurrence, not up to now: the
+// condition may have ended since.
+func (l *Log) summary(msg string, e *entry) {
+	args := append([]any{"repeated", e.count, "over", e.last.Sub(e.since).Round(time.Second)}, e.args...)
 	l.log.Log(context.Background(), e.level, msg+" (repeated)", args...)
 }
