@@ -4,17 +4,18 @@ import (
 	"context"
 	"fmt"
 
-	"github.com/cdcbackfill/cdcbackfill/internal/sqlcheck"
+	"github.com/cdcbackfill/cdcbackfill/internal/exprcheck"
 )
 
-// checkExpressions proves each expression is one expression (sqlcheck),
-// then lets PostgreSQL check it over the row by preparing a query.
+// checkExpressions proves each expression is one expression of the row
+// (exprcheck, PostgreSQL's parser), then lets PostgreSQL check it over the
+// row by preparing a query.
 func checkExpressions(ctx context.Context, in *inspection) (bool, error) {
 	r, conn, t := in.r, in.conn, in.table
 	allValid := true
 	for _, c := range t.Columns {
 		name := "expression for " + c.Name
-		if err := sqlcheck.Expression(c.Expr); err != nil {
+		if _, err := exprcheck.Parse(c.Expr); err != nil {
 			r.fail(name, fmt.Sprintf("columns.%s: %v", c.Name, err), "write a single SQL expression over the row, e.g. split_part(full_name, ' ', 1)")
 			allValid = false
 			continue

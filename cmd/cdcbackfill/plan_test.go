@@ -97,7 +97,7 @@ func TestPlanProblems(t *testing.T) {
 			edit: func(s string) string {
 				return strings.Replace(s, "split_part(full_name, ' ', 2)", `"'x'); DROP TABLE users; --"`, 1)
 			},
-			want: []string{"FAIL  expression for last_name", "unbalanced ')'"},
+			want: []string{"FAIL  expression for last_name", "closes the parenthesis the expression is put in"},
 		},
 		{
 			name:  "target column neither exists nor is added",
