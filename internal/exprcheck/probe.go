@@ -287,6 +287,20 @@ func (p *Probe) typeOf(ctx context.Context, n *pg_query.Node) (uint32, error) {
 	return sd.Fields[0].DataTypeOID, nil
 }
 
+// Settings is "TimeZone=UTC" and so on for every setting a stable
+// expression may depend on, in this session.
+func (p *Probe) Settings(ctx context.Context) ([]string, error) {
+	values, err := p.values(ctx, Settings)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]string, len(Settings))
+	for i, n := range Settings {
+		out[i] = n + "=" + values[n]
+	}
+	return out, nil
+}
+
 // values reads the settings' values in this session.
 func (p *Probe) values(ctx context.Context, settings []string) (map[string]string, error) {
 	if len(settings) == 0 {
