@@ -32,6 +32,9 @@ type Report struct {
 	State  *state.Migration // nil when the migration has not started
 	Lo, Hi recompute.Key
 	Rows   int64
+	// Settings are the values the expressions are evaluated with
+	// ("TimeZone=UTC"): the database's and role's, as the daemon connects.
+	Settings []string
 }
 
 // OK is true when no check failed.

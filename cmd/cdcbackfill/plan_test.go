@@ -80,6 +80,54 @@ func assertUnchanged(t *testing.T, dsn string) {
 	}
 }
 
+// TestPlanExpressionVolatility: a volatile expression or a subquery is
+// refused (it never reaches parity), a stable one warned with the settings
+// it depends on and their values, an immutable one passes.
+func TestPlanExpressionVolatility(t *testing.T) {
+	cases := []struct {
+		name  string
+		setup string
+		expr  string
+		code  int
+		want  []string
+	}{
+		{"volatile function", "", `split_part(full_name, ' ', 1) || random()::text`, 1,
+			[]string{"FAIL  expression for last_name: columns.last_name calls volatile function random: its value changes at every evaluation", "never reaches parity"}},
+		{"sequence", "CREATE SEQUENCE s", `nextval('s')::text`, 1,
+			[]string{"FAIL  expression for last_name: columns.last_name calls volatile function nextval"}},
+		{"subquery", "CREATE TABLE other (id int PRIMARY KEY, v text)", `(SELECT v FROM other WHERE id = 1) || full_name`, 1,
+			[]string{"FAIL  expression for last_name: columns.last_name: a subquery reads another table, whose changes are not in the stream"}},
+		{"aggregate", "", `count(*)::text`, 1,
+			[]string{"FAIL  expression for last_name: columns.last_name: ", "aggregate functions are not allowed"}},
+		{"timestamptz output", "ALTER TABLE users ADD COLUMN created_at timestamptz", `created_at::text`, 0,
+			[]string{"warn  stable expression last_name: created_at::text: timestamptz output depends on TimeZone, DateStyle",
+				"(the daemon evaluates with TimeZone=", "(created_at AT TIME ZONE 'UTC')::date", "plan: all checks passed"}},
+		{"transaction time", "", `now()::text`, 0,
+			[]string{"warn  stable expression last_name: now(): stable function now", "the daemon's is never the application's"}},
+		{"text || integer", "", `'b' || id`, 0, []string{"ok    expression for last_name is valid SQL over the row, immutable"}},
+		{"upper", "", `upper(email)`, 0, []string{"ok    expression for last_name is valid SQL over the row, immutable"}},
+		{"text || text", "", `email || 'a'`, 0, []string{"ok    expression for last_name is valid SQL over the row, immutable"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dsn := pgtest.NewDatabase(t)
+			exec1(t, dsn, seedUsers)
+			if c.setup != "" {
+				exec1(t, dsn, c.setup)
+			}
+			yaml := strings.Replace(usersConfig(dsn), "split_part(full_name, ' ', 2)", `"`+strings.ReplaceAll(c.expr, `"`, `\"`)+`"`, 1)
+			r := cli(t, 30*time.Second, nil, "plan", "--config", writeConfig(t, yaml))
+			if r.code != c.code {
+				t.Fatalf("exit %d, want %d\n%s", r.code, c.code, r)
+			}
+			mustContain(t, r, c.want...)
+			if c.code == 0 {
+				mustContain(t, r, "evaluated with the database's and role's settings (as the daemon connects): TimeZone=")
+			}
+		})
+	}
+}
+
 func TestPlanProblems(t *testing.T) {
 	cases := []struct {
 		name  string
@@ -120,7 +168,7 @@ func TestPlanProblems(t *testing.T) {
 			edit: func(s string) string {
 				return strings.Replace(s, "split_part(full_name, ' ', 2)", `"'x'); DROP TABLE users; --"`, 1)
 			},
-			want: []string{"FAIL  expression for last_name", "unbalanced ')'"},
+			want: []string{"FAIL  expression for last_name", "closes the parenthesis the expression is put in"},
 		},
 		{
 			name:  "target column neither exists nor is added",

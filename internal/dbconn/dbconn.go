@@ -38,7 +38,9 @@ const ConnectTimeout = 10 * time.Second
 const ApplicationName = "cdcbackfill"
 
 // Connect opens one connection with a time-out; its error names the server
-// (redacted DSN) and wraps the cause.
+// (redacted DSN) and wraps the cause. It sets no setting a stable
+// expression reads (TimeZone, DateStyle...): the session has the database's
+// and role's defaults, or what the DSN says, and plan prints them.
 func Connect(ctx context.Context, dsn string) (*pgx.Conn, error) {
 	cfg, err := pgx.ParseConfig(dsn)
 	if err != nil {

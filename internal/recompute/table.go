@@ -275,7 +275,8 @@ func (t *Table) newColumns() string {
 }
 
 // exprs is "(expr_a), (expr_b)". User expressions are the one place SQL text
-// is composed; Validate proves each is a single expression first.
+// is composed; plan proves each is one expression of the row first
+// (internal/exprcheck).
 func (t *Table) exprs() string {
 	parts := make([]string, len(t.Columns))
 	for i, c := range t.Columns {
