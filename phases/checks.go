@@ -60,7 +60,10 @@ func (d *Daemon) describe(m recompute.Mismatch) string {
 			break
 		}
 		a, e := textOrNull(m.Actual[i]), textOrNull(m.Expected[i])
-		if a != e {
+		switch {
+		case col.NotNull && m.Actual[i] == nil:
+			parts = append(parts, fmt.Sprintf("%s=NULL (must not be NULL: the migration makes %s NOT NULL; expression %s)", col.Name, col.Name, e))
+		case a != e:
 			parts = append(parts, fmt.Sprintf("%s=%s (expression %s)", col.Name, a, e))
 		}
 	}

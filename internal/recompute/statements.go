@@ -430,7 +430,7 @@ func (t *Table) Range(ctx context.Context, q Querier, lo, hi Key, limit int) (Re
 // CheckSQL reads (never writes, never locks) up to $limit rows after lo up to
 // hi and reports those out of parity.
 func (t *Table) CheckSQL(withLow bool) string {
-	keys, _ := t.rangeKeys(withLow, ", "+t.outOfParity()+" AS _cdcb_bad")
+	keys, _ := t.rangeKeys(withLow, ", "+t.failsCheck()+" AS _cdcb_bad")
 	return keys + fmt.Sprintf(`
 SELECT (SELECT count(*) FROM _cdcb_keys), %s, m.key
 FROM (SELECT 1) AS _cdcb_one
@@ -651,7 +651,7 @@ func (t *Table) checkKeysSQL() string {
 	}
 	return cte + fmt.Sprintf(`
 SELECT ARRAY[%s], ARRAY[%s], ARRAY[%s] FROM %s WHERE %s AND %s`,
-		t.textKeys(), strings.Join(actual, ", "), strings.Join(expected, ", "), t.Ident(), keysIn, t.outOfParity())
+		t.textKeys(), strings.Join(actual, ", "), strings.Join(expected, ", "), t.Ident(), keysIn, t.failsCheck())
 }
 
 // CheckKeys reports which of keys are out of parity, with both values. It

@@ -17,6 +17,12 @@ import (
 type Column struct {
 	Name string
 	Expr string
+	// NotNull: the migration makes the column NOT NULL, so a row where it
+	// is NULL fails the checks (verify, the stream's after the hand-over,
+	// the cut-over's) whatever the expression says, and is found and
+	// reported before any constraint is validated. Corrections are not
+	// changed: the daemon only ever writes the expression.
+	NotNull bool
 }
 
 // KeyColumn is one column of the primary key, with the type to cast its
@@ -292,6 +298,29 @@ func row(list string) string { return "ROW(" + list + ")" }
 // expressions.
 func (t *Table) outOfParity() string {
 	return row(t.newColumns()) + " IS DISTINCT FROM " + row(t.exprs())
+}
+
+// failsCheck is outOfParity, or a NOT NULL column that is NULL: what the
+// read-only checks report.
+func (t *Table) failsCheck() string {
+	cond := t.outOfParity()
+	for _, c := range t.Columns {
+		if c.NotNull {
+			cond += " OR " + pgx.Identifier{c.Name}.Sanitize() + " IS NULL"
+		}
+	}
+	return "(" + cond + ")"
+}
+
+// RequireNotNull marks the named new columns NotNull (see Column).
+func (t *Table) RequireNotNull(names []string) {
+	for i := range t.Columns {
+		for _, n := range names {
+			if t.Columns[i].Name == n {
+				t.Columns[i].NotNull = true
+			}
+		}
+	}
 }
 
 func (t *Table) setList() string {
