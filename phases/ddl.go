@@ -2,127 +2,25 @@ package phases
 
 import (
 	"context"
-	"fmt"
-	"log/slog"
-	"math/rand/v2"
-	"time"
 
-	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5"
 
-	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
-	"github.com/cdcbackfill/cdcbackfill/internal/sessions"
+	"github.com/cdcbackfill/cdcbackfill/internal/ddl"
 )
 
-// DDLRunner runs schema statements so that they never queue the
-// application behind them for longer than LockTimeout: each try waits at
-// most that long for its lock, and gives up and retries with backoff.
-type DDLRunner struct {
-	LockTimeout time.Duration
-	MaxRetries  int
-	Table       string // quoted table, to name who blocks us
-	Log         *slog.Logger
-	// OnRetry is told of each failed try (for metrics).
-	OnRetry func()
-}
+// DDLRunner is the one DDL runner, internal/ddl's, under the name the
+// phases know it by.
+type DDLRunner ddl.Runner
 
 // DDLResult is what running one statement cost.
-type DDLResult struct {
-	Tries    int
-	LockWait time.Duration // time spent in tries that timed out
-}
+type DDLResult = ddl.Result
 
-// Run runs stmt under lock_timeout in a transaction, and record in the same
-// transaction, so a statement that completed is never run again. A
-// statement that cannot run in a transaction block (25001, e.g. CREATE
-// INDEX CONCURRENTLY) runs on its own, then record runs.
+// Run runs stmt under lock_timeout, retried (ddl.Runner.Run).
 func (d DDLRunner) Run(ctx context.Context, conn *pgx.Conn, stmt string, record func(pgx.Tx) error) (DDLResult, error) {
-	var res DDLResult
-	backoff := 100 * time.Millisecond
-	for {
-		res.Tries++
-		start := time.Now()
-		err := d.try(ctx, conn, stmt, record)
-		if err == nil {
-			return res, nil
-		}
-		if !dbconn.IsLockTimeout(err) {
-			return res, fmt.Errorf("DDL %q: %w", stmt, err)
-		}
-		res.LockWait += time.Since(start)
-		blockers := d.blockers(ctx, conn)
-		if d.OnRetry != nil {
-			d.OnRetry()
-		}
-		if res.Tries > d.MaxRetries {
-			return res, fmt.Errorf("DDL %q: could not get its lock within ddl.lock_timeout %s in %d tries; blocked by %s; end that session or retry later (raise ddl.max_retries to wait longer)",
-				stmt, d.LockTimeout, res.Tries, blockers)
-		}
-		// Exponential backoff with full jitter, capped: the app's queries
-		// run freely between tries.
-		wait := time.Duration(rand.Int64N(int64(backoff))) + backoff/2
-		if d.Log != nil {
-			d.Log.Warn("DDL waits for a lock; retrying", "try", res.Tries, "of", d.MaxRetries+1, "lock_timeout", d.LockTimeout,
-				"blocked_by", blockers, "retry_in", wait.Round(time.Millisecond), "statement", stmt)
-		}
-		if err := dbconn.Sleep(ctx, wait); err != nil {
-			return res, err
-		}
-		backoff = min(backoff*2, 10*time.Second)
-	}
-}
-
-func (d DDLRunner) try(ctx context.Context, conn *pgx.Conn, stmt string, record func(pgx.Tx) error) error {
-	tx, err := conn.Begin(ctx)
-	if err != nil {
-		return err
-	}
-	defer tx.Rollback(context.Background())
-	if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", d.lockTimeoutMS())); err != nil {
-		return err
-	}
-	if _, err := tx.Exec(ctx, stmt); err != nil {
-		if dbconn.SQLState(err) == pgerrcode.ActiveSQLTransaction {
-			tx.Rollback(ctx)
-			return d.outsideTx(ctx, conn, stmt, record)
-		}
-		return err
-	}
-	if err := record(tx); err != nil {
-		return err
-	}
-	return tx.Commit(ctx)
-}
-
-// outsideTx runs a statement that refuses transaction blocks. Its record
-// cannot be atomic with it: such statements (CONCURRENTLY) are the ones
-// written to be rerun safely with IF NOT EXISTS.
-func (d DDLRunner) outsideTx(ctx context.Context, conn *pgx.Conn, stmt string, record func(pgx.Tx) error) error {
-	if _, err := conn.Exec(ctx, fmt.Sprintf("SET lock_timeout = %d", d.lockTimeoutMS())); err != nil {
-		return err
-	}
-	_, err := conn.Exec(ctx, stmt)
-	if _, rerr := conn.Exec(ctx, "RESET lock_timeout"); err == nil && rerr != nil {
-		return rerr
-	}
-	if err != nil {
-		return err
-	}
-	return pgx.BeginFunc(ctx, conn, record)
+	return ddl.Runner(d).Run(ctx, conn, stmt, record)
 }
 
 // blockers names the sessions holding locks on the table.
 func (d DDLRunner) blockers(ctx context.Context, conn *pgx.Conn) string {
-	held, err := sessions.Describe(ctx, conn, 3, "a.pid IN (SELECT pid FROM pg_locks WHERE relation = $1::regclass AND granted)", d.Table)
-	switch {
-	case err != nil:
-		return "an unknown session (" + err.Error() + ")"
-	case held == "":
-		return "a session that has since ended"
-	}
-	return held
+	return ddl.Runner(d).Blockers(ctx, conn)
 }
-
-// lockTimeoutMS is at least 1: lock_timeout = 0 would mean no time-out,
-// the one value that could queue the application behind the DDL for good.
-func (d DDLRunner) lockTimeoutMS() int64 { return max(d.LockTimeout.Milliseconds(), 1) }
