@@ -34,7 +34,7 @@ func TestFastRangeWalksEveryRow(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			tb, err := Inspect(ctx, conn, "public", "users", []Column{{"first_name", "split_part(full_name, ' ', 1)"}, {"last_name", "split_part(full_name, ' ', 2)"}})
+			tb, err := Inspect(ctx, conn, "public", "users", []Column{{Name: "first_name", Expr: "split_part(full_name, ' ', 1)"}, {Name: "last_name", Expr: "split_part(full_name, ' ', 2)"}})
 			if err != nil {
 				t.Fatal(err)
 			}
