@@ -75,6 +75,7 @@ var preflight = []check{
 	checkTable,
 	checkReplicaIdentity,
 	checkColumns,
+	checkDDL,
 	checkExpressions,
 	checkReplication,
 	checkPrivileges,
