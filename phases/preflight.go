@@ -32,6 +32,9 @@ type Report struct {
 	State  *state.Migration // nil when the migration has not started
 	Lo, Hi recompute.Key
 	Rows   int64
+	// Allowed is each statement the DDL rules refuse that the operator
+	// allowed, with why it is refused: run logs them.
+	Allowed []string
 }
 
 // OK is true when no check failed.

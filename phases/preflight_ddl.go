@@ -83,6 +83,7 @@ func judgeStatement(r *Report, list ddl.List, i int, s *ddl.Statement, tried *dd
 				fmt.Sprintf("%s; or, knowing what it costs, allow it: ddl.allow: [%s], or the comment -- cdcbackfill:allow %s before the statement", f.SafeForm, f.Rule, f.Rule))
 		case f.AllowedBy != "":
 			r.warn(name, f.Problem+" (allowed by "+f.AllowedBy+")", "")
+			r.Allowed = append(r.Allowed, name+": "+f.Problem+" (allowed by "+f.AllowedBy+")")
 		default:
 			r.add("info", name, f.Problem, "")
 		}
