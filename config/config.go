@@ -122,6 +122,9 @@ type ContractPolicy struct {
 type DDL struct {
 	LockTimeout time.Duration `mapstructure:"lock_timeout" default:"2s" check:">0"`
 	MaxRetries  int           `mapstructure:"max_retries" default:"30" check:">=0"`
+	// Allow lists the rules of internal/ddl allowed for every statement
+	// (rewrite, scan, blocking_index, other_relation); plan checks them.
+	Allow []string `mapstructure:"allow"`
 }
 
 type HTTP struct {

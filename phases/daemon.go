@@ -152,6 +152,9 @@ func runOnce(ctx context.Context, cfg *config.Config, log *slog.Logger, led *boo
 		if err := report.Err(); err != nil {
 			return err
 		}
+		for _, a := range report.Allowed {
+			log.Warn("ddl: a statement the rules refuse will run, allowed explicitly", "statement", a)
+		}
 	}
 	if err := state.EnsureSchema(ctx, conn, cfg.DDL.LockTimeout); err != nil {
 		return err

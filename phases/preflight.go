@@ -35,6 +35,9 @@ type Report struct {
 	// Settings are the values the expressions are evaluated with
 	// ("TimeZone=UTC"): the database's and role's, as the daemon connects.
 	Settings []string
+	// Allowed is each statement the DDL rules refuse that the operator
+	// allowed, with why it is refused: run logs them.
+	Allowed []string
 }
 
 // OK is true when no check failed.
@@ -78,6 +81,7 @@ var preflight = []check{
 	checkTable,
 	checkReplicaIdentity,
 	checkColumns,
+	checkDDL,
 	checkExpressions,
 	checkReplication,
 	checkStandbys,

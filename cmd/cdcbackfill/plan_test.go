@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -320,4 +321,84 @@ func TestPlanServerSettings(t *testing.T) {
 		t.Fatalf("want exit 1\n%s", r)
 	}
 	mustContain(t, r, "FAIL  replication slot: no replication slot is free", "raise max_replication_slots")
+}
+
+// TestPlanRefusesUnsafeDDL: plan reads every statement with PostgreSQL's
+// parser and refuses what would block the application for a time that
+// grows with the table, naming the statement and its safe form; allowed
+// explicitly, the same statement passes and plan says it was allowed.
+func TestPlanRefusesUnsafeDDL(t *testing.T) {
+	cases := []struct {
+		name, list, stmt string
+		rule             string // "": cannot be allowed
+		want             []string
+	}{
+		{"volatile default", "expand", "ALTER TABLE users ADD COLUMN token uuid DEFAULT gen_random_uuid()", "rewrite",
+			[]string{"FAIL  expand[1]: \"ALTER TABLE users ADD COLUMN token uuid DEFAULT gen_random_uuid()\" rewrites the table",
+				"the server's copy of the table shows it does", "fix: ALTER TABLE users ADD COLUMN token uuid; then ALTER TABLE \"users\" ALTER COLUMN \"token\" SET DEFAULT"}},
+		{"index without CONCURRENTLY", "expand", "CREATE INDEX users_fn ON users (full_name)", "blocking_index",
+			[]string{"FAIL  expand[1]: \"CREATE INDEX users_fn ON users (full_name)\" blocks the table for an index", "SHARE lock",
+				"fix: CREATE INDEX CONCURRENTLY users_fn ON users USING btree (full_name)"}},
+		{"type change that rewrites", "contract", "ALTER TABLE users ALTER COLUMN id TYPE integer", "rewrite",
+			[]string{"FAIL  contract[1]: \"ALTER TABLE users ALTER COLUMN id TYPE integer\" rewrites the table", "the server's copy of the table shows it does",
+				"fix: expand/contract the column itself"}},
+		{"NOT NULL in the cut-over", "contract", "ALTER TABLE users ALTER COLUMN first_name SET NOT NULL", "scan",
+			[]string{"FAIL  contract[1]: \"ALTER TABLE users ALTER COLUMN first_name SET NOT NULL\" scans the table under a blocking lock",
+				"the server's copy of the table shows it does", `fix: ALTER TABLE "users" ADD CONSTRAINT "first_name_not_null" CHECK ("first_name" IS NOT NULL) NOT VALID`}},
+		{"two statements in one entry", "expand", "ALTER TABLE users ADD COLUMN first_name text; DROP TABLE precious", "",
+			[]string{`FAIL  expand[1]: holds 2 statements: "ALTER TABLE users ADD COLUMN first_name text" and "DROP TABLE precious"; write one statement per list entry`}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dsn := pgtest.NewDatabase(t)
+			exec1(t, dsn, seedUsers, "CREATE TABLE precious (id int)")
+			yaml := withStatement(usersConfig(dsn), c.list, c.stmt)
+			r := cli(t, 30*time.Second, nil, "plan", "--config", writeConfig(t, yaml))
+			if r.code != 1 {
+				t.Fatalf("want exit 1\n%s", r)
+			}
+			mustContain(t, r, append(c.want, "plan: problems found; nothing was changed")...)
+			if c.rule == "" {
+				return
+			}
+			mustContain(t, r, "ddl.allow: ["+c.rule+"]")
+			r = cli(t, 30*time.Second, nil, "plan", "--config", writeConfig(t, yaml+"ddl:\n  allow: ["+c.rule+"]\n"))
+			if r.code != 0 {
+				t.Fatalf("allowed by ddl.allow, want exit 0\n%s", r)
+			}
+			mustContain(t, r, "(allowed by ddl.allow)", "plan: all checks passed")
+			r = cli(t, 30*time.Second, nil, "plan", "--config", writeConfig(t, withStatement(usersConfig(dsn), c.list, "/* cdcbackfill:allow "+c.rule+" */ "+c.stmt)))
+			if r.code != 0 {
+				t.Fatalf("allowed by its comment, want exit 0\n%s", r)
+			}
+			mustContain(t, r, "(allowed by its comment cdcbackfill:allow "+c.rule+")")
+			assertUnchanged(t, dsn)
+		})
+	}
+}
+
+// TestPlanDescribesDDL: the running example passes, and plan says what
+// each statement locks and that it neither rewrites nor scans.
+func TestPlanDescribesDDL(t *testing.T) {
+	dsn := pgtest.NewDatabase(t)
+	exec1(t, dsn, seedUsers)
+	yaml := usersConfig(dsn) + "rollback:\n  - ALTER TABLE users DROP COLUMN first_name, DROP COLUMN last_name\n"
+	r := cli(t, 30*time.Second, nil, "plan", "--config", writeConfig(t, yaml))
+	if r.code != 0 {
+		t.Fatalf("plan failed\n%s", r)
+	}
+	mustContain(t, r,
+		`ok    expand[0] ALTER TABLE: ACCESS EXCLUSIVE on "users" (blocks reads and writes, no rewrite, no scan); tried on a copy of the table`,
+		`ok    contract[0] ALTER TABLE: ACCESS EXCLUSIVE on "users" (blocks reads and writes, no rewrite, no scan); tried on a copy of the table`,
+		`ok    rollback[0] ALTER TABLE: ACCESS EXCLUSIVE on "users" (blocks reads and writes, no rewrite, no scan); tried on a copy of the table`)
+	assertUnchanged(t, dsn)
+}
+
+// withStatement appends stmt to the expand or contract list of a config.
+func withStatement(yaml, list, stmt string) string {
+	anchor := map[string]string{
+		"expand":   "  - ALTER TABLE users ADD COLUMN first_name text, ADD COLUMN last_name text\n",
+		"contract": "  - ALTER TABLE users DROP COLUMN full_name\n",
+	}[list]
+	return strings.Replace(yaml, anchor, anchor+"  - "+strconv.Quote(stmt)+"\n", 1)
 }

@@ -138,8 +138,20 @@ func tryOne(ctx context.Context, conn *pgx.Conn, oid uint32, sql string) (*Tried
 	if err := tx.QueryRow(ctx, measure, oid).Scan(&fileBefore, &scansBefore); err != nil {
 		return nil, fmt.Errorf("read the copy: %w", err)
 	}
+	if _, err := tx.Exec(ctx, "SAVEPOINT try"); err != nil {
+		return nil, err
+	}
 	if _, err := tx.Exec(ctx, sql); err != nil {
-		return &Tried{Err: err}, nil
+		// A statement can fail on the row after reading it (SET NOT NULL
+		// on a column not backfilled yet): the scan counter, which no
+		// rollback takes back, says whether it did.
+		if _, rerr := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT try"); rerr != nil {
+			return nil, rerr
+		}
+		if merr := tx.QueryRow(ctx, measure, oid).Scan(&fileAfter, &scansAfter); merr != nil {
+			return nil, fmt.Errorf("read the copy: %w", merr)
+		}
+		return &Tried{Err: err, Scanned: scansAfter > scansBefore}, nil
 	}
 	if err := tx.QueryRow(ctx, measure, oid).Scan(&fileAfter, &scansAfter); err != nil {
 		return nil, fmt.Errorf("read the copy: %w", err)

@@ -130,20 +130,33 @@ type Tried struct {
 // was not asked it holds, saying so; and what the copy did that the tree
 // did not foresee is added.
 func (s *Statement) effects(t *Tried, untried string) []Effect {
+	failed := ""
 	if t != nil && t.Err != nil {
-		untried = "it failed on the server's copy of the table: " + t.Err.Error()
-		t = nil
+		failed = t.Err.Error()
+		untried = "it failed on the server's copy of the table: " + failed
+		if !t.Scanned {
+			t = nil
+		}
 	}
 	var out []Effect
 	rewrote, scanned := false, false
 	for _, e := range s.Effects {
 		if e.Ask != Known {
-			if t != nil {
+			switch {
+			case t != nil && failed != "":
+				// It read the copy, then failed on its row: a scan is
+				// shown, a rewrite is not known.
+				if e.Ask == AskScans {
+					e.Reason += " (the server's copy of the table shows it does; there it also fails on the table's own row: " + failed + ")"
+				} else {
+					e.Reason += " (the server could not tell, " + untried + "; judged from the parse tree)"
+				}
+			case t != nil:
 				if e.Ask == AskRewrites && !t.Rewrote || e.Ask == AskScans && (!t.Scanned || t.Rewrote) {
 					continue
 				}
 				e.Reason += " (the server's copy of the table shows it does)"
-			} else if untried != "" {
+			case untried != "":
 				e.Reason += " (the server could not tell, " + untried + "; judged from the parse tree)"
 			}
 		}
@@ -151,7 +164,7 @@ func (s *Statement) effects(t *Tried, untried string) []Effect {
 		scanned = scanned || e.Rule == Scan || e.Rule == Rewrite
 		out = append(out, e)
 	}
-	if t != nil && len(s.Relations) > 0 {
+	if t != nil && failed == "" && len(s.Relations) > 0 {
 		r := s.Relations[0]
 		switch {
 		case t.Rewrote && !rewrote:
