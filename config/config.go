@@ -125,6 +125,10 @@ type DDL struct {
 	// Allow lists the rules of internal/ddl allowed for every statement
 	// (rewrite, scan, blocking_index, other_relation); plan checks them.
 	Allow []string `mapstructure:"allow"`
+	// ConcurrentTimeout bounds the waits of a CONCURRENTLY build and of a
+	// VALIDATE: their locks queue no application statement, so they may
+	// wait minutes for older snapshots, where lock_timeout is seconds.
+	ConcurrentTimeout time.Duration `mapstructure:"concurrent_timeout" default:"10m" check:">0"`
 }
 
 type HTTP struct {

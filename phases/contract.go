@@ -34,6 +34,7 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 	var tries int
 	var longest time.Duration
 	backoff := 100 * time.Millisecond
+	prepared := false
 	for {
 		if err := d.pipe.Load().failure(); err != nil {
 			return fmt.Errorf("sync stream: %w", err)
@@ -41,6 +42,23 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 		st, outstanding, err := d.loadAndRecheck(ctx)
 		if err != nil {
 			return err
+		}
+		if !prepared && outstanding == 0 {
+			// The constraints on new columns, NOT VALID then validated,
+			// before any cut-over: it only attaches them.
+			var violated *errViolated
+			switch err := d.prepareConstraints(ctx); {
+			case errors.As(err, &violated):
+				d.waiting.Store(violated.Error())
+				d.rlog.Warn("contract: rows violate a constraint on the new columns; waiting for the application to fix them", "constraint", violated.name)
+				if err := dbconn.Sleep(ctx, 5*time.Second); err != nil {
+					return nil
+				}
+				continue
+			case err != nil:
+				return err
+			}
+			prepared = true
 		}
 		switch {
 		case outstanding > 0 && d.cfg.DualWrite.Detect == "auto":
@@ -367,8 +385,9 @@ func keyID(k recompute.Key) string { return strings.Join(k, "\x00") }
 func (d *Daemon) contractInTx(ctx context.Context, tx pgx.Tx, from int) (int, error) {
 	start := time.Now()
 	defer tx.Exec(context.WithoutCancel(ctx), "SET LOCAL statement_timeout = 0")
-	for i := from; i < len(d.cfg.Contract); i++ {
-		stmt := d.cfg.Contract[i]
+	stmts := d.cutoverStatements()
+	for i := from; i < len(stmts); i++ {
+		stmt := stmts[i]
 		if _, err := tx.Exec(ctx, "SAVEPOINT cdcb_contract"); err != nil {
 			return 0, err
 		}
@@ -392,9 +411,9 @@ func (d *Daemon) contractInTx(ctx context.Context, tx pgx.Tx, from int) (int, er
 			}
 			return 0, fmt.Errorf("contract: DDL %q: %w", stmt, err)
 		}
-		d.log.Info("contract: DDL ran in the cut-over", "statement", stmt, "step", i+1, "of", len(d.cfg.Contract))
+		d.log.Info("contract: DDL ran in the cut-over", "statement", stmt, "step", i+1, "of", len(stmts))
 	}
-	return len(d.cfg.Contract), nil
+	return len(stmts), nil
 }
 
 // cutoverLockTimeout is contract_policy.lock_timeout, kept below the
@@ -425,7 +444,7 @@ func (d *Daemon) finishContract(ctx context.Context, st *state.Migration) error 
 			return err
 		}
 	}
-	if err := d.runDDL(ctx, state.Contract, d.cfg.Contract, st.ContractDone); err != nil {
+	if err := d.runDDL(ctx, state.Contract, d.cutoverStatements(), st.ContractDone); err != nil {
 		return err
 	}
 	if err := d.dropReplication(ctx); err != nil {

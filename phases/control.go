@@ -160,8 +160,12 @@ func abort(ctx context.Context, conn *pgx.Conn, cfg *config.Config, store state.
 		if got {
 			// No daemon runs it (or the one that did has stopped): do it
 			// here. The lock is held until this connection closes.
+			finish, err := planFinish(cfg)
+			if err != nil {
+				return "", fmt.Errorf("abort: %w", err)
+			}
 			p := abortPlan{slot: cfg.SlotName(), publication: cfg.PublicationName(), originPrefix: cfg.OriginPrefix(),
-				rollback: cfg.Rollback, runner: DDLRunner{LockTimeout: cfg.DDL.LockTimeout, MaxRetries: cfg.DDL.MaxRetries, Table: cfg.QuotedTable()}}
+				rollback: cfg.Rollback, undo: finish.Undo, table: cfg.QuotedTable(), runner: DDLRunner{LockTimeout: cfg.DDL.LockTimeout, MaxRetries: cfg.DDL.MaxRetries, Table: cfg.QuotedTable()}}
 			if err := abortNow(ctx, conn, store, p); err != nil {
 				return "", err
 			}

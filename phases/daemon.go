@@ -15,6 +15,7 @@ import (
 
 	"github.com/cdcbackfill/cdcbackfill/applier"
 	"github.com/cdcbackfill/cdcbackfill/config"
+	"github.com/cdcbackfill/cdcbackfill/internal/ddl"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 	"github.com/cdcbackfill/cdcbackfill/internal/repeatlog"
@@ -47,6 +48,9 @@ type Daemon struct {
 	// approvedHandover is the hand-over approve recorded in sync, as the
 	// state row last said (0: none).
 	approvedHandover atomic.Uint64
+	// finish is what the new columns become (indexes, NOT NULL,
+	// constraints) and the expand and contract lists as they run.
+	finish *ddl.Finish
 	// overran is the contract statement that ran past max_hold in the
 	// last cut-over; the next waits for the operator's approve.
 	overran atomic.Pointer[overrunError]
@@ -236,6 +240,12 @@ func (d *Daemon) loadTable(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if d.finish == nil {
+		if d.finish, err = planFinish(d.cfg); err != nil {
+			return err
+		}
+	}
+	t.RequireNotNull(d.finish.NotNull)
 	d.table = t
 	if len(t.MissingColumns()) == 0 {
 		d.findSources(ctx)

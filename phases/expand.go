@@ -12,7 +12,7 @@ import (
 
 // expand runs each expand statement not yet done, each once.
 func (d *Daemon) expand(ctx context.Context, st *state.Migration) error {
-	if err := d.runDDL(ctx, state.Expand, d.cfg.Expand, st.ExpandDone); err != nil {
+	if err := d.runDDL(ctx, state.Expand, d.finish.Expand, st.ExpandDone); err != nil {
 		return err
 	}
 	if err := d.table.Refresh(ctx, d.conn); err != nil {

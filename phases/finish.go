@@ -6,6 +6,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/cdcbackfill/cdcbackfill/internal/ddl"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
@@ -38,12 +39,16 @@ func (d *Daemon) performAbort(ctx context.Context) error {
 type abortPlan struct {
 	slot, publication, originPrefix string
 	rollback                        []string
-	runner                          DDLRunner
+	// undo drops what was built for the new columns (indexes, constraints):
+	// a NOT VALID check left behind would fail the old release's writes.
+	undo   []ddl.Undo
+	table  string // quoted
+	runner DDLRunner
 }
 
 func (d *Daemon) cfgAbort() abortPlan {
 	return abortPlan{slot: d.cfg.SlotName(), publication: d.cfg.PublicationName(), originPrefix: d.cfg.OriginPrefix(),
-		rollback: d.cfg.Rollback, runner: d.ddlRunner()}
+		rollback: d.cfg.Rollback, undo: d.finish.Undo, table: d.table.Ident(), runner: d.ddlRunner()}
 }
 
 // tooLate explains why a migration past its contract DDL cannot be aborted.
@@ -79,6 +84,28 @@ func abortNow(ctx context.Context, conn *pgx.Conn, store state.Store, p abortPla
 	}
 	if err := store.ForgetKeys(ctx, conn); err != nil {
 		return fmt.Errorf("abort: %w", err)
+	}
+	for _, u := range p.undo {
+		// Only what exists: dropping a constraint takes the table's
+		// ACCESS EXCLUSIVE lock, even for nothing.
+		var there bool
+		var err error
+		if u.Index {
+			var st ddl.IndexState
+			st, err = ddl.LookupIndex(ctx, conn, u.Schema, u.Name)
+			there = st != ddl.IndexMissing
+		} else {
+			there, _, err = constraintState(ctx, conn, p.table, u.Name)
+		}
+		if err != nil {
+			return fmt.Errorf("abort: %w", err)
+		}
+		if !there {
+			continue
+		}
+		if _, err := p.runner.Run(ctx, conn, u.SQL, func(pgx.Tx) error { return nil }); err != nil {
+			return fmt.Errorf("abort: drop what was built for the new columns: %w", err)
+		}
 	}
 	if st.RollbackRequested && st.ExpandDone == 0 {
 		// Nothing of expand ran: there is nothing to roll back, and the

@@ -38,6 +38,27 @@ func checkDDL(ctx context.Context, in *inspection) (bool, error) {
 			parsed[l.list] = append(parsed[l.list], s)
 		}
 	}
+	if !slices.Contains(parsed[ddl.Expand], nil) && !slices.Contains(parsed[ddl.Contract], nil) {
+		// What the new columns become is the daemon's to run in steps; the
+		// rules judge what then runs as written.
+		f, err := planFinish(cfg)
+		if err != nil {
+			r.fail("new columns", err.Error(), "")
+			return false, nil
+		}
+		reportFinish(r, f)
+		lists[0].stmts, lists[1].stmts = f.Expand, f.Contract
+		parsed[ddl.Expand], parsed[ddl.Contract] = nil, nil
+		for _, l := range lists[:2] {
+			for _, sql := range l.stmts {
+				s, err := ddl.Parse(sql)
+				if err != nil {
+					return false, fmt.Errorf("%s: %w", l.list, err) // the parser's own output: a bug
+				}
+				parsed[l.list] = append(parsed[l.list], s)
+			}
+		}
+	}
 	rel := relations{ctx: ctx, conn: in.conn, schema: t.Schema, name: t.Name}
 	if err := in.conn.QueryRow(ctx, "SELECT $1::regclass::oid", t.Ident()).Scan(&rel.oid); err != nil {
 		return false, fmt.Errorf("read the table's oid: %w", err)
@@ -182,4 +203,19 @@ func (r relations) exists(rel ddl.Relation) bool {
 		return true
 	}
 	return ok
+}
+
+// reportFinish says, for what the new columns become, each step in the
+// phase where it runs and the lock it takes.
+func reportFinish(r *Report, f *ddl.Finish) {
+	for _, ix := range f.Indexes {
+		r.ok(fmt.Sprintf("once verify starts (after the backfill): %s (SHARE UPDATE EXCLUSIVE: blocks neither reads nor writes; throttled like a batch; its waits for older snapshots bounded by ddl.concurrent_timeout)", ix.SQL))
+	}
+	for _, c := range f.Prepare {
+		r.ok(fmt.Sprintf("after the hand-over, before the cut-over: %s (%s, for a moment: no scan; under ddl.lock_timeout, retried), then %s (SHARE UPDATE EXCLUSIVE: reads the table, blocks neither reads nor writes)",
+			c.Add, map[bool]string{true: "SHARE ROW EXCLUSIVE on both tables", false: "ACCESS EXCLUSIVE"}[strings.Contains(c.Add, "FOREIGN KEY")], c.Validate))
+	}
+	for _, a := range f.Attach {
+		r.ok(fmt.Sprintf("in the cut-over, after the contract statements: %s (no scan: it uses what was built and validated before)", a))
+	}
 }

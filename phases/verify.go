@@ -43,8 +43,27 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 	found := d.checks.found.Load()
 	saidNever := false
 	pass := verifyPass{size: d.cfg.Backfill.BatchSize, parts: 1}
+	built := false
 	return d.pipe.Load().guard(ctx, func(ctx context.Context) error {
 		for ctx.Err() == nil {
+			if !built {
+				// The indexes on new columns, now that the backfill is done.
+				if err := d.buildIndexes(ctx); err != nil {
+					if ctx.Err() != nil {
+						return nil
+					}
+					if isConnLoss(err) {
+						return err
+					}
+					d.waiting.Store(err.Error())
+					d.rlog.Warn("verify: an index on the new columns could not be built; trying again", "error", err)
+					if err := dbconn.Sleep(ctx, 10*time.Second); err != nil {
+						return nil
+					}
+					continue
+				}
+				built = true
+			}
 			st, outstanding, err := d.loadAndRecheck(ctx)
 			if err != nil {
 				return err

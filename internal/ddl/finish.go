@@ -31,11 +31,20 @@ import (
 // each where it stood, and Undo removes what was built.
 type Finish struct {
 	Expand   []string // the expand statements as they run
-	Contract []string // the cut-over's: the user's, then what attaches the built steps
+	Contract []string // the contract statements as they run (the user's, less what was taken over)
+	Attach   []string // the daemon's, in the cut-over after Contract: what attaches the steps built before it
 	Indexes  []IndexStep
 	Prepare  []ConstraintStep
 	NotNull  []string // new columns made NOT NULL: verify checks them
-	Undo     []string // what abort and rollback drop (each may run outside a transaction)
+	Undo     []Undo   // what abort drops
+}
+
+// Undo is a step's drop: an index (DROP INDEX CONCURRENTLY, outside a
+// transaction) or a constraint of the table.
+type Undo struct {
+	Index        bool
+	Schema, Name string
+	SQL          string
 }
 
 // IndexStep is an index on new columns, built CONCURRENTLY.
@@ -116,7 +125,7 @@ func PlanFinish(expand, contract []*Statement, table Relation, newColumns []stri
 					Validate: fmt.Sprintf("ALTER TABLE %s VALIDATE CONSTRAINT %s", tbl, chk)})
 				attach = append(attach, fmt.Sprintf("ALTER TABLE %s ALTER COLUMN %s SET NOT NULL", tbl, col),
 					fmt.Sprintf("ALTER TABLE %s DROP CONSTRAINT %s", tbl, chk))
-				f.Undo = append(f.Undo, fmt.Sprintf("ALTER TABLE %s DROP CONSTRAINT IF EXISTS %s", tbl, chk))
+				f.Undo = append(f.Undo, Undo{Schema: table.Schema, Name: notNullCheck(cmd.Name), SQL: fmt.Sprintf("ALTER TABLE %s DROP CONSTRAINT IF EXISTS %s", tbl, chk)})
 			case cmd.GetSubtype() == pg_query.AlterTableType_AT_AddConstraint && constraintUses(cmd.Def.GetConstraint(), isNew):
 				con := cmd.Def.GetConstraint()
 				if con.Conname == "" {
@@ -148,7 +157,7 @@ func PlanFinish(expand, contract []*Statement, table Relation, newColumns []stri
 					}
 					f.Prepare = append(f.Prepare, ConstraintStep{Name: con.Conname, Add: sql, What: "constraint " + con.Conname,
 						Validate: fmt.Sprintf("ALTER TABLE %s VALIDATE CONSTRAINT %s", tbl, name)})
-					f.Undo = append(f.Undo, fmt.Sprintf("ALTER TABLE %s DROP CONSTRAINT IF EXISTS %s", tbl, name))
+					f.Undo = append(f.Undo, Undo{Schema: table.Schema, Name: con.Conname, SQL: fmt.Sprintf("ALTER TABLE %s DROP CONSTRAINT IF EXISTS %s", tbl, name)})
 				default:
 					kept = append(kept, c)
 				}
@@ -170,9 +179,9 @@ func PlanFinish(expand, contract []*Statement, table Relation, newColumns []stri
 		}
 	}
 	for _, ix := range f.Indexes {
-		f.Undo = append(f.Undo, "DROP INDEX CONCURRENTLY IF EXISTS "+pgx.Identifier{ix.Schema, ix.Name}.Sanitize())
+		f.Undo = append(f.Undo, Undo{Index: true, Schema: ix.Schema, Name: ix.Name, SQL: "DROP INDEX CONCURRENTLY IF EXISTS " + pgx.Identifier{ix.Schema, ix.Name}.Sanitize()})
 	}
-	f.Contract = append(f.Contract, attach...)
+	f.Attach = attach
 	return f, nil
 }
 

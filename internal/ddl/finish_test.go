@@ -53,11 +53,12 @@ func TestPlanFinish(t *testing.T) {
 	wantContract := []string{
 		`ALTER TABLE users DROP full_name`,
 		`ALTER TABLE users ALTER COLUMN email SET NOT NULL`, // not a new column: the guard judges it
+		// Attach:
 		`ALTER TABLE public.users ALTER COLUMN first_name SET NOT NULL`,
 		`ALTER TABLE public.users DROP CONSTRAINT cdcbackfill_not_null_first_name`,
 		`ALTER TABLE public.users ADD CONSTRAINT users_names UNIQUE USING INDEX users_names`,
 	}
-	if !reflect.DeepEqual(bare(f.Contract), wantContract) {
+	if !reflect.DeepEqual(bare(append(f.Contract, f.Attach...)), wantContract) {
 		t.Errorf("contract\n%q\nwant\n%q", f.Contract, wantContract)
 	}
 	var idx []string
@@ -87,7 +88,11 @@ func TestPlanFinish(t *testing.T) {
 	if !reflect.DeepEqual(f.NotNull, []string{"first_name"}) {
 		t.Errorf("not null %q", f.NotNull)
 	}
-	undo := strings.Join(bare(f.Undo), "\n")
+	var undos []string
+	for _, u := range f.Undo {
+		undos = append(undos, u.SQL)
+	}
+	undo := strings.Join(bare(undos), "\n")
 	for _, w := range []string{"DROP CONSTRAINT IF EXISTS cdcbackfill_not_null_first_name", "DROP CONSTRAINT IF EXISTS first_short",
 		"DROP CONSTRAINT IF EXISTS last_ref", "DROP INDEX CONCURRENTLY IF EXISTS public.users_last", "DROP INDEX CONCURRENTLY IF EXISTS public.users_names"} {
 		if !strings.Contains(undo, w) {
