@@ -15,8 +15,8 @@ import (
 
 	"github.com/cdcbackfill/cdcbackfill/applier"
 	"github.com/cdcbackfill/cdcbackfill/config"
-	"github.com/cdcbackfill/cdcbackfill/internal/ddl"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
+	"github.com/cdcbackfill/cdcbackfill/internal/ddl"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 	"github.com/cdcbackfill/cdcbackfill/internal/repeatlog"
 	"github.com/cdcbackfill/cdcbackfill/state"
