@@ -7,6 +7,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/cdcbackfill/cdcbackfill/internal/ddl"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
@@ -48,9 +49,23 @@ func (d *Daemon) runDDL(ctx context.Context, phase state.Phase, stmts []string, 
 	for i := done; i < len(stmts); i++ {
 		stmt := stmts[i]
 		d.log.Info(string(phase)+": running DDL", "statement", stmt, "step", i+1, "of", len(stmts))
-		res, err := runner.Run(ctx, d.conn, stmt, func(tx pgx.Tx) error {
-			return d.store.StatementDone(ctx, tx, phase, i+1)
-		})
+		record := func(tx pgx.Tx) error { return d.store.StatementDone(ctx, tx, phase, i+1) }
+		var res DDLResult
+		var err error
+		if s, perr := ddl.Parse(stmt); perr == nil {
+			if schema, name, ok := s.ConcurrentIndex(); ok {
+				// Done only once the catalog holds it valid.
+				b := ddl.IndexBuild{SQL: stmt, Schema: schema, Name: name, Timeout: d.cfg.DDL.ConcurrentTimeout,
+					MaxRetries: d.cfg.DDL.MaxRetries, Log: d.log, Waiting: func(s string) { d.waiting.Store(s) }}
+				if res.Tries, err = b.Run(ctx, d.conn); err == nil {
+					err = pgx.BeginFunc(ctx, d.conn, record)
+				}
+			} else {
+				res, err = runner.Run(ctx, d.conn, stmt, record)
+			}
+		} else {
+			res, err = runner.Run(ctx, d.conn, stmt, record)
+		}
 		if err != nil {
 			return fmt.Errorf("%s: %w", phase, err)
 		}

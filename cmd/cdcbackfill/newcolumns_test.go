@@ -1,10 +1,12 @@
 package main
 
 import (
+	"context"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/cdcbackfill/cdcbackfill/internal/workload"
@@ -147,4 +149,40 @@ func TestAbortUndoesWhatWasBuilt(t *testing.T) {
 	// The old release inserts rows without the new columns, as before.
 	exec1(t, dsn, `INSERT INTO users (id, full_name) VALUES (100000, 'Old Release')`)
 	nothingLeft(t, pool)
+}
+
+// TestExpandIndexEndsValid: expand builds an index CONCURRENTLY while a
+// reporting session holds an older snapshot (on another table) past
+// ddl.concurrent_timeout. The try that times out leaves an INVALID index,
+// which IF NOT EXISTS would skip; the daemon drops it, builds it again once
+// the snapshot is gone, and records the statement done only then.
+func TestExpandIndexEndsValid(t *testing.T) {
+	dsn, pool := seed(t, 2000)
+	exec1(t, dsn, `CREATE TABLE report (x int)`)
+	yaml := strings.Replace(usersConfig(dsn), "expand:\n", "expand:\n  - CREATE INDEX CONCURRENTLY IF NOT EXISTS users_email ON users (email)\n", 1) +
+		"ddl:\n  concurrent_timeout: 300ms\n"
+	reporter, err := pgx.Connect(context.Background(), dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reporter.Close(context.Background())
+	for _, sql := range []string{`BEGIN ISOLATION LEVEL REPEATABLE READ`, `SELECT count(*) FROM report`} {
+		if _, err := reporter.Exec(context.Background(), sql); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d := startDaemon(t, writeConfig(t, yaml))
+	waitFor(t, time.Minute, "a retry over the INVALID leftover", func() bool {
+		return strings.Contains(d.output(), "dropping the INVALID index")
+	})
+	if p := phase(t, pool); p != "expand" {
+		t.Fatalf("phase %s while the index is not built, want expand", p)
+	}
+	if _, err := reporter.Exec(context.Background(), `COMMIT`); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
+	if !query[bool](t, pool, `SELECT indisvalid FROM pg_index WHERE indexrelid = 'users_email'::regclass`) {
+		t.Fatal("users_email is INVALID, and expand went on")
+	}
 }

@@ -196,3 +196,15 @@ func (s *Statement) Allows(rule Rule) bool {
 
 // Quote is the statement as the messages show it.
 func (s *Statement) Quote() string { return fmt.Sprintf("%q", s.SQL) }
+
+// ConcurrentIndex names the index a CREATE INDEX CONCURRENTLY builds (its
+// schema is the table's, "" when the statement does not qualify it): such
+// a statement runs as an IndexBuild, which never takes an INVALID leftover
+// for done.
+func (s *Statement) ConcurrentIndex() (schema, name string, ok bool) {
+	ix := s.tree.Stmts[0].Stmt.GetIndexStmt()
+	if ix == nil || !ix.Concurrent || ix.Idxname == "" {
+		return "", "", false
+	}
+	return ix.Relation.GetSchemaname(), ix.Idxname, true
+}
