@@ -38,6 +38,13 @@ import (
 // choices and timings are replayable from the seed; the interleaving with
 // the daemon and the server is not, as in production.
 //
+// Half the iterations also ask for first_name NOT NULL and an index on
+// last_name and wait in contract for the test's approve: faults then land
+// in contract (while the constraints are validated, while it waits for
+// approve) and, one time in two, a SIGKILL lands inside the cut-over's
+// transaction (kill_in_cutover); such an iteration ends with the index
+// valid, first_name NOT NULL, and no check or INVALID index left.
+//
 // The straggler fault is an old-release writer (a pod not yet rolled, a cron
 // job) that writes full_name only, at a low rate, for a few seconds, from
 // sync on through verify and contract. The migration must never contract
@@ -52,10 +59,11 @@ const (
 	faultLock
 	faultPause
 	faultStraggler
+	faultCutoverKill
 	numFaults
 )
 
-var faultNames = [numFaults]string{"kill", "server_restart", "terminate", "lock", "pause", "straggler"}
+var faultNames = [numFaults]string{"kill", "server_restart", "terminate", "lock", "pause", "straggler", "kill_in_cutover"}
 
 const (
 	chaosRows        = 20000
@@ -227,7 +235,17 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 		tuning += "sync:\n  correction: deferred\n  defer_for: 2s\n"
 		t.Logf("sync.correction: deferred, defer_for 2s")
 	}
-	c.cfg = writeConfig(t, autoConfig(withParam(dsn, "application_name=cdcbackfill-chaos"))+tuning)
+	// Half the iterations ask for first_name NOT NULL and an index on
+	// last_name, and wait in contract for approve: faults then land in
+	// contract too (while the constraints are validated, while it waits,
+	// inside the cut-over), and the end checks what was built.
+	firstClass := c.rng.IntN(2) == 0
+	yaml := autoConfig(withParam(dsn, "application_name=cdcbackfill-chaos"))
+	if firstClass {
+		yaml = strings.Replace(withNewColumnsFirstClass(yaml), "contract_policy:\n  mode: auto\n", "contract_policy:\n  mode: manual\n", 1)
+		t.Logf("first_name NOT NULL, an index on last_name, contract approved by the test")
+	}
+	c.cfg = writeConfig(t, yaml+tuning)
 
 	appPool, err := pgxpool.New(context.Background(), withParam(dsn, "application_name=chaos-app"))
 	if err != nil {
@@ -322,6 +340,9 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 		}
 		c.inject(kind, ph)
 	}
+	if firstClass && !finished {
+		finished = c.contractFaults()
+	}
 	c.note("faults stop (phase %s)", c.phases.current())
 
 	// Now the daemon finishes by itself; one that dies is restarted (and
@@ -356,6 +377,20 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 		t.Error("full_name still exists after done")
 	}
 	nothingLeft(t, pool)
+	if firstClass {
+		if !query[bool](t, pool, `SELECT attnotnull FROM pg_attribute WHERE attrelid = 'users'::regclass AND attname = 'first_name'`) {
+			t.Error("first_name is not NOT NULL at done")
+		}
+		if n := query[int64](t, pool, `SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'users_last' AND i.indisvalid`); n != 1 {
+			t.Error("the index users_last is missing or INVALID at done")
+		}
+		if n := query[int64](t, pool, `SELECT count(*) FROM pg_index WHERE indrelid = 'users'::regclass AND NOT indisvalid`); n != 0 {
+			t.Errorf("%d INVALID indexes left on users", n)
+		}
+		if n := query[int64](t, pool, `SELECT count(*) FROM pg_constraint WHERE conrelid = 'users'::regclass AND contype = 'c'`); n != 0 {
+			t.Errorf("%d check constraints left behind", n)
+		}
+	}
 	_, _, stragFailures := c.strag.writes()
 	inRestart, other = classify(append(c.app.Failures(), stragFailures...), c.windows)
 	if len(other) > 0 {
@@ -380,6 +415,73 @@ func chaosIteration(t *testing.T, n, of int, iterSeed uint64, tally *chaosTally)
 	fmt.Printf("chaos iteration %d/%d seed=%d: %d faults (%s), phases %s, %d rows, %d mismatches, app %d txns (%d failed in server restarts, %d otherwise), %s\n",
 		n, of, iterSeed, total, strings.Join(parts, ", "), c.phases.path(), rows, bad,
 		ops(c.app), inRestart, len(other), time.Since(c.begin).Round(100*time.Millisecond))
+}
+
+// contractFaults waits for contract (where the daemon waits for
+// approve), lands a few faults there, approves, and half the time kills the
+// daemon inside the cut-over's transaction. It returns true when the
+// daemon is done.
+func (c *chaosRun) contractFaults() bool {
+	deadline := time.Now().Add(2 * time.Minute)
+	for c.phases.current() != "contract" {
+		if p := c.phases.current(); p == "done" {
+			return c.sleep(time.Second)
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("contract not reached within 2m: phase %s", c.phases.current())
+		}
+		if c.sleep(200 * time.Millisecond) {
+			return true
+		}
+	}
+	kinds := []int{faultKill, faultTerminate, faultLock, faultPause}
+	if c.srv.Kind() == "local" {
+		kinds = append(kinds, faultServerRestart)
+	}
+	for range 3 + c.rng.IntN(3) {
+		if c.sleep(200*time.Millisecond + time.Duration(c.rng.Int64N(int64(800*time.Millisecond)))) {
+			return true
+		}
+		c.inject(kinds[c.rng.IntN(len(kinds))], "contract")
+	}
+	if r := cli(c.t, 30*time.Second, nil, "approve", "--config", c.cfg); r.code != 0 {
+		c.t.Fatalf("approve the contract\n%s", r)
+	}
+	c.note("[contract] approve")
+	if c.rng.IntN(2) == 0 {
+		c.killInCutover()
+	}
+	return false
+}
+
+// killInCutover SIGKILLs the daemon the moment a session of it holds the
+// table's ACCESS EXCLUSIVE lock: inside the cut-over's transaction, which
+// the server then rolls back.
+func (c *chaosRun) killInCutover() {
+	c.faults[faultCutoverKill]++
+	c.byPhase["contract"]++
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for ctx.Err() == nil {
+		select {
+		case <-c.d.Done():
+			c.note("[contract] kill_in_cutover: missed, the daemon ended first")
+			return
+		default:
+		}
+		var held bool
+		err := c.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+			WHERE l.locktype = 'relation' AND l.relation = 'users'::regclass AND l.mode = 'AccessExclusiveLock' AND l.granted
+			  AND a.application_name LIKE 'cdcbackfill%')`).Scan(&held)
+		if err == nil && held {
+			c.d.kill()
+			c.note("[contract] kill_in_cutover: SIGKILL while the cut-over held the table's lock")
+			c.d = startDaemon(c.t, c.cfg)
+			c.daemons = append(c.daemons, c.d)
+			return
+		}
+	}
+	c.note("[contract] kill_in_cutover: missed, no cut-over within 30s")
 }
 
 // note adds a line to the iteration's fault log.
