@@ -29,7 +29,7 @@ test: build vet
 # CDCBACKFILL_TEST_DSN is ignored here: it would pin every block to one
 # server.
 MATRIX_VERSIONS ?= 15 16 17 18
-MATRIX_RUN      ?= ^(TestFullStory|TestKeyTypes|TestReplicaIdentity|TestChaos|TestServerFeatures|TestCutoverSeesEveryWrite|TestApplicationOwnsNewColumnsAfterApprove)$$
+MATRIX_RUN      ?= ^(TestFullStory|TestNewColumnsBecomeFirstClass|TestNotNullViolationHoldsVerify|TestApproveHandsOverAtItsCommit|TestKeyTypes|TestReplicaIdentity|TestChaos|TestServerFeatures|TestCutoverSeesEveryWrite|TestApplicationOwnsNewColumnsAfterApprove)$$
 MATRIX_PKGS     ?= ./cdc/
 MATRIX_BENCH    ?= ^BenchmarkBackfill$$
 MATRIX_TIMEOUT  ?= 20m

@@ -160,7 +160,11 @@ func abort(ctx context.Context, conn *pgx.Conn, cfg *config.Config, store state.
 		if got {
 			// No daemon runs it (or the one that did has stopped): do it
 			// here. The lock is held until this connection closes.
-			finish, err := planFinish(cfg)
+			v, err := serverVersion(ctx, conn)
+			if err != nil {
+				return "", err
+			}
+			finish, err := planFinish(cfg, v)
 			if err != nil {
 				return "", fmt.Errorf("abort: %w", err)
 			}

@@ -241,7 +241,11 @@ func (d *Daemon) loadTable(ctx context.Context) error {
 		return err
 	}
 	if d.finish == nil {
-		if d.finish, err = planFinish(d.cfg); err != nil {
+		v, err := serverVersion(ctx, d.conn)
+		if err != nil {
+			return err
+		}
+		if d.finish, err = planFinish(d.cfg, v); err != nil {
 			return err
 		}
 	}

@@ -17,7 +17,8 @@ import (
 // planFinish reads the expand and contract lists with the parser and plans
 // what the new columns become (ddl.PlanFinish): the statements it takes
 // over, and the lists as they run.
-func planFinish(cfg *config.Config) (*ddl.Finish, error) {
+// server is server_version_num (0: unknown).
+func planFinish(cfg *config.Config, server int) (*ddl.Finish, error) {
 	parse := func(list string, sqls []string) ([]*ddl.Statement, error) {
 		out := make([]*ddl.Statement, len(sqls))
 		for i, sql := range sqls {
@@ -42,7 +43,7 @@ func planFinish(cfg *config.Config) (*ddl.Finish, error) {
 	for i, c := range cfg.Columns {
 		cols[i] = c.Name
 	}
-	return ddl.PlanFinish(expand, contract, ddl.Relation{Schema: schema, Name: name}, cols)
+	return ddl.PlanFinish(expand, contract, ddl.Relation{Schema: schema, Name: name}, cols, server)
 }
 
 // cutoverStatements are what the cut-over runs: the contract statements as
@@ -50,6 +51,9 @@ func planFinish(cfg *config.Config) (*ddl.Finish, error) {
 // a validated check, the unique constraints USING INDEX, the checks'
 // drops). contract_done counts them.
 func (d *Daemon) cutoverStatements() []string {
+	if d.finish == nil {
+		return nil
+	}
 	return append(append([]string{}, d.finish.Contract...), d.finish.Attach...)
 }
 

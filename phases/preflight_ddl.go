@@ -41,7 +41,11 @@ func checkDDL(ctx context.Context, in *inspection) (bool, error) {
 	if !slices.Contains(parsed[ddl.Expand], nil) && !slices.Contains(parsed[ddl.Contract], nil) {
 		// What the new columns become is the daemon's to run in steps; the
 		// rules judge what then runs as written.
-		f, err := planFinish(cfg)
+		v, err := serverVersion(ctx, in.conn)
+		if err != nil {
+			return false, err
+		}
+		f, err := planFinish(cfg, v)
 		if err != nil {
 			r.fail("new columns", err.Error(), "")
 			return false, nil

@@ -78,8 +78,8 @@ func TestNewColumnsBecomeFirstClass(t *testing.T) {
 		}
 	})
 	t.Logf("longest cut-over stall: %.1f ms plain, %.1f ms with NOT NULL and an index", plain, firstClass)
-	if plain > 0 && firstClass > 2*plain+20 {
-		t.Errorf("the cut-over with NOT NULL stalled %.1f ms, more than twice the plain one's %.1f ms (+20 ms of noise)", firstClass, plain)
+	if plain > 0 && firstClass > 2*plain+30 {
+		t.Errorf("the cut-over with NOT NULL stalled %.1f ms, more than twice the plain one's %.1f ms (+30 ms of noise)", firstClass, plain)
 	}
 }
 
@@ -119,6 +119,11 @@ func TestNotNullViolationHoldsVerify(t *testing.T) {
 	}
 }
 
+// notNullStandIn counts the constraint the daemon adds NOT VALID for
+// first_name NOT NULL: a check before 18, the NOT NULL itself on 18.
+const notNullStandIn = `SELECT count(*) FROM pg_constraint WHERE conrelid = 'users'::regclass
+	AND conname IN ('cdcbackfill_not_null_first_name', 'users_first_name_not_null')`
+
 // TestAbortUndoesWhatWasBuilt: abort once the index on last_name and the
 // NOT VALID check for first_name exist drops both: a check left behind
 // would fail the old release's inserts.
@@ -132,7 +137,7 @@ func TestAbortUndoesWhatWasBuilt(t *testing.T) {
 	}
 	waitFor(t, time.Minute, "the index and the check", func() bool {
 		return query[int64](t, pool, `SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'users_last' AND i.indisvalid`) == 1 &&
-			query[int64](t, pool, `SELECT count(*) FROM pg_constraint WHERE conname = 'cdcbackfill_not_null_first_name' AND convalidated`) == 1
+			query[int64](t, pool, notNullStandIn+` AND convalidated`) == 1
 	})
 	if r := cli(t, time.Minute, nil, "abort", "--config", cfg); r.code != 0 {
 		t.Fatalf("abort\n%s", r)
@@ -143,8 +148,11 @@ func TestAbortUndoesWhatWasBuilt(t *testing.T) {
 	if n := query[int64](t, pool, `SELECT count(*) FROM pg_class WHERE relname = 'users_last'`); n != 0 {
 		t.Error("the index users_last is left after abort")
 	}
-	if n := query[int64](t, pool, `SELECT count(*) FROM pg_constraint WHERE conrelid = 'users'::regclass AND contype = 'c'`); n != 0 {
-		t.Error("the check for first_name is left after abort")
+	if n := query[int64](t, pool, notNullStandIn); n != 0 {
+		t.Error("the constraint for first_name NOT NULL is left after abort")
+	}
+	if query[bool](t, pool, `SELECT attnotnull FROM pg_attribute WHERE attrelid = 'users'::regclass AND attname = 'first_name'`) {
+		t.Error("first_name is NOT NULL after abort")
 	}
 	// The old release inserts rows without the new columns, as before.
 	exec1(t, dsn, `INSERT INTO users (id, full_name) VALUES (100000, 'Old Release')`)

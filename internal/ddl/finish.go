@@ -66,18 +66,30 @@ type ConstraintStep struct {
 
 // notNullCheck names the check that stands for a NOT NULL until the
 // cut-over; a name PostgreSQL keeps whole (63 bytes).
-func notNullCheck(column string) string {
-	n := "cdcbackfill_not_null_" + column
+func notNullCheck(column string) string { return truncName("cdcbackfill_not_null_" + column) }
+
+// notNullName is the name PostgreSQL 18 gives a column's NOT NULL
+// constraint: the one the daemon adds NOT VALID there stays as the
+// column's own.
+func notNullName(table, column string) string { return truncName(table + "_" + column + "_not_null") }
+
+func truncName(n string) string {
 	if len(n) > 63 {
 		n = n[:63]
 	}
 	return n
 }
 
+// NotNullNotValid is the first server version (server_version_num) that
+// adds a NOT NULL constraint NOT VALID: one step fewer under ACCESS
+// EXCLUSIVE than the check that stands for it before.
+const NotNullNotValid = 180000
+
 // PlanFinish splits the statements: what it takes over, and what runs as
 // written. table is the migrated table; newColumns are the columns the
-// migration fills.
-func PlanFinish(expand, contract []*Statement, table Relation, newColumns []string) (*Finish, error) {
+// migration fills; server is server_version_num (0: unknown, the forms
+// every supported version has).
+func PlanFinish(expand, contract []*Statement, table Relation, newColumns []string, server int) (*Finish, error) {
 	f := &Finish{}
 	isTable := func(rv *pg_query.RangeVar) bool {
 		return rv != nil && rv.Relname == table.Name && (rv.Schemaname == "" || rv.Schemaname == table.Schema)
@@ -116,6 +128,16 @@ func PlanFinish(expand, contract []*Statement, table Relation, newColumns []stri
 		for _, c := range at.Cmds {
 			cmd := c.GetAlterTableCmd()
 			switch {
+			case cmd.GetSubtype() == pg_query.AlterTableType_AT_SetNotNull && isNew(cmd.Name) && server >= NotNullNotValid:
+				// 18: the NOT NULL itself, NOT VALID, then validated: the
+				// cut-over has nothing left to do for it.
+				col := pgx.Identifier{cmd.Name}.Sanitize()
+				name := notNullName(table.Name, cmd.Name)
+				f.NotNull = append(f.NotNull, cmd.Name)
+				f.Prepare = append(f.Prepare, ConstraintStep{Name: name, What: cmd.Name + " NOT NULL",
+					Add:      fmt.Sprintf("ALTER TABLE %s ADD CONSTRAINT %s NOT NULL %s NOT VALID", tbl, pgx.Identifier{name}.Sanitize(), col),
+					Validate: fmt.Sprintf("ALTER TABLE %s VALIDATE CONSTRAINT %s", tbl, pgx.Identifier{name}.Sanitize())})
+				f.Undo = append(f.Undo, Undo{Schema: table.Schema, Name: name, SQL: fmt.Sprintf("ALTER TABLE %s DROP CONSTRAINT IF EXISTS %s", tbl, pgx.Identifier{name}.Sanitize())})
 			case cmd.GetSubtype() == pg_query.AlterTableType_AT_SetNotNull && isNew(cmd.Name):
 				col := pgx.Identifier{cmd.Name}.Sanitize()
 				chk := pgx.Identifier{notNullCheck(cmd.Name)}.Sanitize()

@@ -42,7 +42,7 @@ func TestPlanFinish(t *testing.T) {
 			`ALTER TABLE public.users ADD CONSTRAINT first_short CHECK (length(first_name) < 100)`,
 			`ALTER TABLE users ADD CONSTRAINT last_ref FOREIGN KEY (last_name) REFERENCES names (name)`,
 			`ALTER TABLE users ALTER COLUMN email SET NOT NULL`),
-		users, newCols)
+		users, newCols, 170000)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,9 +104,25 @@ func TestPlanFinish(t *testing.T) {
 func TestPlanFinishNeedsNames(t *testing.T) {
 	users := Relation{Schema: "public", Name: "users"}
 	for _, sql := range []string{`CREATE INDEX ON users (last_name)`, `ALTER TABLE users ADD UNIQUE (last_name)`} {
-		_, err := PlanFinish(nil, parseAll(t, sql), users, []string{"last_name"})
+		_, err := PlanFinish(nil, parseAll(t, sql), users, []string{"last_name"}, 0)
 		if err == nil || !strings.Contains(err.Error(), "name the") {
 			t.Errorf("%s: %v, want an error asking for a name", sql, err)
 		}
+	}
+}
+
+// TestPlanFinishNotNull18: on 18 the NOT NULL itself goes NOT VALID and is
+// validated; the cut-over has nothing to attach for it.
+func TestPlanFinishNotNull18(t *testing.T) {
+	f, err := PlanFinish(nil, parseAll(t, `ALTER TABLE users ALTER COLUMN first_name SET NOT NULL`),
+		Relation{Schema: "public", Name: "users"}, []string{"first_name"}, 180001)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(f.Attach) != 0 || len(f.Contract) != 0 {
+		t.Errorf("cut-over %q %q, want nothing", f.Contract, f.Attach)
+	}
+	if len(f.Prepare) != 1 || bare([]string{f.Prepare[0].Add})[0] != `ALTER TABLE public.users ADD CONSTRAINT users_first_name_not_null NOT NULL first_name NOT VALID` {
+		t.Errorf("prepare %+v", f.Prepare)
 	}
 }
