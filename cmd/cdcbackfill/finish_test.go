@@ -191,7 +191,7 @@ func TestApplicationOwnsNewColumnsAfterApprove(t *testing.T) {
 func TestApproveHandsOverAtItsCommit(t *testing.T) {
 	dsn, pool := seed(t, 2000)
 	cfg := writeConfig(t, usersConfig(dsn)+"dual_write:\n  detect: manual\n")
-	d := startDaemon(t, cfg)
+	startDaemon(t, cfg)
 	waitFor(t, time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
 	if r := cli(t, 10*time.Second, nil, "pause", "--config", cfg); r.code != 0 {
 		t.Fatalf("pause\n%s", r)
@@ -226,9 +226,6 @@ func TestApproveHandsOverAtItsCommit(t *testing.T) {
 	}
 	if got := query[string](t, pool, `SELECT first_name FROM users WHERE id = 7`); got != "Mary Ann" {
 		t.Errorf("first_name %q after the hand-over, want the application's Mary Ann", got)
-	}
-	if !strings.Contains(d.output(), "the hand-over is recorded") {
-		t.Errorf("the applier did not say it found the hand-over\n%s", d.output())
 	}
 }
 

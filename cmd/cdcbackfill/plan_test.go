@@ -342,9 +342,11 @@ func TestPlanRefusesUnsafeDDL(t *testing.T) {
 		{"type change that rewrites", "contract", "ALTER TABLE users ALTER COLUMN id TYPE integer", "rewrite",
 			[]string{"FAIL  contract[1]: \"ALTER TABLE users ALTER COLUMN id TYPE integer\" rewrites the table", "the server's copy of the table shows it does",
 				"fix: expand/contract the column itself"}},
-		{"NOT NULL in the cut-over", "contract", "ALTER TABLE users ALTER COLUMN first_name SET NOT NULL", "scan",
-			[]string{"FAIL  contract[1]: \"ALTER TABLE users ALTER COLUMN first_name SET NOT NULL\" scans the table under a blocking lock",
-				"the server's copy of the table shows it does", `fix: ALTER TABLE "users" ADD CONSTRAINT "first_name_not_null" CHECK ("first_name" IS NOT NULL) NOT VALID`}},
+		// On a new column the daemon takes SET NOT NULL over (see
+		// TestPlanShowsWhatNewColumnsBecome); on an old one it is refused.
+		{"NOT NULL in the cut-over", "contract", "ALTER TABLE users ALTER COLUMN email SET NOT NULL", "scan",
+			[]string{"FAIL  contract[1]: \"ALTER TABLE users ALTER COLUMN email SET NOT NULL\" scans the table under a blocking lock",
+				"the server's copy of the table shows it does", `fix: ALTER TABLE "users" ADD CONSTRAINT "email_not_null" CHECK ("email" IS NOT NULL) NOT VALID`}},
 		{"two statements in one entry", "expand", "ALTER TABLE users ADD COLUMN first_name text; DROP TABLE precious", "",
 			[]string{`FAIL  expand[1]: holds 2 statements: "ALTER TABLE users ADD COLUMN first_name text" and "DROP TABLE precious"; write one statement per list entry`}},
 	}
@@ -401,4 +403,21 @@ func withStatement(yaml, list, stmt string) string {
 		"contract": "  - ALTER TABLE users DROP COLUMN full_name\n",
 	}[list]
 	return strings.Replace(yaml, anchor, anchor+"  - "+strconv.Quote(stmt)+"\n", 1)
+}
+
+// TestPlanShowsWhatNewColumnsBecome: SET NOT NULL and an index on new
+// columns, written plainly, pass plan, which prints each step at its
+// phase with its lock.
+func TestPlanShowsWhatNewColumnsBecome(t *testing.T) {
+	dsn := pgtest.NewDatabase(t)
+	exec1(t, dsn, seedUsers)
+	r := cli(t, 30*time.Second, nil, "plan", "--config", writeConfig(t, withNewColumnsFirstClass(usersConfig(dsn))))
+	if r.code != 0 {
+		t.Fatalf("plan refused the running example with NOT NULL and an index\n%s", r)
+	}
+	mustContain(t, r,
+		`once verify starts (after the backfill): CREATE INDEX CONCURRENTLY users_last ON users USING btree (last_name) (SHARE UPDATE EXCLUSIVE: blocks neither reads nor writes`,
+		`after the hand-over, before the cut-over: ALTER TABLE "public"."users" ADD CONSTRAINT "cdcbackfill_not_null_first_name" CHECK ("first_name" IS NOT NULL) NOT VALID (ACCESS EXCLUSIVE, for a moment: no scan`,
+		`VALIDATE CONSTRAINT "cdcbackfill_not_null_first_name" (SHARE UPDATE EXCLUSIVE: reads the table, blocks neither reads nor writes)`,
+		`in the cut-over, after the contract statements: ALTER TABLE "public"."users" ALTER COLUMN "first_name" SET NOT NULL (no scan`)
 }
