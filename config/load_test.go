@@ -102,8 +102,8 @@ func defaultsWant() Config {
 		Sync:           Sync{FlushInterval: 50 * time.Millisecond, MaxBatchKeys: 5000, OriginFilter: "auto", Correction: "continuous", DeferFor: 30 * time.Second, MaxDeferredKeys: 100000},
 		Verify:         Verify{Workers: 2},
 		DualWrite:      DualWrite{Detect: "manual", QuietPeriod: 2 * time.Minute, MinEvidence: 1000},
-		ContractPolicy: ContractPolicy{Mode: "manual", Hold: 10 * time.Minute, LockTimeout: 500 * time.Millisecond, CatchupTimeout: time.Second},
-		DDL:            DDL{LockTimeout: 2 * time.Second, MaxRetries: 30},
+		ContractPolicy: ContractPolicy{Mode: "manual", Hold: 10 * time.Minute, LockTimeout: 500 * time.Millisecond, CatchupTimeout: time.Second, MaxHold: 2 * time.Second},
+		DDL:            DDL{LockTimeout: 2 * time.Second, MaxRetries: 30, ConcurrentTimeout: 10 * time.Minute},
 		HTTP:           HTTP{Listen: "127.0.0.1:9187"},
 		Log:            Log{Level: "info", Format: "text"},
 	}
@@ -154,7 +154,7 @@ func TestLoadMinimalFillsDefaults(t *testing.T) {
 			t.Errorf("Keys() has unknown %q", k)
 		}
 	}
-	if len(Keys()) != 35 {
+	if len(Keys()) != 38 {
 		t.Errorf("Keys() has %d keys", len(Keys()))
 	}
 }
@@ -556,7 +556,7 @@ func TestValidateDefault(t *testing.T) {
 		t.Error("DefaultValue/EnvVar")
 	}
 	for _, k := range Keys() {
-		if want := k == "expand" || k == "columns" || k == "contract" || k == "rollback" || k == "throttle.ignore_slots"; ListKey(k) != want {
+		if want := k == "expand" || k == "columns" || k == "contract" || k == "rollback" || k == "throttle.ignore_slots" || k == "ddl.allow"; ListKey(k) != want {
 			t.Errorf("ListKey(%q) = %v", k, !want)
 		}
 	}
