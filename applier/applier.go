@@ -1063,7 +1063,7 @@ func (a *Applier) setLockTimeout(ctx context.Context, fast bool) error {
 	if fast {
 		d = recompute.FastLockTimeout
 	}
-	if _, err := a.conn.Exec(ctx, fmt.Sprintf("SET lock_timeout = %d", max(d.Milliseconds(), 1))); err != nil {
+	if err := dbconn.SetLockTimeout(ctx, a.conn, d, false); err != nil {
 		return err
 	}
 	a.fastTimeout, a.timeoutSet = fast, true

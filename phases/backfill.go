@@ -150,7 +150,7 @@ func (d *Daemon) retrySkipped(ctx context.Context, conn *pgx.Conn) error {
 			return err
 		}
 		err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-			if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", max(d.cfg.DDL.LockTimeout.Milliseconds(), 1))); err != nil {
+			if err := dbconn.SetLockTimeout(ctx, tx, d.cfg.DDL.LockTimeout, true); err != nil {
 				return err
 			}
 			res, err := d.table.Keys(ctx, tx, keys)

@@ -179,7 +179,7 @@ func (d *Daemon) cutover(ctx context.Context, st *state.Migration, try int, long
 		return "", err
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx))
-	if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", max(lockTimeout.Milliseconds(), 1))); err != nil {
+	if err := dbconn.SetLockTimeout(ctx, tx, lockTimeout, true); err != nil {
 		return "", err
 	}
 	asked := time.Now()

@@ -109,7 +109,7 @@ func EnsureSchema(ctx context.Context, conn *pgx.Conn, lockTimeout time.Duration
 	backoff := 100 * time.Millisecond
 	for try := 1; ; try++ {
 		err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-			if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", max(lockTimeout.Milliseconds(), 1))); err != nil {
+			if err := dbconn.SetLockTimeout(ctx, tx, lockTimeout, true); err != nil {
 				return err
 			}
 			_, err := tx.Exec(ctx, schemaSQL)

@@ -167,7 +167,7 @@ func (b IndexBuild) build(ctx context.Context, conn *pgx.Conn) error {
 
 // exec runs sql outside a transaction under the build's lock_timeout.
 func (b IndexBuild) exec(ctx context.Context, conn *pgx.Conn, sql string) error {
-	if _, err := conn.Exec(ctx, fmt.Sprintf("SET lock_timeout = %d", max(b.timeout().Milliseconds(), 1))); err != nil {
+	if err := dbconn.SetLockTimeout(ctx, conn, b.timeout(), false); err != nil {
 		return err
 	}
 	_, err := conn.Exec(ctx, sql)

@@ -78,7 +78,7 @@ func (d Runner) try(ctx context.Context, conn *pgx.Conn, stmt string, record fun
 		return err
 	}
 	defer tx.Rollback(context.Background())
-	if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", d.lockTimeoutMS())); err != nil {
+	if err := dbconn.SetLockTimeout(ctx, tx, d.LockTimeout, true); err != nil {
 		return err
 	}
 	if _, err := tx.Exec(ctx, stmt); err != nil {
@@ -98,7 +98,7 @@ func (d Runner) try(ctx context.Context, conn *pgx.Conn, stmt string, record fun
 // cannot be atomic with it: such statements (CONCURRENTLY) are the ones
 // written to be rerun safely with IF NOT EXISTS.
 func (d Runner) outsideTx(ctx context.Context, conn *pgx.Conn, stmt string, record func(pgx.Tx) error) error {
-	if _, err := conn.Exec(ctx, fmt.Sprintf("SET lock_timeout = %d", d.lockTimeoutMS())); err != nil {
+	if err := dbconn.SetLockTimeout(ctx, conn, d.LockTimeout, false); err != nil {
 		return err
 	}
 	_, err := conn.Exec(ctx, stmt)
@@ -122,7 +122,3 @@ func (d Runner) Blockers(ctx context.Context, conn *pgx.Conn) string {
 	}
 	return held
 }
-
-// lockTimeoutMS is at least 1: lock_timeout = 0 would mean no time-out,
-// the one value that could queue the application behind the DDL for good.
-func (d Runner) lockTimeoutMS() int64 { return max(d.LockTimeout.Milliseconds(), 1) }
