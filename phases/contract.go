@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"strings"
 	"time"
 
@@ -33,7 +32,7 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 	}
 	var tries int
 	var longest time.Duration
-	backoff := 100 * time.Millisecond
+	backoff := dbconn.NewBackoff(100*time.Millisecond, 10*time.Second)
 	prepared := false
 	for {
 		if err := d.pipe.Load().failure(); err != nil {
@@ -107,11 +106,9 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 				return fmt.Errorf("contract: the cut-over did not succeed in %d tries (last: %s); end the sessions that hold %s, or retry later (raise ddl.max_retries to try longer)",
 					tries, res, d.table.Ident())
 			}
-			wait := backoff/2 + rand.N(backoff)
-			if err := dbconn.Sleep(ctx, wait); err != nil {
+			if err := dbconn.Sleep(ctx, backoff.Next()); err != nil {
 				return nil
 			}
-			backoff = min(2*backoff, 10*time.Second)
 			continue
 		}
 		if err := dbconn.Sleep(ctx, 200*time.Millisecond); err != nil {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"time"
 
 	"github.com/jackc/pgerrcode"
@@ -38,7 +37,7 @@ type Result struct {
 // INDEX CONCURRENTLY) runs on its own, then record runs.
 func (d Runner) Run(ctx context.Context, conn *pgx.Conn, stmt string, record func(pgx.Tx) error) (Result, error) {
 	var res Result
-	backoff := 100 * time.Millisecond
+	backoff := dbconn.NewBackoff(100*time.Millisecond, 10*time.Second)
 	for {
 		res.Tries++
 		start := time.Now()
@@ -58,9 +57,8 @@ func (d Runner) Run(ctx context.Context, conn *pgx.Conn, stmt string, record fun
 			return res, fmt.Errorf("DDL %q: could not get its lock within ddl.lock_timeout %s in %d tries; blocked by %s; end that session or retry later (raise ddl.max_retries to wait longer)",
 				stmt, d.LockTimeout, res.Tries, blockers)
 		}
-		// Exponential backoff with full jitter, capped: the app's queries
-		// run freely between tries.
-		wait := time.Duration(rand.Int64N(int64(backoff))) + backoff/2
+		// The app's queries run freely between tries.
+		wait := backoff.Next()
 		if d.Log != nil {
 			d.Log.Warn("DDL waits for a lock; retrying", "try", res.Tries, "of", d.MaxRetries+1, "lock_timeout", d.LockTimeout,
 				"blocked_by", blockers, "retry_in", wait.Round(time.Millisecond), "statement", stmt)
@@ -68,7 +66,6 @@ func (d Runner) Run(ctx context.Context, conn *pgx.Conn, stmt string, record fun
 		if err := dbconn.Sleep(ctx, wait); err != nil {
 			return res, err
 		}
-		backoff = min(backoff*2, 10*time.Second)
 	}
 }
 
