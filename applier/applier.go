@@ -653,10 +653,6 @@ func (a *Applier) tableKey(ev cdc.Event) (recompute.Key, error) {
 	return key, nil
 }
 
-// canonical is the buffer's name of a key. PostgreSQL text cannot hold a NUL
-// byte, so NUL separates the columns unambiguously.
-func canonical(k recompute.Key) string { return strings.Join(k, "\x00") }
-
 // isEvidence says whether a change shows the application writing the new
 // columns itself: an insert that set them, or an update that changed a
 // source column (known from the old row version where the server sends it,
@@ -667,7 +663,7 @@ func (a *Applier) isEvidence(key recompute.Key, im cdc.Image) bool {
 	if im.Source == 0 {
 		return im.Op == cdc.OpInsert && im.Written
 	}
-	c := canonical(key)
+	c := key.ID()
 	prev, seen := a.sources[c]
 	if !seen && len(a.sources) >= sourceMemory {
 		for k := range a.sources { // forget one, any one
@@ -691,7 +687,7 @@ func (a *Applier) isEvidence(key recompute.Key, im cdc.Image) bool {
 // add buffers key for the transaction committed at lsn, keeping the earliest
 // transaction of a key already there.
 func (a *Applier) add(key recompute.Key, lsn pglogrepl.LSN, t time.Time, xid uint32, evidence bool) {
-	c := canonical(key)
+	c := key.ID()
 	if p, ok := a.buf[c]; ok {
 		// Only a replay after Reset brings an earlier transaction.
 		if lsn < p.lsn {
@@ -918,11 +914,11 @@ func (a *Applier) countEvidence(chunk []*pending, res recompute.Result) {
 	}
 	skipped := make(map[string]bool, len(res.Skipped))
 	for _, k := range res.Skipped {
-		skipped[canonical(k)] = true
+		skipped[k.ID()] = true
 	}
 	var n uint64
 	for _, p := range chunk {
-		if p.evidence && !skipped[canonical(p.key)] {
+		if p.evidence && !skipped[p.key.ID()] {
 			n++
 		}
 	}
@@ -1000,11 +996,11 @@ func (a *Applier) handOver(ctx context.Context, entries []*pending, h pglogrepl.
 		}
 		bad := make(map[string]bool, len(found))
 		for _, m := range found {
-			bad[canonical(m.Key)] = true
+			bad[m.Key.ID()] = true
 		}
 		var clean []recompute.Key
 		for _, k := range keys {
-			if !bad[canonical(k)] {
+			if !bad[k.ID()] {
 				clean = append(clean, k)
 			}
 		}
@@ -1017,7 +1013,7 @@ func (a *Applier) handOver(ctx context.Context, entries []*pending, h pglogrepl.
 		a.checked.Add(uint64(len(keys)))
 		a.mismatches.Add(uint64(len(found)))
 		for _, p := range chunk {
-			delete(a.buf, canonical(p.key))
+			delete(a.buf, p.key.ID())
 		}
 	}
 	return corrected, held, nil
@@ -1078,11 +1074,11 @@ func (a *Applier) setLockTimeout(ctx context.Context, fast bool) error {
 func (a *Applier) keepHeld(chunk []*pending, skipped []recompute.Key) {
 	keep := make(map[string]bool, len(skipped))
 	for _, k := range skipped {
-		keep[canonical(k)] = true
+		keep[k.ID()] = true
 	}
 	var earliest *pending // of the keys removed, one of which a misprinted skipped key is
 	for _, p := range chunk {
-		c := canonical(p.key)
+		c := p.key.ID()
 		if keep[c] {
 			delete(keep, c) // found: stays as it is
 			continue
@@ -1096,7 +1092,7 @@ func (a *Applier) keepHeld(chunk []*pending, skipped []recompute.Key) {
 		earliest = slices.MinFunc(chunk, func(x, y *pending) int { return cmp.Compare(x.lsn, y.lsn) })
 	}
 	for _, k := range skipped {
-		c := canonical(k)
+		c := k.ID()
 		if !keep[c] {
 			continue
 		}

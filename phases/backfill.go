@@ -159,11 +159,11 @@ func (d *Daemon) retrySkipped(ctx context.Context, conn *pgx.Conn) error {
 			}
 			held := map[string]bool{}
 			for _, k := range res.Skipped {
-				held[keyID(k)] = true
+				held[k.ID()] = true
 			}
 			var done []recompute.Key
 			for _, k := range keys {
-				if !held[keyID(k)] {
+				if !held[k.ID()] {
 					done = append(done, k)
 				}
 			}

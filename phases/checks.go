@@ -93,11 +93,11 @@ func (d *Daemon) recheckKept(ctx context.Context) (int64, error) {
 		}
 		bad := map[string]bool{}
 		for _, m := range found {
-			bad[strings.Join(m.Key, "\x00")] = true
+			bad[m.Key.ID()] = true
 		}
 		var clean []recompute.Key
 		for _, k := range keys {
-			if !bad[strings.Join(k, "\x00")] {
+			if !bad[k.ID()] {
 				clean = append(clean, k)
 			}
 		}

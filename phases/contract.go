@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/jackc/pgerrcode"
@@ -340,7 +339,7 @@ func (d *Daemon) checkUnderLock(ctx context.Context, tx pgx.Tx, keys []recompute
 	var out []recompute.Mismatch
 	seen := map[string]bool{}
 	for _, m := range found {
-		k := keyID(m.Key)
+		k := m.Key.ID()
 		if accepted[k] || seen[k] {
 			continue
 		}
@@ -362,13 +361,11 @@ func (d *Daemon) acceptedAsIs(ctx context.Context, q dbconn.Querier, found []rec
 			return nil, fmt.Errorf("contract: look up accepted rows: %w", err)
 		}
 		if ok {
-			out[keyID(m.Key)] = true
+			out[m.Key.ID()] = true
 		}
 	}
 	return out, nil
 }
-
-func keyID(k recompute.Key) string { return strings.Join(k, "\x00") }
 
 // contractInTx runs the contract statements from index from on inside the
 // cut-over's transaction. A statement that refuses a transaction block

@@ -15,6 +15,15 @@ import (
 // Key is a primary key value, each column in its text form.
 type Key []string
 
+// ID is k as one string, for sets and maps of keys. PostgreSQL text cannot
+// hold a NUL byte, so NUL separates the columns unambiguously.
+func (k Key) ID() string { return strings.Join(k, "\x00") }
+
+// StoredID is k as one string the server computes too, from a key stored
+// as text[]: array_to_string(key, chr(1)). A parameter cannot carry ID's
+// NUL; chr(1) does not occur in a key's text in practice.
+func (k Key) StoredID() string { return strings.Join(k, "\x01") }
+
 // KeyString renders a key as PostgreSQL does in its messages: (a, b)=(1, x).
 func (t *Table) KeyString(k Key) string { return FormatKey(t.KeyNames(), k) }
 
