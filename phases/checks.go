@@ -3,7 +3,6 @@ package phases
 import (
 	"context"
 	"fmt"
-	"strings"
 	"sync/atomic"
 
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
@@ -49,32 +48,6 @@ func (c *checkSink) Report(ctx context.Context, found []recompute.Mismatch, clea
 		c.kept.Add(-n)
 	}
 	return nil
-}
-
-// describe renders a mismatch's values: first_name="Mary Ann" (expression
-// "Mary").
-func (d *Daemon) describe(m recompute.Mismatch) string {
-	parts := make([]string, 0, len(d.table.Columns))
-	for i, col := range d.table.Columns {
-		if i >= len(m.Actual) || i >= len(m.Expected) {
-			break
-		}
-		a, e := textOrNull(m.Actual[i]), textOrNull(m.Expected[i])
-		switch {
-		case col.NotNull && m.Actual[i] == nil:
-			parts = append(parts, fmt.Sprintf("%s=NULL (must not be NULL: the migration makes %s NOT NULL; expression %s)", col.Name, col.Name, e))
-		case a != e:
-			parts = append(parts, fmt.Sprintf("%s=%s (expression %s)", col.Name, a, e))
-		}
-	}
-	return strings.Join(parts, ", ")
-}
-
-func textOrNull(s *string) string {
-	if s == nil {
-		return "NULL"
-	}
-	return fmt.Sprintf("%q", *s)
 }
 
 // recheckKept checks again, read-only, the rows the store keeps (up to a

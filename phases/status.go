@@ -166,7 +166,7 @@ func sample(cfg *config.Config, keyNames []string, m state.MismatchRow) Mismatch
 		if i >= len(m.Actual) || i >= len(m.Expected) {
 			break
 		}
-		if textOrNull(m.Actual[i]) != textOrNull(m.Expected[i]) {
+		if differs(m.Actual[i], m.Expected[i]) {
 			s.Columns[c.Name] = Values{Actual: m.Actual[i], Expected: m.Expected[i]}
 		}
 	}

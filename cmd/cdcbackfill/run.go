@@ -7,8 +7,6 @@ import (
 	"log/slog"
 	"os"
 	"runtime/pprof"
-	"sort"
-	"strconv"
 	"strings"
 	"time"
 
@@ -172,12 +170,7 @@ func printStatus(w io.Writer, r *phases.StatusReport) {
 		v.RowsChecked, v.Mismatches, v.MismatchesFound, v.Accepted,
 		(time.Duration(v.HoldProven) * time.Second).String(), (time.Duration(v.Hold) * time.Second).String())
 	for _, m := range v.MismatchSamples {
-		cols := make([]string, 0, len(m.Columns))
-		for name, vals := range m.Columns {
-			cols = append(cols, fmt.Sprintf("%s=%s (expression %s)", name, quoted(vals.Actual), quoted(vals.Expected)))
-		}
-		sort.Strings(cols)
-		fmt.Fprintf(w, "      %s: %s\n", m.Key, strings.Join(cols, ", "))
+		fmt.Fprintf(w, "      %s\n", m)
 	}
 	if v.PrematureDetections > 0 {
 		fmt.Fprintf(w, "      premature dual-write detections: %d (each sent the migration back to sync)\n", v.PrematureDetections)
@@ -195,11 +188,4 @@ func printStatus(w io.Writer, r *phases.StatusReport) {
 	if r.Error != nil {
 		fmt.Fprintf(w, "last error: %s\n", *r.Error)
 	}
-}
-
-func quoted(s *string) string {
-	if s == nil {
-		return "NULL"
-	}
-	return strconv.Quote(*s)
 }
