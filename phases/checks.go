@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sync/atomic"
 
+	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
@@ -30,7 +31,7 @@ func (c *checkSink) Report(ctx context.Context, found []recompute.Mismatch, clea
 		c.found.Add(uint64(len(found)))
 		c.kept.Add(int64(len(found)))
 		for _, m := range found[:min(len(found), 3)] {
-			if d.cfg.DualWrite.Detect == "auto" {
+			if d.cfg.DualWrite.Detect == config.DetectAuto {
 				d.rlog.Warn("dual-write detection was premature: a row changed after it needs a correction; back to sync",
 					"key", d.table.KeyString(m.Key), "values", d.describe(m))
 			} else {

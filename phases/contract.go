@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cdcbackfill/cdcbackfill/applier"
+	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
@@ -59,7 +60,7 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 			prepared = true
 		}
 		switch {
-		case outstanding > 0 && d.cfg.DualWrite.Detect == "auto":
+		case outstanding > 0 && d.cfg.DualWrite.Detect == config.DetectAuto:
 			return d.backToSync(ctx, state.Contract, outstanding)
 		case outstanding > 0:
 			d.log.Warn("contract: rows out of parity appeared; back to verify, where the hold starts again once none is left", "rows", outstanding)
@@ -73,7 +74,7 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 			d.waiting.Store(fmt.Sprintf("%s; make it cheaper (see \"What DDL is safe\" in the README) or raise contract_policy.max_hold (%s), then cdcbackfill approve to try the cut-over again",
 				over, d.cfg.ContractPolicy.MaxHold))
 			d.rlog.Info("contract: waiting for the operator after a contract statement overran max_hold", "statement", over.stmt)
-		case d.cfg.ContractPolicy.Mode == "manual" && !d.approvedFor(state.Contract):
+		case d.cfg.ContractPolicy.Mode == config.ContractManual && !d.approvedFor(state.Contract):
 			msg := "approval of the contract: cdcbackfill approve"
 			if st.OldUsage != nil && len(st.OldUsage.Still) > 0 {
 				msg = fmt.Sprintf("approval of the contract: %d statements still use the old column (see status); cdcbackfill approve --force once nothing needs it", len(st.OldUsage.Still))
@@ -81,7 +82,7 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 			d.waiting.Store(msg)
 			// One message whatever the count in msg: the repeats are the same wait.
 			d.rlog.Info("contract: parity holds; waiting for approval", "waiting_for", msg)
-		case d.cfg.ContractPolicy.Mode == "manual" && st.OldUsage != nil && len(st.OldUsage.Still) > 0 && !st.ForceApproved:
+		case d.cfg.ContractPolicy.Mode == config.ContractManual && st.OldUsage != nil && len(st.OldUsage.Still) > 0 && !st.ForceApproved:
 			d.waiting.Store("cdcbackfill approve --force: statements still use the old column (see status)")
 		default:
 			tries++

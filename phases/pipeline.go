@@ -14,6 +14,7 @@ import (
 
 	"github.com/cdcbackfill/cdcbackfill/applier"
 	"github.com/cdcbackfill/cdcbackfill/cdc"
+	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
 )
@@ -122,7 +123,7 @@ func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 		Gate:          d.store.HandoverGate(),
 		Logger:        d.log,
 	}
-	if d.cfg.Sync.Correction == "deferred" {
+	if d.cfg.Sync.Correction == config.CorrectionDeferred {
 		acfg.Defer, acfg.MaxDeferredKeys, acfg.Pace = d.cfg.Sync.DeferFor, d.cfg.Sync.MaxDeferredKeys, d.deferredPace()
 	}
 	ap := applier.New(w, d.table, acfg)

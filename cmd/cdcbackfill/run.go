@@ -154,7 +154,7 @@ func printStatus(w io.Writer, r *phases.StatusReport) {
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintf(w, "sync: slot lag %s (%.1fs), events %d, corrections %d\n", units.BytesSize(float64(r.Sync.LagBytes)), r.Sync.LagSeconds, r.Sync.Events, r.Sync.Corrections)
-	if r.Sync.Correction == "deferred" && r.Phase == "sync" {
+	if r.Sync.Correction == config.CorrectionDeferred && r.Phase == "sync" {
 		fmt.Fprintf(w, "      deferred corrections: %d keys waiting, the oldest %.1fs (sync.defer_for %s)\n", r.Sync.DeferredKeys, r.Sync.LagSeconds,
 			(time.Duration(r.Sync.DeferFor * float64(time.Second))).String())
 	}
