@@ -42,6 +42,7 @@ func (a *Applier) handOver(ctx context.Context, entries []*pending, h pglogrepl.
 			before = append(before, p)
 		}
 	}
+	heldRows := map[*pending]bool{} // the application holds their rows: checked next time
 	for chunk := range slices.Chunk(before, statementKeys) {
 		keys := make([]recompute.Key, len(chunk))
 		xids := make([]uint32, len(chunk))
@@ -53,11 +54,9 @@ func (a *Applier) handOver(ctx context.Context, entries []*pending, h pglogrepl.
 		}
 		n, err := a.table.KeysGuarded(ctx, a.conn, keys, xids)
 		if dbconn.IsLockTimeout(err) {
-			// The application holds a row: check these next time.
 			for _, p := range chunk {
-				entries = slices.DeleteFunc(entries, func(e *pending) bool { return e == p })
+				heldRows[p] = true
 			}
-			held += len(chunk)
 			continue
 		}
 		if err != nil {
@@ -65,6 +64,9 @@ func (a *Applier) handOver(ctx context.Context, entries []*pending, h pglogrepl.
 		}
 		corrected += n
 	}
+	// Once, not per chunk held: a DeleteFunc per key was quadratic in the
+	// flush's keys.
+	entries = slices.DeleteFunc(entries, func(e *pending) bool { return heldRows[e] })
 	for chunk := range slices.Chunk(entries, statementKeys) {
 		keys := make([]recompute.Key, len(chunk))
 		for i, p := range chunk {
@@ -96,7 +98,7 @@ func (a *Applier) handOver(ctx context.Context, entries []*pending, h pglogrepl.
 			delete(a.buf, p.key.ID())
 		}
 	}
-	return corrected, held, nil
+	return corrected, len(heldRows), nil
 }
 
 // SetHandover says who owns the new columns: from position lsn on the
