@@ -76,16 +76,7 @@ func (a *Applier) handOver(ctx context.Context, entries []*pending, h pglogrepl.
 		if err != nil {
 			return 0, 0, fmt.Errorf("check keys of %s: %w", a.relation, err)
 		}
-		bad := make(map[string]bool, len(found))
-		for _, m := range found {
-			bad[m.Key.ID()] = true
-		}
-		var clean []recompute.Key
-		for _, k := range keys {
-			if !bad[k.ID()] {
-				clean = append(clean, k)
-			}
-		}
+		clean := recompute.InParity(keys, found)
 		if a.cfg.Checks == nil {
 			return 0, 0, errors.New("applier: the application owns the new columns but Config.Checks is nil")
 		}

@@ -65,16 +65,7 @@ func (d *Daemon) recheckKept(ctx context.Context) (int64, error) {
 		if err != nil {
 			return 0, fmt.Errorf("check the rows kept out of parity: %w", err)
 		}
-		bad := map[string]bool{}
-		for _, m := range found {
-			bad[m.Key.ID()] = true
-		}
-		var clean []recompute.Key
-		for _, k := range keys {
-			if !bad[k.ID()] {
-				clean = append(clean, k)
-			}
-		}
+		clean := recompute.InParity(keys, found)
 		if _, err := d.store.ClearMismatches(ctx, d.conn, clean); err != nil {
 			return 0, err
 		}

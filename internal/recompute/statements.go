@@ -663,6 +663,22 @@ SELECT ARRAY[%s], ARRAY[%s], ARRAY[%s] FROM %s WHERE %s AND %s`,
 		t.textKeys(), strings.Join(actual, ", "), strings.Join(expected, ", "), t.Ident(), keysIn, t.failsCheck())
 }
 
+// InParity returns the keys of checked that CheckKeys did not find out of
+// parity (found), in their order.
+func InParity(checked []Key, found []Mismatch) []Key {
+	bad := make(map[string]bool, len(found))
+	for _, m := range found {
+		bad[m.Key.ID()] = true
+	}
+	var clean []Key
+	for _, k := range checked {
+		if !bad[k.ID()] {
+			clean = append(clean, k)
+		}
+	}
+	return clean
+}
+
 // CheckKeys reports which of keys are out of parity, with both values. It
 // only reads: where the application owns the new columns the daemon reports,
 // it never writes. Missing rows are ignored.
