@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"strings"
 	"sync"
@@ -123,8 +122,8 @@ type Config struct {
 	// to arrive, so the daemon wakes once per bound rather than once per
 	// message (see gather.go); Poke ends a wait at once. Default 5ms.
 	MaxGather    time.Duration
-	ReconnectMin time.Duration // first reconnect delay; default 100ms
-	ReconnectMax time.Duration // reconnect delay cap; default 5s
+	ReconnectMin time.Duration // first reconnect delay (jittered: dbconn.Backoff); default 100ms
+	ReconnectMax time.Duration // where the reconnect delay stops doubling; default 5s
 	Logger       *slog.Logger  // may be nil
 }
 
@@ -255,7 +254,7 @@ func (s *Stream) Run(ctx context.Context, out chan<- Event, confirmed func() pgl
 	}
 	gatherReads(connCfg, s.cfg.MaxGather)
 
-	delay := s.cfg.ReconnectMin
+	delay := dbconn.NewBackoff(s.cfg.ReconnectMin, s.cfg.ReconnectMax)
 	needReset := false
 	// An outage retried with backoff says so once, then a summary per
 	// interval; a connection that streams again ends it.
@@ -273,27 +272,20 @@ func (s *Stream) Run(ctx context.Context, out chan<- Event, confirmed func() pgl
 		if started {
 			// Events of that connection may have reached the consumer.
 			needReset = true
-			delay = s.cfg.ReconnectMin
+			delay.Reset()
 			outage.End()
 		}
 		s.reconnects.Add(1)
-		wait := jitter(delay)
+		wait := delay.Next()
 		outage.Warn("replication connection lost; reconnecting", "err", err, "in", wait)
 		if dbconn.Sleep(ctx, wait) != nil {
 			return nil
 		}
-		delay = min(2*delay, s.cfg.ReconnectMax)
 	}
 }
 
 // finalStatusTimeout bounds the write of the last standby status.
 const finalStatusTimeout = 5 * time.Second
-
-// jitter spreads d over [d/2, d] so many daemons do not reconnect in step.
-func jitter(d time.Duration) time.Duration {
-	half := d / 2
-	return half + rand.N(d-half+1)
-}
 
 // session is one replication connection; only its goroutine touches conn.
 type session struct {

@@ -80,13 +80,13 @@ type Sync struct {
 	// Where the daemon's own writes are filtered out of the stream: auto
 	// has the walsender drop them (PostgreSQL 16+, when nothing else
 	// replicates into the table), client skips them in the daemon.
-	OriginFilter string `mapstructure:"origin_filter" default:"auto" check:"auto|client"`
+	OriginFilter OriginFilter `mapstructure:"origin_filter" default:"auto" check:"auto|client"`
 	// continuous corrects each changed row within flush_interval; deferred
 	// holds changed keys up to defer_for (at most max_deferred_keys of
 	// them) and corrects them in key order, in bulk, paced as the backfill
 	// is: for busy tables, until dual-write, when nobody reads the new
 	// columns yet.
-	Correction      string        `mapstructure:"correction" default:"continuous" check:"continuous|deferred"`
+	Correction      Correction    `mapstructure:"correction" default:"continuous" check:"continuous|deferred"`
 	DeferFor        time.Duration `mapstructure:"defer_for" default:"30s" check:">0"`
 	MaxDeferredKeys int           `mapstructure:"max_deferred_keys" default:"100000" check:">0"`
 }
@@ -98,7 +98,7 @@ type Verify struct {
 }
 
 type DualWrite struct {
-	Detect      string        `mapstructure:"detect" default:"manual" check:"manual|auto"`
+	Detect      Detect        `mapstructure:"detect" default:"manual" check:"manual|auto"`
 	QuietPeriod time.Duration `mapstructure:"quiet_period" default:"2m" check:">=0"`
 	// Application writes that needed no correction, required before auto
 	// detection.
@@ -106,7 +106,7 @@ type DualWrite struct {
 }
 
 type ContractPolicy struct {
-	Mode string        `mapstructure:"mode" default:"manual" check:"manual|auto|never"`
+	Mode ContractMode  `mapstructure:"mode" default:"manual" check:"manual|auto|never"`
 	Hold time.Duration `mapstructure:"hold" default:"10m" check:">=0"`
 	// The cut-over's lock_timeout, kept below the server's deadlock_timeout.
 	LockTimeout time.Duration `mapstructure:"lock_timeout" default:"500ms" check:">0"`

@@ -150,7 +150,7 @@ func (d *Daemon) retrySkipped(ctx context.Context, conn *pgx.Conn) error {
 			return err
 		}
 		err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-			if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", max(d.cfg.DDL.LockTimeout.Milliseconds(), 1))); err != nil {
+			if err := dbconn.SetLockTimeout(ctx, tx, d.cfg.DDL.LockTimeout, true); err != nil {
 				return err
 			}
 			res, err := d.table.Keys(ctx, tx, keys)
@@ -159,11 +159,11 @@ func (d *Daemon) retrySkipped(ctx context.Context, conn *pgx.Conn) error {
 			}
 			held := map[string]bool{}
 			for _, k := range res.Skipped {
-				held[keyID(k)] = true
+				held[k.ID()] = true
 			}
 			var done []recompute.Key
 			for _, k := range keys {
-				if !held[keyID(k)] {
+				if !held[k.ID()] {
 					done = append(done, k)
 				}
 			}

@@ -3,9 +3,9 @@ package phases
 import (
 	"context"
 	"fmt"
-	"strings"
 	"sync/atomic"
 
+	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
@@ -31,7 +31,7 @@ func (c *checkSink) Report(ctx context.Context, found []recompute.Mismatch, clea
 		c.found.Add(uint64(len(found)))
 		c.kept.Add(int64(len(found)))
 		for _, m := range found[:min(len(found), 3)] {
-			if d.cfg.DualWrite.Detect == "auto" {
+			if d.cfg.DualWrite.Detect == config.DetectAuto {
 				d.rlog.Warn("dual-write detection was premature: a row changed after it needs a correction; back to sync",
 					"key", d.table.KeyString(m.Key), "values", d.describe(m))
 			} else {
@@ -51,32 +51,6 @@ func (c *checkSink) Report(ctx context.Context, found []recompute.Mismatch, clea
 	return nil
 }
 
-// describe renders a mismatch's values: first_name="Mary Ann" (expression
-// "Mary").
-func (d *Daemon) describe(m recompute.Mismatch) string {
-	parts := make([]string, 0, len(d.table.Columns))
-	for i, col := range d.table.Columns {
-		if i >= len(m.Actual) || i >= len(m.Expected) {
-			break
-		}
-		a, e := textOrNull(m.Actual[i]), textOrNull(m.Expected[i])
-		switch {
-		case col.NotNull && m.Actual[i] == nil:
-			parts = append(parts, fmt.Sprintf("%s=NULL (must not be NULL: the migration makes %s NOT NULL; expression %s)", col.Name, col.Name, e))
-		case a != e:
-			parts = append(parts, fmt.Sprintf("%s=%s (expression %s)", col.Name, a, e))
-		}
-	}
-	return strings.Join(parts, ", ")
-}
-
-func textOrNull(s *string) string {
-	if s == nil {
-		return "NULL"
-	}
-	return fmt.Sprintf("%q", *s)
-}
-
 // recheckKept checks again, read-only, the rows the store keeps (up to a
 // bound per call): those the application has fixed or deleted leave it. It
 // returns the number of rows out of parity not accepted.
@@ -91,16 +65,7 @@ func (d *Daemon) recheckKept(ctx context.Context) (int64, error) {
 		if err != nil {
 			return 0, fmt.Errorf("check the rows kept out of parity: %w", err)
 		}
-		bad := map[string]bool{}
-		for _, m := range found {
-			bad[strings.Join(m.Key, "\x00")] = true
-		}
-		var clean []recompute.Key
-		for _, k := range keys {
-			if !bad[strings.Join(k, "\x00")] {
-				clean = append(clean, k)
-			}
-		}
+		clean := recompute.InParity(keys, found)
 		if _, err := d.store.ClearMismatches(ctx, d.conn, clean); err != nil {
 			return 0, err
 		}

@@ -4,14 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
-	"strings"
 	"time"
 
 	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cdcbackfill/cdcbackfill/applier"
+	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
@@ -33,7 +32,7 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 	}
 	var tries int
 	var longest time.Duration
-	backoff := 100 * time.Millisecond
+	backoff := dbconn.NewBackoff(100*time.Millisecond, 10*time.Second)
 	prepared := false
 	for {
 		if err := d.pipe.Load().failure(); err != nil {
@@ -61,7 +60,7 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 			prepared = true
 		}
 		switch {
-		case outstanding > 0 && d.cfg.DualWrite.Detect == "auto":
+		case outstanding > 0 && d.cfg.DualWrite.Detect == config.DetectAuto:
 			return d.backToSync(ctx, state.Contract, outstanding)
 		case outstanding > 0:
 			d.log.Warn("contract: rows out of parity appeared; back to verify, where the hold starts again once none is left", "rows", outstanding)
@@ -75,7 +74,7 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 			d.waiting.Store(fmt.Sprintf("%s; make it cheaper (see \"What DDL is safe\" in the README) or raise contract_policy.max_hold (%s), then cdcbackfill approve to try the cut-over again",
 				over, d.cfg.ContractPolicy.MaxHold))
 			d.rlog.Info("contract: waiting for the operator after a contract statement overran max_hold", "statement", over.stmt)
-		case d.cfg.ContractPolicy.Mode == "manual" && !d.approvedFor(state.Contract):
+		case d.cfg.ContractPolicy.Mode == config.ContractManual && !d.approvedFor(state.Contract):
 			msg := "approval of the contract: cdcbackfill approve"
 			if st.OldUsage != nil && len(st.OldUsage.Still) > 0 {
 				msg = fmt.Sprintf("approval of the contract: %d statements still use the old column (see status); cdcbackfill approve --force once nothing needs it", len(st.OldUsage.Still))
@@ -83,7 +82,7 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 			d.waiting.Store(msg)
 			// One message whatever the count in msg: the repeats are the same wait.
 			d.rlog.Info("contract: parity holds; waiting for approval", "waiting_for", msg)
-		case d.cfg.ContractPolicy.Mode == "manual" && st.OldUsage != nil && len(st.OldUsage.Still) > 0 && !st.ForceApproved:
+		case d.cfg.ContractPolicy.Mode == config.ContractManual && st.OldUsage != nil && len(st.OldUsage.Still) > 0 && !st.ForceApproved:
 			d.waiting.Store("cdcbackfill approve --force: statements still use the old column (see status)")
 		default:
 			tries++
@@ -107,11 +106,9 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 				return fmt.Errorf("contract: the cut-over did not succeed in %d tries (last: %s); end the sessions that hold %s, or retry later (raise ddl.max_retries to try longer)",
 					tries, res, d.table.Ident())
 			}
-			wait := backoff/2 + rand.N(backoff)
-			if err := dbconn.Sleep(ctx, wait); err != nil {
+			if err := dbconn.Sleep(ctx, backoff.Next()); err != nil {
 				return nil
 			}
-			backoff = min(2*backoff, 10*time.Second)
 			continue
 		}
 		if err := dbconn.Sleep(ctx, 200*time.Millisecond); err != nil {
@@ -179,7 +176,7 @@ func (d *Daemon) cutover(ctx context.Context, st *state.Migration, try int, long
 		return "", err
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx))
-	if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", max(lockTimeout.Milliseconds(), 1))); err != nil {
+	if err := dbconn.SetLockTimeout(ctx, tx, lockTimeout, true); err != nil {
 		return "", err
 	}
 	asked := time.Now()
@@ -343,7 +340,7 @@ func (d *Daemon) checkUnderLock(ctx context.Context, tx pgx.Tx, keys []recompute
 	var out []recompute.Mismatch
 	seen := map[string]bool{}
 	for _, m := range found {
-		k := keyID(m.Key)
+		k := m.Key.ID()
 		if accepted[k] || seen[k] {
 			continue
 		}
@@ -365,13 +362,11 @@ func (d *Daemon) acceptedAsIs(ctx context.Context, q dbconn.Querier, found []rec
 			return nil, fmt.Errorf("contract: look up accepted rows: %w", err)
 		}
 		if ok {
-			out[keyID(m.Key)] = true
+			out[m.Key.ID()] = true
 		}
 	}
 	return out, nil
 }
-
-func keyID(k recompute.Key) string { return strings.Join(k, "\x00") }
 
 // contractInTx runs the contract statements from index from on inside the
 // cut-over's transaction. A statement that refuses a transaction block

@@ -100,8 +100,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		return err
 	}
 	defer stopServing()
-	const firstBackoff = 500 * time.Millisecond
-	backoff := firstBackoff
+	backoff := dbconn.NewBackoff(500*time.Millisecond, 10*time.Second)
 	led := false // ever led: from then on a lost database is waited out
 	// An outage retried every 10s says so once, then a summary per interval.
 	outage := repeatlog.New(log, 0)
@@ -114,14 +113,14 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			return err
 		}
 		if ledThisTime {
-			backoff = firstBackoff // it ran again: a new outage starts the backoff over
+			backoff.Reset() // it ran again: a new outage starts the backoff over
 			outage.End()
 		}
-		outage.Warn("lost the database; starting over from the state row", "migration", cfg.Name, "err", err, "retry_in", backoff)
-		if dbconn.Sleep(ctx, backoff) != nil {
+		wait := backoff.Next()
+		outage.Warn("lost the database; starting over from the state row", "migration", cfg.Name, "err", err, "retry_in", wait.Round(time.Millisecond))
+		if dbconn.Sleep(ctx, wait) != nil {
 			return nil
 		}
-		backoff = min(backoff*2, 10*time.Second)
 	}
 }
 

@@ -14,6 +14,7 @@ import (
 
 	"github.com/cdcbackfill/cdcbackfill/applier"
 	"github.com/cdcbackfill/cdcbackfill/cdc"
+	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
 )
@@ -54,7 +55,7 @@ func (d *Daemon) startPipeline(ctx context.Context) error {
 // supervise runs the stream and applier, restarting both after a
 // transient failure.
 func (d *Daemon) supervise(ctx context.Context, p *pipeline) {
-	backoff := 200 * time.Millisecond
+	backoff := dbconn.NewBackoff(200*time.Millisecond, 5*time.Second)
 	for ctx.Err() == nil {
 		err := d.runPipelineOnce(ctx, p)
 		if ctx.Err() != nil {
@@ -71,11 +72,11 @@ func (d *Daemon) supervise(ctx context.Context, p *pipeline) {
 			d.log.Error("sync stream stopped", "err", err)
 			return
 		}
-		d.rlog.Warn("sync stream interrupted; restarting from the slot's confirmed position", "err", err, "retry_in", backoff)
-		if dbconn.Sleep(ctx, backoff) != nil {
+		wait := backoff.Next()
+		d.rlog.Warn("sync stream interrupted; restarting from the slot's confirmed position", "err", err, "retry_in", wait.Round(time.Millisecond))
+		if dbconn.Sleep(ctx, wait) != nil {
 			return
 		}
-		backoff = min(backoff*2, 5*time.Second)
 	}
 }
 
@@ -122,7 +123,7 @@ func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 		Gate:          d.store.HandoverGate(),
 		Logger:        d.log,
 	}
-	if d.cfg.Sync.Correction == "deferred" {
+	if d.cfg.Sync.Correction == config.CorrectionDeferred {
 		acfg.Defer, acfg.MaxDeferredKeys, acfg.Pace = d.cfg.Sync.DeferFor, d.cfg.Sync.MaxDeferredKeys, d.deferredPace()
 	}
 	ap := applier.New(w, d.table, acfg)

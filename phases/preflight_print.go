@@ -50,7 +50,7 @@ func (r *Report) Print(w io.Writer, cfg *config.Config) {
 	if len(r.Settings) > 0 {
 		fmt.Fprintf(w, "     evaluated with the database's and role's settings (as the daemon connects): %s\n", strings.Join(r.Settings, ", "))
 	}
-	if cfg.DualWrite.Detect == "auto" {
+	if cfg.DualWrite.Detect == config.DetectAuto {
 		fmt.Fprintf(w, "  3. sync until dual-write is detected: %d application writes of the new columns that needed no correction, and none that did, over %s of stream time\n",
 			cfg.DualWrite.MinEvidence, cfg.DualWrite.QuietPeriod)
 	} else {

@@ -37,9 +37,9 @@ type StatusReport struct {
 		// Correction is sync.correction; in the deferred mode DeferredKeys
 		// is the backlog of changed keys waiting, the oldest of them
 		// LagSeconds old (at most sync.defer_for).
-		Correction   string  `json:"correction"`
-		DeferredKeys int     `json:"deferred_keys"`
-		DeferFor     float64 `json:"defer_for_seconds,omitempty"`
+		Correction   config.Correction `json:"correction"`
+		DeferredKeys int               `json:"deferred_keys"`
+		DeferFor     float64           `json:"defer_for_seconds,omitempty"`
 		// CorrectionSamples: keys the stream recently corrected, newest first.
 		CorrectionSamples []string `json:"correction_samples"`
 		// DualWrite: how far the evidence of dual-write has come (detect auto).
@@ -125,7 +125,7 @@ func statusOn(ctx context.Context, conn dbconn.Querier, cfg *config.Config) (*St
 	}
 	r.Sync.Events, r.Sync.Corrections = st.SyncEvents, st.Corrections
 	r.Sync.Correction = cfg.Sync.Correction
-	if cfg.Sync.Correction == "deferred" {
+	if cfg.Sync.Correction == config.CorrectionDeferred {
 		r.Sync.DeferFor = cfg.Sync.DeferFor.Seconds()
 	}
 	r.Sync.CorrectionSamples = st.Stats.CorrectionSamples
@@ -166,7 +166,7 @@ func sample(cfg *config.Config, keyNames []string, m state.MismatchRow) Mismatch
 		if i >= len(m.Actual) || i >= len(m.Expected) {
 			break
 		}
-		if textOrNull(m.Actual[i]) != textOrNull(m.Expected[i]) {
+		if differs(m.Actual[i], m.Expected[i]) {
 			s.Columns[c.Name] = Values{Actual: m.Actual[i], Expected: m.Expected[i]}
 		}
 	}

@@ -7,6 +7,7 @@ import (
 
 	"github.com/jackc/pglogrepl"
 
+	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
@@ -41,9 +42,9 @@ func (d *Daemon) sync(ctx context.Context, st *state.Migration) error {
 				return d.handOverAt(ctx, h)
 			}
 			switch d.cfg.DualWrite.Detect {
-			case "manual":
+			case config.DetectManual:
 				d.waiting.Store("the application to dual-write: cdcbackfill approve once it does")
-			case "auto":
+			case config.DetectAuto:
 				ev, fixes, streamTime := d.evidence()
 				dw := w.observe(time.Now(), ev, fixes, streamTime)
 				d.dualWrite.Store(&dw)

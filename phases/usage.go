@@ -11,6 +11,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
@@ -139,7 +140,7 @@ func (d *Daemon) oldColumnStillUsed(ctx context.Context, st *state.Migration) (b
 	for _, s := range u.Still[:min(len(u.Still), 3)] {
 		queries = append(queries, strconv.Quote(s.Query)+" ("+strconv.FormatInt(s.Calls, 10)+" calls)")
 	}
-	if d.cfg.ContractPolicy.Mode == "manual" {
+	if d.cfg.ContractPolicy.Mode == config.ContractManual {
 		d.rlog.Warn("verify: statements that use the old column without the new ones ran during the hold; the contract will need approve --force",
 			"statements", len(u.Still), "e.g.", strings.Join(queries, "; "))
 		return false, d.store.SetOldUsage(ctx, d.conn, &u)

@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pglogrepl"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
@@ -69,7 +70,7 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 				return err
 			}
 			if outstanding > 0 {
-				if d.cfg.DualWrite.Detect == "auto" {
+				if d.cfg.DualWrite.Detect == config.DetectAuto {
 					return d.backToSync(ctx, state.Verify, outstanding)
 				}
 				mark = time.Time{}
@@ -134,7 +135,7 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 				d.waiting.Store(fmt.Sprintf("the hold: parity proven for %s of %s", held.Round(time.Second), d.cfg.ContractPolicy.Hold))
 			} else {
 				switch {
-				case d.cfg.ContractPolicy.Mode == "never":
+				case d.cfg.ContractPolicy.Mode == config.ContractNever:
 					d.waiting.Store("nothing: parity holds, and contract_policy.mode is never")
 					if !saidNever {
 						d.log.Info("verify: parity holds; contract_policy.mode is never, so the migration stays in verify and drops nothing")

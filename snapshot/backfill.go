@@ -193,7 +193,7 @@ func (b *Backfiller) rangeBatch(ctx context.Context, tx pgx.Tx, lo, hi recompute
 	if _, err := tx.Exec(ctx, "SAVEPOINT cdcb_fast"); err != nil {
 		return recompute.Result{}, err
 	}
-	if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", recompute.FastLockTimeout.Milliseconds())); err != nil {
+	if err := dbconn.SetLockTimeout(ctx, tx, recompute.FastLockTimeout, true); err != nil {
 		return recompute.Result{}, err
 	}
 	res, err := b.Table.FastRange(ctx, tx, lo, hi, size)
@@ -201,10 +201,8 @@ func (b *Backfiller) rangeBatch(ctx context.Context, tx pgx.Tx, lo, hi recompute
 	if lt <= 0 {
 		lt = 2 * time.Second
 	}
-	bounded := fmt.Sprintf("SET LOCAL lock_timeout = %d", lt.Milliseconds())
 	if err == nil {
-		_, err = tx.Exec(ctx, bounded)
-		return res, err
+		return res, dbconn.SetLockTimeout(ctx, tx, lt, true)
 	}
 	if !dbconn.IsLockTimeout(err) {
 		return res, err
@@ -214,7 +212,7 @@ func (b *Backfiller) rangeBatch(ctx context.Context, tx pgx.Tx, lo, hi recompute
 	}
 	// SKIP LOCKED passes over held rows, but the statement can still queue
 	// behind a lock on the table: bounded too.
-	if _, err := tx.Exec(ctx, bounded); err != nil {
+	if err := dbconn.SetLockTimeout(ctx, tx, lt, true); err != nil {
 		return recompute.Result{}, err
 	}
 	return b.Table.Range(ctx, tx, lo, hi, size)

@@ -3,7 +3,6 @@ package state
 import (
 	"context"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -74,19 +73,13 @@ func (s Store) ClearMismatches(ctx context.Context, q dbconn.Querier, keys []rec
 	// unnests flat.
 	texts := make([]string, len(keys))
 	for i, k := range keys {
-		texts[i] = keyText(k)
+		texts[i] = k.StoredID()
 	}
 	tag, err := q.Exec(ctx, `DELETE FROM cdcbackfill.mismatches WHERE name = $1 AND array_to_string(key, chr(1)) = ANY($2)`, s.Name, texts)
 	if err != nil {
 		return 0, fmt.Errorf("forget rows back in parity of %q: %w", s.Name, err)
 	}
 	return tag.RowsAffected(), nil
-}
-
-// keyText joins a key's columns as ClearMismatches compares them (chr(1)
-// cannot occur in a key's text in practice).
-func keyText(k recompute.Key) string {
-	return strings.Join(k, "\x01")
 }
 
 // Outstanding counts the rows out of parity not accepted, and returns up to

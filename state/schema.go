@@ -3,7 +3,6 @@ package state
 import (
 	"context"
 	"fmt"
-	"math/rand/v2"
 	"strings"
 	"time"
 
@@ -106,10 +105,10 @@ func EnsureSchema(ctx context.Context, conn *pgx.Conn, lockTimeout time.Duration
 	if err != nil || len(missing) == 0 {
 		return err
 	}
-	backoff := 100 * time.Millisecond
+	backoff := dbconn.NewBackoff(100*time.Millisecond, 5*time.Second)
 	for try := 1; ; try++ {
 		err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-			if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", max(lockTimeout.Milliseconds(), 1))); err != nil {
+			if err := dbconn.SetLockTimeout(ctx, tx, lockTimeout, true); err != nil {
 				return err
 			}
 			_, err := tx.Exec(ctx, schemaSQL)
@@ -121,10 +120,9 @@ func EnsureSchema(ctx context.Context, conn *pgx.Conn, lockTimeout time.Duration
 		if !dbconn.IsLockTimeout(err) || try == schemaTries {
 			return fmt.Errorf("create state schema cdcbackfill (missing %s): %w", strings.Join(missing, ", "), err)
 		}
-		if err := dbconn.Sleep(ctx, backoff/2+rand.N(backoff)); err != nil {
+		if err := dbconn.Sleep(ctx, backoff.Next()); err != nil {
 			return err
 		}
-		backoff = min(2*backoff, 5*time.Second)
 	}
 }
 

@@ -385,7 +385,7 @@ const HandoverWait = 30 * time.Second
 func (s Store) recordHandover(ctx context.Context, conn *pgx.Conn, set func(tx pgx.Tx) (pglogrepl.LSN, error)) (pglogrepl.LSN, error) {
 	var lsn pglogrepl.LSN
 	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", HandoverWait.Milliseconds())); err != nil {
+		if err := dbconn.SetLockTimeout(ctx, tx, HandoverWait, true); err != nil {
 			return err
 		}
 		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = on"); err != nil {

@@ -7,8 +7,6 @@ import (
 	"log/slog"
 	"os"
 	"runtime/pprof"
-	"sort"
-	"strconv"
 	"strings"
 	"time"
 
@@ -156,7 +154,7 @@ func printStatus(w io.Writer, r *phases.StatusReport) {
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintf(w, "sync: slot lag %s (%.1fs), events %d, corrections %d\n", units.BytesSize(float64(r.Sync.LagBytes)), r.Sync.LagSeconds, r.Sync.Events, r.Sync.Corrections)
-	if r.Sync.Correction == "deferred" && r.Phase == "sync" {
+	if r.Sync.Correction == config.CorrectionDeferred && r.Phase == "sync" {
 		fmt.Fprintf(w, "      deferred corrections: %d keys waiting, the oldest %.1fs (sync.defer_for %s)\n", r.Sync.DeferredKeys, r.Sync.LagSeconds,
 			(time.Duration(r.Sync.DeferFor * float64(time.Second))).String())
 	}
@@ -172,12 +170,7 @@ func printStatus(w io.Writer, r *phases.StatusReport) {
 		v.RowsChecked, v.Mismatches, v.MismatchesFound, v.Accepted,
 		(time.Duration(v.HoldProven) * time.Second).String(), (time.Duration(v.Hold) * time.Second).String())
 	for _, m := range v.MismatchSamples {
-		cols := make([]string, 0, len(m.Columns))
-		for name, vals := range m.Columns {
-			cols = append(cols, fmt.Sprintf("%s=%s (expression %s)", name, quoted(vals.Actual), quoted(vals.Expected)))
-		}
-		sort.Strings(cols)
-		fmt.Fprintf(w, "      %s: %s\n", m.Key, strings.Join(cols, ", "))
+		fmt.Fprintf(w, "      %s\n", m)
 	}
 	if v.PrematureDetections > 0 {
 		fmt.Fprintf(w, "      premature dual-write detections: %d (each sent the migration back to sync)\n", v.PrematureDetections)
@@ -195,11 +188,4 @@ func printStatus(w io.Writer, r *phases.StatusReport) {
 	if r.Error != nil {
 		fmt.Fprintf(w, "last error: %s\n", *r.Error)
 	}
-}
-
-func quoted(s *string) string {
-	if s == nil {
-		return "NULL"
-	}
-	return strconv.Quote(*s)
 }

@@ -1,8 +1,9 @@
 // Package dbconn holds the small database helpers every package of the
 // daemon shares: connecting with a time-out and an error that names the
 // server without its password, the leader lock, quoting for the few places
-// where a bind parameter is not allowed, SQLSTATE classes, and the one
-// sleep that ends with its context.
+// where a bind parameter is not allowed, SQLSTATE classes, setting
+// lock_timeout (never to 0, which means none), and the one sleep that ends
+// with its context.
 //
 // Invariant: no error it returns carries a password, and every error wraps
 // its cause (%w), so errors.As finds *pgconn.PgError and pgconn's

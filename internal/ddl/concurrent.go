@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"time"
 
 	"github.com/jackc/pgerrcode"
@@ -89,7 +88,7 @@ func (b IndexBuild) timeout() time.Duration {
 // Run builds the index on conn (which must not be in a transaction) and
 // returns the number of tries.
 func (b IndexBuild) Run(ctx context.Context, conn *pgx.Conn) (int, error) {
-	backoff := time.Second
+	backoff := dbconn.NewBackoff(time.Second, 30*time.Second)
 	for try := 1; ; try++ {
 		st, err := LookupIndex(ctx, conn, b.Schema, b.Name)
 		if err != nil {
@@ -128,12 +127,11 @@ func (b IndexBuild) Run(ctx context.Context, conn *pgx.Conn) (int, error) {
 		if try > b.MaxRetries {
 			return try, fmt.Errorf("CREATE INDEX CONCURRENTLY %s did not finish in %d tries (last: %v); end the sessions named in the log, or raise ddl.concurrent_timeout", b.ident(), try, err)
 		}
-		wait := backoff/2 + rand.N(backoff)
+		wait := backoff.Next()
 		b.logf("index: the build failed; the leftover is dropped and the build retried", "index", b.ident(), "try", try, "error", err, "retry_in", wait.Round(time.Millisecond))
 		if err := dbconn.Sleep(ctx, wait); err != nil {
 			return try, err
 		}
-		backoff = min(2*backoff, 30*time.Second)
 	}
 }
 
@@ -167,7 +165,7 @@ func (b IndexBuild) build(ctx context.Context, conn *pgx.Conn) error {
 
 // exec runs sql outside a transaction under the build's lock_timeout.
 func (b IndexBuild) exec(ctx context.Context, conn *pgx.Conn, sql string) error {
-	if _, err := conn.Exec(ctx, fmt.Sprintf("SET lock_timeout = %d", max(b.timeout().Milliseconds(), 1))); err != nil {
+	if err := dbconn.SetLockTimeout(ctx, conn, b.timeout(), false); err != nil {
 		return err
 	}
 	_, err := conn.Exec(ctx, sql)

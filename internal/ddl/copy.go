@@ -4,10 +4,13 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	pg_query "github.com/pganalyze/pg_query_go/v6"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 )
 
 // copyName is the temporary copy of the table that statements are tried on.
@@ -129,7 +132,7 @@ func tryOne(ctx context.Context, conn *pgx.Conn, oid uint32, sql string) (*Tried
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx))
 	// Nothing else uses the copy; what it might wait for is elsewhere.
-	if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = '1s'; SET LOCAL statement_timeout = '10s'"); err != nil {
+	if _, err := tx.Exec(ctx, dbconn.LockTimeoutSQL(time.Second, true)+"; SET LOCAL statement_timeout = '10s'"); err != nil {
 		return nil, err
 	}
 	const measure = "SELECT relfilenode, pg_stat_get_xact_numscans(oid) FROM pg_class WHERE oid = $1"

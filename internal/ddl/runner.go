@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"time"
 
 	"github.com/jackc/pgerrcode"
@@ -38,7 +37,7 @@ type Result struct {
 // INDEX CONCURRENTLY) runs on its own, then record runs.
 func (d Runner) Run(ctx context.Context, conn *pgx.Conn, stmt string, record func(pgx.Tx) error) (Result, error) {
 	var res Result
-	backoff := 100 * time.Millisecond
+	backoff := dbconn.NewBackoff(100*time.Millisecond, 10*time.Second)
 	for {
 		res.Tries++
 		start := time.Now()
@@ -58,9 +57,8 @@ func (d Runner) Run(ctx context.Context, conn *pgx.Conn, stmt string, record fun
 			return res, fmt.Errorf("DDL %q: could not get its lock within ddl.lock_timeout %s in %d tries; blocked by %s; end that session or retry later (raise ddl.max_retries to wait longer)",
 				stmt, d.LockTimeout, res.Tries, blockers)
 		}
-		// Exponential backoff with full jitter, capped: the app's queries
-		// run freely between tries.
-		wait := time.Duration(rand.Int64N(int64(backoff))) + backoff/2
+		// The app's queries run freely between tries.
+		wait := backoff.Next()
 		if d.Log != nil {
 			d.Log.Warn("DDL waits for a lock; retrying", "try", res.Tries, "of", d.MaxRetries+1, "lock_timeout", d.LockTimeout,
 				"blocked_by", blockers, "retry_in", wait.Round(time.Millisecond), "statement", stmt)
@@ -68,7 +66,6 @@ func (d Runner) Run(ctx context.Context, conn *pgx.Conn, stmt string, record fun
 		if err := dbconn.Sleep(ctx, wait); err != nil {
 			return res, err
 		}
-		backoff = min(backoff*2, 10*time.Second)
 	}
 }
 
@@ -78,7 +75,7 @@ func (d Runner) try(ctx context.Context, conn *pgx.Conn, stmt string, record fun
 		return err
 	}
 	defer tx.Rollback(context.Background())
-	if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", d.lockTimeoutMS())); err != nil {
+	if err := dbconn.SetLockTimeout(ctx, tx, d.LockTimeout, true); err != nil {
 		return err
 	}
 	if _, err := tx.Exec(ctx, stmt); err != nil {
@@ -98,7 +95,7 @@ func (d Runner) try(ctx context.Context, conn *pgx.Conn, stmt string, record fun
 // cannot be atomic with it: such statements (CONCURRENTLY) are the ones
 // written to be rerun safely with IF NOT EXISTS.
 func (d Runner) outsideTx(ctx context.Context, conn *pgx.Conn, stmt string, record func(pgx.Tx) error) error {
-	if _, err := conn.Exec(ctx, fmt.Sprintf("SET lock_timeout = %d", d.lockTimeoutMS())); err != nil {
+	if err := dbconn.SetLockTimeout(ctx, conn, d.LockTimeout, false); err != nil {
 		return err
 	}
 	_, err := conn.Exec(ctx, stmt)
@@ -122,7 +119,3 @@ func (d Runner) Blockers(ctx context.Context, conn *pgx.Conn) string {
 	}
 	return held
 }
-
-// lockTimeoutMS is at least 1: lock_timeout = 0 would mean no time-out,
-// the one value that could queue the application behind the DDL for good.
-func (d Runner) lockTimeoutMS() int64 { return max(d.LockTimeout.Milliseconds(), 1) }

@@ -217,8 +217,8 @@ func migrationConfig(dsn string) *config.Config {
 		{Name: "last_name", Expr: "split_part(full_name, ' ', 2)"},
 	}
 	cfg.Contract = []string{"ALTER TABLE users DROP COLUMN full_name"}
-	cfg.DualWrite.Detect, cfg.DualWrite.QuietPeriod, cfg.DualWrite.MinEvidence = "auto", 3*time.Second, 100
-	cfg.ContractPolicy.Mode, cfg.ContractPolicy.Hold = "auto", 3*time.Second
+	cfg.DualWrite.Detect, cfg.DualWrite.QuietPeriod, cfg.DualWrite.MinEvidence = config.DetectAuto, 3*time.Second, 100
+	cfg.ContractPolicy.Mode, cfg.ContractPolicy.Hold = config.ContractAuto, 3*time.Second
 	cfg.HTTP.Listen = ""
 	return cfg
 }

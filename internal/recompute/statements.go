@@ -15,6 +15,15 @@ import (
 // Key is a primary key value, each column in its text form.
 type Key []string
 
+// ID is k as one string, for sets and maps of keys. PostgreSQL text cannot
+// hold a NUL byte, so NUL separates the columns unambiguously.
+func (k Key) ID() string { return strings.Join(k, "\x00") }
+
+// StoredID is k as one string the server computes too, from a key stored
+// as text[]: array_to_string(key, chr(1)). A parameter cannot carry ID's
+// NUL; chr(1) does not occur in a key's text in practice.
+func (k Key) StoredID() string { return strings.Join(k, "\x01") }
+
 // KeyString renders a key as PostgreSQL does in its messages: (a, b)=(1, x).
 func (t *Table) KeyString(k Key) string { return FormatKey(t.KeyNames(), k) }
 
@@ -652,6 +661,22 @@ func (t *Table) checkKeysSQL() string {
 	return cte + fmt.Sprintf(`
 SELECT ARRAY[%s], ARRAY[%s], ARRAY[%s] FROM %s WHERE %s AND %s`,
 		t.textKeys(), strings.Join(actual, ", "), strings.Join(expected, ", "), t.Ident(), keysIn, t.failsCheck())
+}
+
+// InParity returns the keys of checked that CheckKeys did not find out of
+// parity (found), in their order.
+func InParity(checked []Key, found []Mismatch) []Key {
+	bad := make(map[string]bool, len(found))
+	for _, m := range found {
+		bad[m.Key.ID()] = true
+	}
+	var clean []Key
+	for _, k := range checked {
+		if !bad[k.ID()] {
+			clean = append(clean, k)
+		}
+	}
+	return clean
 }
 
 // CheckKeys reports which of keys are out of parity, with both values. It

@@ -31,7 +31,7 @@ func serverVersion(ctx context.Context, q dbconn.Querier) (int, error) {
 // database covers the table, and no replication origin other than the
 // daemons' exists. It says why in a sentence.
 func originNone(ctx context.Context, q dbconn.Querier, cfg *config.Config, table string) (bool, string, error) {
-	if cfg.Sync.OriginFilter == "client" {
+	if cfg.Sync.OriginFilter == config.OriginFilterClient {
 		return false, "the daemon skips its own transactions (sync.origin_filter: client)", nil
 	}
 	v, err := serverVersion(ctx, q)
