@@ -2,18 +2,15 @@ package phases
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
 	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5"
 
-	"github.com/cdcbackfill/cdcbackfill/applier"
 	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
-	"github.com/cdcbackfill/cdcbackfill/snapshot"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
@@ -45,19 +42,12 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 		if !prepared && outstanding == 0 {
 			// The constraints on new columns, NOT VALID then validated,
 			// before any cut-over: it only attaches them.
-			var violated *errViolated
-			switch err := d.prepareConstraints(ctx); {
-			case errors.As(err, &violated):
-				d.waiting.Store(violated.Error())
-				d.rlog.Warn("contract: rows violate a constraint on the new columns; waiting for the application to fix them", "constraint", violated.name)
-				if err := dbconn.Sleep(ctx, 5*time.Second); err != nil {
-					return nil
-				}
-				continue
-			case err != nil:
+			if prepared, err = d.constraintsReady(ctx); err != nil {
 				return err
 			}
-			prepared = true
+			if !prepared {
+				continue
+			}
 		}
 		switch {
 		case outstanding > 0 && d.cfg.DualWrite.Detect == config.DetectAuto:
@@ -139,173 +129,6 @@ type overrunError struct {
 func (e *overrunError) Error() string {
 	return fmt.Sprintf("the contract statement %q ran %s under the table's ACCESS EXCLUSIVE lock, longer than contract_policy.max_hold, and was rolled back",
 		e.stmt, e.took.Round(time.Millisecond))
-}
-
-// cutover is one try: in one transaction it takes the ACCESS EXCLUSIVE lock
-// the DDL needs anyway (first, under a lock_timeout below deadlock_timeout:
-// a weaker lock upgraded later deadlocks with transactions that read then
-// write, and if a lock cycle forms it is the daemon that gives up), reads
-// the WAL insert position, waits until the stream has received everything
-// up to it, checks in this transaction every key the stream delivered
-// since the applier last checked (the applier is held: its own statements
-// would wait on the lock), and only then runs the contract DDL and commits.
-// Anything else rolls back and releases the lock at once.
-func (d *Daemon) cutover(ctx context.Context, st *state.Migration, try int, longest *time.Duration) (cutoverResult, error) {
-	stream, ap := d.pipe.Load().current()
-	if ap == nil || stream == nil {
-		return cutoverBehind, nil
-	}
-	if err := ap.Hold(ctx); err != nil {
-		if errors.Is(err, applier.ErrStopped) {
-			return cutoverBehind, nil // the pipeline is restarting: try again
-		}
-		return "", err
-	}
-	committed := false
-	defer func() {
-		if !committed {
-			_ = ap.Release(context.WithoutCancel(ctx))
-		}
-	}()
-	lockTimeout, err := d.cutoverLockTimeout(ctx)
-	if err != nil {
-		return "", err
-	}
-	tx, err := d.conn.Begin(ctx)
-	if err != nil {
-		return "", err
-	}
-	defer tx.Rollback(context.WithoutCancel(ctx))
-	if err := dbconn.SetLockTimeout(ctx, tx, lockTimeout, true); err != nil {
-		return "", err
-	}
-	asked := time.Now()
-	stall := func() time.Duration { // how long the application may have queued behind us
-		s := time.Since(asked)
-		*longest = max(*longest, s)
-		return s
-	}
-	if _, err := tx.Exec(ctx, "LOCK TABLE "+d.table.Ident()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
-		if dbconn.IsLockTimeout(err) {
-			tx.Rollback(ctx)
-			d.rlog.Warn("contract: cut-over could not get the table's lock; retrying", "try", try,
-				"lock_timeout", lockTimeout, "blocked_by", d.ddlRunner().blockers(ctx, d.conn), "stall", stall().Round(time.Millisecond))
-			return cutoverLocked, nil
-		}
-		return "", fmt.Errorf("contract: lock %s: %w", d.table.Ident(), err)
-	}
-	granted := time.Now()
-	lsn, err := insertLSN(ctx, tx)
-	if err != nil {
-		return "", err
-	}
-	// WAL up to lsn may not be flushed yet (asynchronous commits, our own
-	// lock record) and the walsender reads only what is: a synchronous
-	// commit of our own flushes it and wakes the walsender at once, rather
-	// than at the WAL writer's next round (up to wal_writer_delay).
-	if err := d.store.FlushWAL(ctx, d.pool); err != nil {
-		return "", fmt.Errorf("contract: %w", err)
-	}
-	stream.Poke()
-	wctx, cancel := context.WithTimeout(ctx, d.cfg.ContractPolicy.CatchupTimeout)
-	lastPoke := time.Now()
-	keys, err := ap.PendingThrough(wctx, lsn, func() {
-		if time.Since(lastPoke) >= 50*time.Millisecond {
-			stream.Poke()
-			lastPoke = time.Now()
-		}
-	})
-	cancel()
-	if errors.Is(err, applier.ErrStopped) {
-		tx.Rollback(ctx)
-		stall()
-		return cutoverBehind, nil // the pipeline is restarting: try again
-	}
-	if err != nil {
-		if wctx.Err() != nil && ctx.Err() == nil {
-			tx.Rollback(ctx)
-			d.rlog.Warn("contract: cut-over gave up: the stream did not receive everything up to the lock in time; retrying",
-				"try", try, "catchup_timeout", d.cfg.ContractPolicy.CatchupTimeout, "position", lsn, "stall", stall().Round(time.Millisecond))
-			return cutoverBehind, nil
-		}
-		return "", err
-	}
-	received := time.Now()
-	found, err := d.checkUnderLock(ctx, tx, keys)
-	if err != nil {
-		return "", err
-	}
-	if len(found) > 0 {
-		tx.Rollback(ctx)
-		s := stall()
-		if err := d.checks.Report(ctx, found, nil); err != nil {
-			return "", err
-		}
-		d.log.Warn("contract: rows out of parity were written just before the cut-over; nothing was dropped",
-			"rows", len(found), "key", d.table.KeyString(found[0].Key), "values", d.describe(found[0]), "stall", s.Round(time.Millisecond))
-		return cutoverMismatch, nil
-	}
-	abort, paused, err := d.store.LockForCutover(ctx, tx)
-	if err != nil {
-		return "", err
-	}
-	if abort {
-		tx.Rollback(ctx)
-		stall()
-		return "", ErrAborted
-	}
-	if paused {
-		tx.Rollback(ctx)
-		stall()
-		return cutoverPaused, nil
-	}
-	checked := time.Now()
-	done, err := d.contractInTx(ctx, tx, st.ContractDone)
-	var over *overrunError
-	if errors.As(err, &over) {
-		tx.Rollback(ctx)
-		s := stall()
-		d.overran.Store(over)
-		d.log.Warn("contract: cut-over rolled back: a contract statement held the table's lock too long; it is not retried until the operator approves again",
-			"statement", over.stmt, "ran", over.took.Round(time.Millisecond), "max_hold", d.cfg.ContractPolicy.MaxHold, "stall", s.Round(time.Millisecond))
-		if err := d.store.WithdrawApproval(ctx, d.conn, state.Contract, map[string]any{"statement": over.stmt, "ran_ms": ms(over.took),
-			"max_hold_ms": ms(d.cfg.ContractPolicy.MaxHold)}); err != nil {
-			return "", err
-		}
-		return cutoverOverran, nil
-	}
-	if err != nil {
-		return "", err
-	}
-	// The publication goes in this transaction too, while the table's lock
-	// keeps the application's writes out: a DROP PUBLICATION that commits
-	// while a write is building its view of the table's publications fails
-	// that write ("cache lookup failed for publication").
-	if err := snapshot.DropPublication(ctx, tx, d.cfg.PublicationName()); err != nil {
-		return "", fmt.Errorf("contract: %w", err)
-	}
-	c := state.Cutover{Tries: try, LockWaitMS: ms(granted.Sub(asked)), HeldMS: ms(time.Since(granted)), KeysChecked: len(keys)}
-	c.LongestStallMS = ms(max(*longest, time.Since(asked)))
-	if err := d.store.RecordCutover(ctx, tx, done, c); err != nil {
-		return "", err
-	}
-	if err := tx.Commit(ctx); err != nil {
-		return "", fmt.Errorf("contract: commit the cut-over: %w", err)
-	}
-	committed = true
-	s := stall()
-	c.LongestStallMS, c.HeldMS = ms(*longest), ms(time.Since(granted))
-	_ = ap.Discard(context.WithoutCancel(ctx))
-	if err := d.store.SaveCutover(context.WithoutCancel(ctx), d.conn, c); err != nil {
-		return "", err
-	}
-	d.log.Info("contract: cut-over committed: the contract DDL ran with nothing unseen since the last check",
-		"tries", try, "lock_wait", granted.Sub(asked).Round(time.Microsecond), "held", time.Since(granted).Round(time.Microsecond),
-		"stall", s.Round(time.Microsecond), "longest_stall", longest.Round(time.Microsecond), "keys_checked", len(keys),
-		"stream_wait", received.Sub(granted).Round(time.Microsecond), "check", checked.Sub(received).Round(time.Microsecond),
-		"ddl", time.Since(checked).Round(time.Microsecond))
-	return cutoverDone, d.store.Event(context.WithoutCancel(ctx), d.conn, state.Contract, "cutover", map[string]any{
-		"tries": try, "lock_wait_ms": c.LockWaitMS, "held_ms": c.HeldMS, "longest_stall_ms": c.LongestStallMS, "keys_checked": len(keys)})
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

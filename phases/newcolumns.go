@@ -150,3 +150,39 @@ func constraintState(ctx context.Context, q dbconn.Querier, table, name string) 
 	}
 	return true, valid, nil
 }
+
+// indexesBuilt builds the indexes on new columns (buildIndexes); a build
+// that fails waits with the reason in status, and false says to try again.
+// A lost connection is an error: the conductor starts over.
+func (d *Daemon) indexesBuilt(ctx context.Context) (bool, error) {
+	err := d.buildIndexes(ctx)
+	switch {
+	case err == nil:
+		return true, nil
+	case ctx.Err() != nil:
+		return false, nil
+	case isConnLoss(err):
+		return false, err
+	}
+	d.waiting.Store(err.Error())
+	d.rlog.Warn("verify: an index on the new columns could not be built; trying again", "error", err)
+	_ = dbconn.Sleep(ctx, 10*time.Second)
+	return false, nil
+}
+
+// constraintsReady runs prepareConstraints; rows against a constraint make
+// the contract wait with the reason in status, and false says to look
+// again.
+func (d *Daemon) constraintsReady(ctx context.Context) (bool, error) {
+	var violated *errViolated
+	switch err := d.prepareConstraints(ctx); {
+	case errors.As(err, &violated):
+		d.waiting.Store(violated.Error())
+		d.rlog.Warn("contract: rows violate a constraint on the new columns; waiting for the application to fix them", "constraint", violated.name)
+		_ = dbconn.Sleep(ctx, 5*time.Second)
+		return false, nil
+	case err != nil:
+		return false, err
+	}
+	return true, nil
+}

@@ -48,22 +48,13 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 	return d.pipe.Load().guard(ctx, func(ctx context.Context) error {
 		for ctx.Err() == nil {
 			if !built {
-				// The indexes on new columns, now that the backfill is done.
-				if err := d.buildIndexes(ctx); err != nil {
-					if ctx.Err() != nil {
-						return nil
-					}
-					if isConnLoss(err) {
-						return err
-					}
-					d.waiting.Store(err.Error())
-					d.rlog.Warn("verify: an index on the new columns could not be built; trying again", "error", err)
-					if err := dbconn.Sleep(ctx, 10*time.Second); err != nil {
-						return nil
-					}
-					continue
+				var err error
+				if built, err = d.indexesBuilt(ctx); err != nil {
+					return err
 				}
-				built = true
+				if !built {
+					continue // the loop's condition ends it with ctx
+				}
 			}
 			st, outstanding, err := d.loadAndRecheck(ctx)
 			if err != nil {
