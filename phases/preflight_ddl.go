@@ -217,7 +217,7 @@ func reportFinish(r *Report, f *ddl.Finish) {
 	}
 	for _, c := range f.Prepare {
 		r.ok(fmt.Sprintf("after the hand-over, before the cut-over: %s (%s, for a moment: no scan; under ddl.lock_timeout, retried), then %s (SHARE UPDATE EXCLUSIVE: reads the table, blocks neither reads nor writes)",
-			c.Add, map[bool]string{true: "SHARE ROW EXCLUSIVE on both tables", false: "ACCESS EXCLUSIVE"}[strings.Contains(c.Add, "FOREIGN KEY")], c.Validate))
+			c.Add, c.AddLock, c.Validate))
 	}
 	for _, a := range f.Attach {
 		r.ok(fmt.Sprintf("in the cut-over, after the contract statements: %s (no scan: it uses what was built and validated before)", a))

@@ -62,6 +62,9 @@ type ConstraintStep struct {
 	Add      string // ALTER TABLE ... ADD CONSTRAINT ... NOT VALID (brief ACCESS EXCLUSIVE, or SHARE ROW EXCLUSIVE for a foreign key)
 	Validate string // ALTER TABLE ... VALIDATE CONSTRAINT (SHARE UPDATE EXCLUSIVE)
 	What     string // for plan and status: "first_name NOT NULL"
+	// AddLock is what Add takes on the table, for a moment: ACCESS
+	// EXCLUSIVE, or SHARE ROW EXCLUSIVE (on both tables) for a foreign key.
+	AddLock LockMode
 }
 
 // notNullCheck names the check that stands for a NOT NULL until the
@@ -134,7 +137,7 @@ func PlanFinish(expand, contract []*Statement, table Relation, newColumns []stri
 				col := pgx.Identifier{cmd.Name}.Sanitize()
 				name := notNullName(table.Name, cmd.Name)
 				f.NotNull = append(f.NotNull, cmd.Name)
-				f.Prepare = append(f.Prepare, ConstraintStep{Name: name, What: cmd.Name + " NOT NULL",
+				f.Prepare = append(f.Prepare, ConstraintStep{Name: name, What: cmd.Name + " NOT NULL", AddLock: AccessExclusive,
 					Add:      fmt.Sprintf("ALTER TABLE %s ADD CONSTRAINT %s NOT NULL %s NOT VALID", tbl, pgx.Identifier{name}.Sanitize(), col),
 					Validate: fmt.Sprintf("ALTER TABLE %s VALIDATE CONSTRAINT %s", tbl, pgx.Identifier{name}.Sanitize())})
 				f.Undo = append(f.Undo, Undo{Schema: table.Schema, Name: name, SQL: fmt.Sprintf("ALTER TABLE %s DROP CONSTRAINT IF EXISTS %s", tbl, pgx.Identifier{name}.Sanitize())})
@@ -142,7 +145,7 @@ func PlanFinish(expand, contract []*Statement, table Relation, newColumns []stri
 				col := pgx.Identifier{cmd.Name}.Sanitize()
 				chk := pgx.Identifier{notNullCheck(cmd.Name)}.Sanitize()
 				f.NotNull = append(f.NotNull, cmd.Name)
-				f.Prepare = append(f.Prepare, ConstraintStep{Name: notNullCheck(cmd.Name), What: cmd.Name + " NOT NULL",
+				f.Prepare = append(f.Prepare, ConstraintStep{Name: notNullCheck(cmd.Name), What: cmd.Name + " NOT NULL", AddLock: AccessExclusive,
 					Add:      fmt.Sprintf("ALTER TABLE %s ADD CONSTRAINT %s CHECK (%s IS NOT NULL) NOT VALID", tbl, chk, col),
 					Validate: fmt.Sprintf("ALTER TABLE %s VALIDATE CONSTRAINT %s", tbl, chk)})
 				attach = append(attach, fmt.Sprintf("ALTER TABLE %s ALTER COLUMN %s SET NOT NULL", tbl, col),
@@ -177,7 +180,7 @@ func PlanFinish(expand, contract []*Statement, table Relation, newColumns []stri
 					if err != nil {
 						return nil, fmt.Errorf("%s: %w", s.Quote(), err)
 					}
-					f.Prepare = append(f.Prepare, ConstraintStep{Name: con.Conname, Add: sql, What: "constraint " + con.Conname,
+					f.Prepare = append(f.Prepare, ConstraintStep{Name: con.Conname, Add: sql, What: "constraint " + con.Conname, AddLock: alterLock(cmd),
 						Validate: fmt.Sprintf("ALTER TABLE %s VALIDATE CONSTRAINT %s", tbl, name)})
 					f.Undo = append(f.Undo, Undo{Schema: table.Schema, Name: con.Conname, SQL: fmt.Sprintf("ALTER TABLE %s DROP CONSTRAINT IF EXISTS %s", tbl, name)})
 				default:
