@@ -1,12 +1,10 @@
 package snapshot_test
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"regexp"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -16,36 +14,6 @@ import (
 	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
 )
-
-// lockedBuffer is a log destination the test reads while the throttle writes.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) lines(substr string) []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	var out []string
-	for _, line := range strings.Split(l.b.String(), "\n") {
-		if strings.Contains(line, substr) {
-			out = append(out, line)
-		}
-	}
-	return out
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 func connect(t *testing.T, dsn string) *pgx.Conn {
 	t.Helper()
@@ -171,7 +139,7 @@ func TestThrottleLogsOncePerHold(t *testing.T) {
 	exec(t, primary, "CREATE TABLE filler (x text)")
 	exec(t, primary, "SELECT pg_create_logical_replication_slot('throttle_log', 'pgoutput')")
 
-	var logs lockedBuffer
+	var logs pgtest.LogBuffer
 	th := snapshot.NewThrottle(snapshot.ThrottleConfig{
 		MaxSlotLag: 64 << 10, Slot: "throttle_log", CheckEvery: 50 * time.Millisecond,
 		Name: "backfill", Logger: slog.New(slog.NewTextHandler(&logs, nil)),
@@ -186,7 +154,7 @@ func TestThrottleLogsOncePerHold(t *testing.T) {
 		}
 		return len(figures) >= 5
 	})
-	if got := logs.lines("backfill: throttled: batches wait"); len(got) != 1 || !strings.Contains(got[0], "reason=\"slot lag ") {
+	if got := logs.Lines("backfill: throttled: batches wait"); len(got) != 1 || !strings.Contains(got[0], "reason=\"slot lag ") {
 		t.Errorf("want one throttled line with the figure, got %d:\n%s", len(got), logs.String())
 	}
 
@@ -196,7 +164,7 @@ func TestThrottleLogsOncePerHold(t *testing.T) {
 		return th.Reason() == ""
 	})
 	exec(t, primary, "SELECT pg_drop_replication_slot('throttle_log')")
-	released := logs.lines("backfill: throttle released")
+	released := logs.Lines("backfill: throttle released")
 	if len(released) != 1 || !regexp.MustCompile(`after=[0-9.]+m?s`).MatchString(released[0]) {
 		t.Errorf("want one released line with a duration, got %d:\n%s", len(released), logs.String())
 	}

@@ -1,11 +1,9 @@
 package ddl
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -13,24 +11,6 @@ import (
 
 	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
 )
-
-// syncBuffer is a log destination the build's goroutines may share.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // TestIndexBuildOutlivesAnOldSnapshot: a reporting session holds a
 // REPEATABLE READ snapshot (on another table) longer than the build's
@@ -65,7 +45,7 @@ func TestIndexBuildOutlivesAnOldSnapshot(t *testing.T) {
 		}
 	}
 
-	var log syncBuffer
+	var log pgtest.LogBuffer
 	b := IndexBuild{
 		SQL:        `CREATE INDEX CONCURRENTLY IF NOT EXISTS users_email ON users (email)`,
 		Name:       "users_email",
