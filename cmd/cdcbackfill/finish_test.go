@@ -253,11 +253,13 @@ contract_policy:
 		}
 	}()
 	waitFor(t, time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
+	// The probe runs before approve, so it sees the first cut-over too.
+	probe := startStallProbe(t, pool)
+	defer probe.stop()
 	if r := cli(t, 10*time.Second, nil, "approve", "--config", cfg); r.code != 0 {
 		t.Fatalf("approve\n%s", r)
 	}
 	waitFor(t, time.Minute, "phase contract", func() bool { return phase(t, pool) == "contract" })
-	probe := startStallProbe(t, pool)
 	var s phases.StatusReport
 	waitFor(t, time.Minute, "the cut-over to give up on the slow statement", func() bool {
 		s = status(t, cfg)
