@@ -8,6 +8,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
+	"github.com/cdcbackfill/cdcbackfill/internal/pgfeature"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
 	"github.com/cdcbackfill/cdcbackfill/state"
@@ -94,7 +95,7 @@ func (d *Daemon) startSlot(ctx context.Context) (*state.Migration, error) {
 		}
 		plan, lsn = state.Plan{Plan: p, Recovered: true}, info.ConfirmedLSN.String()
 	} else {
-		failover, _, err := failoverSlot(ctx, d.conn)
+		failover, _, err := pgfeature.FailoverSlot(ctx, d.conn)
 		if err != nil {
 			return nil, err
 		}

@@ -11,6 +11,8 @@ import (
 
 	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
+	"github.com/cdcbackfill/cdcbackfill/internal/ddl"
+	"github.com/cdcbackfill/cdcbackfill/internal/pgfeature"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
@@ -96,12 +98,8 @@ func approve(ctx context.Context, conn *pgx.Conn, cfg *config.Config, store stat
 		if err != nil {
 			return "", fmt.Errorf("approve: %w", err)
 		}
-		names := make([]string, len(cfg.Columns))
-		for i, c := range cfg.Columns {
-			names[i] = c.Name
-		}
 		return fmt.Sprintf("migration %q: dual-write approved at WAL position %s: from now on the application owns %s; the daemon will not write them",
-			cfg.Name, lsn, strings.Join(names, ", ")), nil
+			cfg.Name, lsn, strings.Join(cfg.ColumnNames(), ", ")), nil
 	}
 	if err := store.Approve(ctx, conn, st.Phase, opts.Force); err != nil {
 		return "", err
@@ -160,11 +158,11 @@ func abort(ctx context.Context, conn *pgx.Conn, cfg *config.Config, store state.
 		if got {
 			// No daemon runs it (or the one that did has stopped): do it
 			// here. The lock is held until this connection closes.
-			v, err := serverVersion(ctx, conn)
+			v, err := pgfeature.ServerVersion(ctx, conn)
 			if err != nil {
 				return "", err
 			}
-			finish, err := planFinish(cfg, v)
+			finish, err := ddl.PlanFor(cfg, v)
 			if err != nil {
 				return "", fmt.Errorf("abort: %w", err)
 			}

@@ -17,6 +17,7 @@ import (
 	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/ddl"
+	"github.com/cdcbackfill/cdcbackfill/internal/pgfeature"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 	"github.com/cdcbackfill/cdcbackfill/internal/repeatlog"
 	"github.com/cdcbackfill/cdcbackfill/state"
@@ -230,21 +231,16 @@ func isConnLoss(err error) bool {
 }
 
 func (d *Daemon) loadTable(ctx context.Context) error {
-	schema, name := d.cfg.TableIdent()
-	cols := make([]recompute.Column, len(d.cfg.Columns))
-	for i, c := range d.cfg.Columns {
-		cols[i] = recompute.Column{Name: c.Name, Expr: c.Expr}
-	}
-	t, err := recompute.Inspect(ctx, d.conn, schema, name, cols)
+	t, err := recompute.InspectMigration(ctx, d.conn, d.cfg)
 	if err != nil {
 		return err
 	}
 	if d.finish == nil {
-		v, err := serverVersion(ctx, d.conn)
+		v, err := pgfeature.ServerVersion(ctx, d.conn)
 		if err != nil {
 			return err
 		}
-		if d.finish, err = planFinish(d.cfg, v); err != nil {
+		if d.finish, err = ddl.PlanFor(d.cfg, v); err != nil {
 			return err
 		}
 	}

@@ -9,42 +9,9 @@ import (
 	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5"
 
-	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/ddl"
 )
-
-// planFinish reads the expand and contract lists with the parser and plans
-// what the new columns become (ddl.PlanFinish): the statements it takes
-// over, and the lists as they run.
-// server is server_version_num (0: unknown).
-func planFinish(cfg *config.Config, server int) (*ddl.Finish, error) {
-	parse := func(list string, sqls []string) ([]*ddl.Statement, error) {
-		out := make([]*ddl.Statement, len(sqls))
-		for i, sql := range sqls {
-			s, err := ddl.Parse(sql)
-			if err != nil {
-				return nil, fmt.Errorf("%s[%d]: %w", list, i, err)
-			}
-			out[i] = s
-		}
-		return out, nil
-	}
-	expand, err := parse("expand", cfg.Expand)
-	if err != nil {
-		return nil, err
-	}
-	contract, err := parse("contract", cfg.Contract)
-	if err != nil {
-		return nil, err
-	}
-	schema, name := cfg.TableIdent()
-	cols := make([]string, len(cfg.Columns))
-	for i, c := range cfg.Columns {
-		cols[i] = c.Name
-	}
-	return ddl.PlanFinish(expand, contract, ddl.Relation{Schema: schema, Name: name}, cols, server)
-}
 
 // cutoverStatements are what the cut-over runs: the contract statements as
 // they run, then what attaches the steps built before it (SET NOT NULL on

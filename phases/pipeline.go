@@ -16,6 +16,7 @@ import (
 	"github.com/cdcbackfill/cdcbackfill/cdc"
 	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
+	"github.com/cdcbackfill/cdcbackfill/internal/pgfeature"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
 )
 
@@ -138,7 +139,7 @@ func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 	if !published {
 		return fmt.Errorf("%w: publication %q was dropped under the migration: changes since are lost to it; abort the migration (cdcbackfill abort) and run it again", cdc.ErrPublicationMissing, d.cfg.PublicationName())
 	}
-	serverSide, why, err := originNone(ctx, w, d.cfg, d.table.Ident())
+	serverSide, why, err := pgfeature.OriginNone(ctx, w, d.cfg.Sync.OriginFilter, d.table.Ident())
 	if err != nil {
 		return err
 	}

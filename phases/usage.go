@@ -2,17 +2,15 @@ package phases
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"regexp"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/cdcbackfill/cdcbackfill/config"
-	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
+	"github.com/cdcbackfill/cdcbackfill/internal/ddl"
+	"github.com/cdcbackfill/cdcbackfill/internal/pgfeature"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
@@ -24,48 +22,15 @@ import (
 // job that the DROP would break. Auto contract waits until a whole hold
 // passes without one; manual contract needs approve --force.
 
-// errNoStatements says why the protection is not available.
-var errNoStatements = errors.New("pg_stat_statements is not installed in this database")
-
-// statementsView finds pg_stat_statements and checks that it answers and
-// that its query texts are readable by the role.
-func statementsView(ctx context.Context, q dbconn.Querier) (string, error) {
-	var schema string
-	err := q.QueryRow(ctx, `SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-		WHERE e.extname = 'pg_stat_statements'`).Scan(&schema)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return "", errNoStatements
-	}
-	if err != nil {
-		return "", err
-	}
-	view := pgx.Identifier{schema, "pg_stat_statements"}.Sanitize()
-	var readable bool
-	if err := q.QueryRow(ctx, `SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
-		OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')`).Scan(&readable); err != nil {
-		return "", err
-	}
-	if !readable {
-		return "", errors.New("the role may not read other roles' statements: GRANT pg_read_all_stats TO <role>")
-	}
-	if _, err := q.Exec(ctx, "SELECT 1 FROM "+view+" LIMIT 1"); err != nil {
-		return "", fmt.Errorf("pg_stat_statements does not answer (is it in shared_preload_libraries?): %w", err)
-	}
-	return view, nil
-}
-
 // oldColumnCalls returns, per statement of this database that names an old
 // column and none of the new ones (and is not the daemon's own), its calls
 // and text.
 func (d *Daemon) oldColumnCalls(ctx context.Context, view string) (map[string]state.UsedBy, error) {
-	old := DroppedColumns(d.cfg.Contract)
+	old := ddl.DroppedColumns(d.cfg.Contract)
 	if len(old) == 0 {
 		return nil, nil
 	}
-	newCols := make([]string, len(d.cfg.Columns))
-	for i, c := range d.cfg.Columns {
-		newCols[i] = c.Name
-	}
+	newCols := d.cfg.ColumnNames()
 	words := func(names []string) string {
 		parts := make([]string, len(names))
 		for i, n := range names {
@@ -96,7 +61,7 @@ func (d *Daemon) oldColumnCalls(ctx context.Context, view string) (map[string]st
 // startUsageWatch takes the baseline at the start of the hold, where the
 // protection is available.
 func (d *Daemon) startUsageWatch(ctx context.Context) error {
-	view, err := statementsView(ctx, d.conn)
+	view, err := pgfeature.StatementsView(ctx, d.conn)
 	if err != nil {
 		return nil // plan says whether it is available; nothing to watch
 	}
@@ -118,7 +83,7 @@ func (d *Daemon) oldColumnStillUsed(ctx context.Context, st *state.Migration) (b
 	if st.OldUsage == nil {
 		return false, nil
 	}
-	view, err := statementsView(ctx, d.conn)
+	view, err := pgfeature.StatementsView(ctx, d.conn)
 	if err != nil {
 		return false, nil
 	}

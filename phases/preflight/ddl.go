@@ -1,4 +1,4 @@
-package phases
+package preflight
 
 import (
 	"context"
@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cdcbackfill/cdcbackfill/internal/ddl"
+	"github.com/cdcbackfill/cdcbackfill/internal/pgfeature"
 )
 
 // checkDDL reads every expand, contract and rollback statement with
@@ -41,11 +42,11 @@ func checkDDL(ctx context.Context, in *inspection) (bool, error) {
 	if !slices.Contains(parsed[ddl.Expand], nil) && !slices.Contains(parsed[ddl.Contract], nil) {
 		// What the new columns become is the daemon's to run in steps; the
 		// rules judge what then runs as written.
-		v, err := serverVersion(ctx, in.conn)
+		v, err := pgfeature.ServerVersion(ctx, in.conn)
 		if err != nil {
 			return false, err
 		}
-		f, err := planFinish(cfg, v)
+		f, err := ddl.PlanFor(cfg, v)
 		if err != nil {
 			r.fail("new columns", err.Error(), "")
 			return false, nil
@@ -80,7 +81,7 @@ func checkDDL(ctx context.Context, in *inspection) (bool, error) {
 				return false, ctx.Err()
 			}
 			untried = "no temporary copy of the table could be made: " + err.Error()
-			r.add("info", string(l.list)+" statements", "judged from the parse tree alone: "+untried,
+			r.info(string(l.list)+" statements", "judged from the parse tree alone: "+untried,
 				"GRANT TEMPORARY ON DATABASE to the role, and SELECT on the table, so plan can ask the server")
 			tried = make([]*ddl.Tried, len(stmts))
 		}
@@ -110,7 +111,7 @@ func judgeStatement(r *Report, list ddl.List, i int, s *ddl.Statement, tried *dd
 			r.warn(name, f.Problem+" (allowed by "+f.AllowedBy+")", "")
 			r.Allowed = append(r.Allowed, name+": "+f.Problem+" (allowed by "+f.AllowedBy+")")
 		default:
-			r.add("info", name, f.Problem, "")
+			r.info(name, f.Problem, "")
 		}
 	}
 }
