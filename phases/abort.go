@@ -29,9 +29,7 @@ func (d *Daemon) dropReplication(ctx context.Context) error {
 // stream stops, the slot, publication and origins are dropped, and with
 // rollback the rollback statements run (each once).
 func (d *Daemon) performAbort(ctx context.Context) error {
-	if p := d.pipe.Swap(nil); p != nil {
-		p.stop()
-	}
+	d.repl.stopPipeline()
 	return abortNow(ctx, d.conn, d.store, d.cfgAbort())
 }
 

@@ -48,7 +48,7 @@ func (d *Daemon) backfill(ctx context.Context, st *state.Migration) error {
 	}
 	d.log.Info("backfill: walking the key range", "rows_total", st.RowsTotal, "rows_done", st.RowsDone, "workers", len(st.Ranges))
 	pgConns := conns
-	if err := d.pipe.Load().guard(ctx, func(ctx context.Context) error { return b.Run(ctx, pgConns, st.Ranges) }); err != nil {
+	if err := d.repl.pipe.Load().guard(ctx, func(ctx context.Context) error { return b.Run(ctx, pgConns, st.Ranges) }); err != nil {
 		return err
 	}
 	if ctx.Err() != nil {

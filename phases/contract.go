@@ -32,7 +32,7 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 	backoff := dbconn.NewBackoff(100*time.Millisecond, 10*time.Second)
 	prepared := false
 	for {
-		if err := d.pipe.Load().failure(); err != nil {
+		if err := d.repl.pipe.Load().failure(); err != nil {
 			return fmt.Errorf("sync stream: %w", err)
 		}
 		st, outstanding, err := d.loadAndRecheck(ctx)
@@ -55,25 +55,25 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 		case outstanding > 0:
 			d.log.Warn("contract: rows out of parity appeared; back to verify, where the hold starts again once none is left", "rows", outstanding)
 			return d.store.BackToVerify(ctx, d.conn, map[string]any{"rows": outstanding})
-		case d.paused.Load():
-			d.waiting.Store("resume: the migration is paused before the contract DDL (cdcbackfill resume)")
-		case d.overran.Load() != nil && (st.ApprovedPhase == nil || *st.ApprovedPhase != state.Contract):
+		case d.control.paused.Load():
+			d.figures.waiting.Store("resume: the migration is paused before the contract DDL (cdcbackfill resume)")
+		case d.control.overran.Load() != nil && (st.ApprovedPhase == nil || *st.ApprovedPhase != state.Contract):
 			// Read from the state row just loaded: the withdrawal of the
 			// approval is in it, and only a new approve lifts it.
-			over := d.overran.Load()
-			d.waiting.Store(fmt.Sprintf("%s; make it cheaper (see \"What DDL is safe\" in the README) or raise contract_policy.max_hold (%s), then cdcbackfill approve to try the cut-over again",
+			over := d.control.overran.Load()
+			d.figures.waiting.Store(fmt.Sprintf("%s; make it cheaper (see \"What DDL is safe\" in the README) or raise contract_policy.max_hold (%s), then cdcbackfill approve to try the cut-over again",
 				over, d.cfg.ContractPolicy.MaxHold))
 			d.rlog.Info("contract: waiting for the operator after a contract statement overran max_hold", "statement", over.stmt)
-		case d.cfg.ContractPolicy.Mode == config.ContractManual && !d.approvedFor(state.Contract):
+		case d.cfg.ContractPolicy.Mode == config.ContractManual && !d.control.approvedFor(state.Contract):
 			msg := "approval of the contract: cdcbackfill approve"
 			if st.OldUsage != nil && len(st.OldUsage.Still) > 0 {
 				msg = fmt.Sprintf("approval of the contract: %d statements still use the old column (see status); cdcbackfill approve --force once nothing needs it", len(st.OldUsage.Still))
 			}
-			d.waiting.Store(msg)
+			d.figures.waiting.Store(msg)
 			// One message whatever the count in msg: the repeats are the same wait.
 			d.rlog.Info("contract: parity holds; waiting for approval", "waiting_for", msg)
 		case d.cfg.ContractPolicy.Mode == config.ContractManual && st.OldUsage != nil && len(st.OldUsage.Still) > 0 && !st.ForceApproved:
-			d.waiting.Store("cdcbackfill approve --force: statements still use the old column (see status)")
+			d.figures.waiting.Store("cdcbackfill approve --force: statements still use the old column (see status)")
 		default:
 			tries++
 			res, err := d.cutover(ctx, st, tries, &longest)
@@ -91,7 +91,7 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 				tries--
 				continue // the loop waits for the operator
 			}
-			d.overran.Store(nil)
+			d.control.overran.Store(nil)
 			if tries > d.cfg.DDL.MaxRetries {
 				return fmt.Errorf("contract: the cut-over did not succeed in %d tries (last: %s); end the sessions that hold %s, or retry later (raise ddl.max_retries to try longer)",
 					tries, res, d.table.Ident())
@@ -253,9 +253,7 @@ func (d *Daemon) cutoverLockTimeout(ctx context.Context) (time.Duration, error) 
 // statements that could not run in its transaction, then drops slot,
 // publication and origins.
 func (d *Daemon) finishContract(ctx context.Context, st *state.Migration) error {
-	if p := d.pipe.Swap(nil); p != nil {
-		p.stop()
-	}
+	d.repl.stopPipeline()
 	if st == nil {
 		var err error
 		if st, err = d.store.Load(ctx, d.conn); err != nil {

@@ -40,7 +40,7 @@ func (d *Daemon) buildIndexes(ctx context.Context) error {
 			Timeout: d.cfg.DDL.ConcurrentTimeout, MaxRetries: d.cfg.DDL.MaxRetries, Log: d.log,
 			Waiting: func(s string) {
 				if s != "" {
-					d.waiting.Store(fmt.Sprintf("index %s: %s", ix.Name, s))
+					d.figures.waiting.Store(fmt.Sprintf("index %s: %s", ix.Name, s))
 				}
 			},
 			Allow: func(ctx context.Context) error { return throttle.Wait(ctx, 0) },
@@ -131,7 +131,7 @@ func (d *Daemon) indexesBuilt(ctx context.Context) (bool, error) {
 	case isConnLoss(err):
 		return false, err
 	}
-	d.waiting.Store(err.Error())
+	d.figures.waiting.Store(err.Error())
 	d.rlog.Warn("verify: an index on the new columns could not be built; trying again", "error", err)
 	_ = dbconn.Sleep(ctx, 10*time.Second)
 	return false, nil
@@ -144,7 +144,7 @@ func (d *Daemon) constraintsReady(ctx context.Context) (bool, error) {
 	var violated *errViolated
 	switch err := d.prepareConstraints(ctx); {
 	case errors.As(err, &violated):
-		d.waiting.Store(violated.Error())
+		d.figures.waiting.Store(violated.Error())
 		d.rlog.Warn("contract: rows violate a constraint on the new columns; waiting for the application to fix them", "constraint", violated.name)
 		_ = dbconn.Sleep(ctx, 5*time.Second)
 		return false, nil

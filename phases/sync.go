@@ -26,29 +26,29 @@ func (d *Daemon) sync(ctx context.Context, st *state.Migration) error {
 	}
 	d.log.Info("sync: the stream keeps the new columns in sync; waiting for dual-write", "detect", d.cfg.DualWrite.Detect)
 	w := evidenceWatch{minEvidence: d.cfg.DualWrite.MinEvidence, period: d.cfg.DualWrite.QuietPeriod, syncSince: time.Now()}
-	defer d.dualWrite.Store(nil)
-	return d.pipe.Load().guard(ctx, func(ctx context.Context) error {
+	defer d.figures.dualWrite.Store(nil)
+	return d.repl.pipe.Load().guard(ctx, func(ctx context.Context) error {
 		for {
 			if err := dbconn.Sleep(ctx, 200*time.Millisecond); err != nil {
 				return nil
 			}
-			if d.paused.Load() {
-				d.waiting.Store("paused by operator: dual-write is neither detected nor taken from approve until resume")
+			if d.control.paused.Load() {
+				d.figures.waiting.Store("paused by operator: dual-write is neither detected nor taken from approve until resume")
 				continue
 			}
-			if h := d.recordedHandover(); h != 0 {
+			if h := d.control.recordedHandover(); h != 0 {
 				// approve recorded the hand-over in its own transaction:
 				// the application has owned the new columns since then.
 				return d.handOverAt(ctx, h)
 			}
 			switch d.cfg.DualWrite.Detect {
 			case config.DetectManual:
-				d.waiting.Store("the application to dual-write: cdcbackfill approve once it does")
+				d.figures.waiting.Store("the application to dual-write: cdcbackfill approve once it does")
 			case config.DetectAuto:
 				ev, fixes, streamTime := d.evidence()
 				dw := w.observe(time.Now(), ev, fixes, streamTime)
-				d.dualWrite.Store(&dw)
-				d.waiting.Store("evidence of dual-write: " + dw.Missing)
+				d.figures.dualWrite.Store(&dw)
+				d.figures.waiting.Store("evidence of dual-write: " + dw.Missing)
 				if dw.Missing != "" {
 					continue
 				}
@@ -59,7 +59,7 @@ func (d *Daemon) sync(ctx context.Context, st *state.Migration) error {
 					return err // the conductor's connection, or the stream, is gone: start over
 				}
 				if !ok {
-					d.waiting.Store("evidence of dual-write suffices; the stream to catch up, to count it")
+					d.figures.waiting.Store("evidence of dual-write suffices; the stream to catch up, to count it")
 					d.rlog.Info("sync: the evidence of dual-write suffices; waiting for the stream to catch up")
 					continue
 				}
@@ -93,10 +93,10 @@ func (d *Daemon) handOverAt(ctx context.Context, lsn pglogrepl.LSN) error {
 // corrections, and the commit time of the last transaction received
 // (stream time).
 func (d *Daemon) evidence() (evidence, corrections uint64, streamTime time.Time) {
-	d.live.mu.Lock()
-	defer d.live.mu.Unlock()
-	_, fixes, s := d.pending()
-	return d.live.savedEvidence + s.Evidence, d.live.savedFixes + fixes, s.StreamTime
+	d.figures.live.mu.Lock()
+	defer d.figures.live.mu.Unlock()
+	_, fixes, s := d.unsaved()
+	return d.figures.live.savedEvidence + s.Evidence, d.figures.live.savedFixes + fixes, s.StreamTime
 }
 
 // evidenceWatch decides, from positive evidence only, that the application

@@ -112,7 +112,7 @@ func (d *Daemon) oldColumnStillUsed(ctx context.Context, st *state.Migration) (b
 	}
 	d.rlog.Warn("verify: statements that use the old column without the new ones ran during the hold; the contract waits for a hold without them",
 		"statements", len(u.Still), "e.g.", strings.Join(queries, "; "))
-	d.waiting.Store(fmt.Sprintf("a hold during which nothing uses the old column: %d statements still did (see status)", len(u.Still)))
+	d.figures.waiting.Store(fmt.Sprintf("a hold during which nothing uses the old column: %d statements still did (see status)", len(u.Still)))
 	next := &state.OldUsage{Since: time.Now(), Baseline: map[string]int64{}, Still: u.Still}
 	for id, c := range calls {
 		next.Baseline[id] = c.Calls

@@ -41,11 +41,11 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 	d.log.Info("verify: the application owns the new columns; checking parity over the whole table",
 		"hold", d.cfg.ContractPolicy.Hold, "contract_policy", d.cfg.ContractPolicy.Mode, "hold_proven", st.HoldProven)
 	var mark time.Time // the server's clock at the last proof of this run; zero: none yet
-	found := d.checks.found.Load()
+	found := d.parity.found.Load()
 	saidNever := false
 	pass := verifyPass{size: d.cfg.Backfill.BatchSize, parts: 1}
 	built := false
-	return d.pipe.Load().guard(ctx, func(ctx context.Context) error {
+	return d.repl.pipe.Load().guard(ctx, func(ctx context.Context) error {
 		for ctx.Err() == nil {
 			if !built {
 				var err error
@@ -70,7 +70,7 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 						return err
 					}
 				}
-				d.waiting.Store(fmt.Sprintf("%d rows out of parity: the application must fix them, or an operator accept them (cdcbackfill approve --accept-mismatches); the hold starts once none is left", outstanding))
+				d.figures.waiting.Store(fmt.Sprintf("%d rows out of parity: the application must fix them, or an operator accept them (cdcbackfill approve --accept-mismatches); the hold starts once none is left", outstanding))
 				d.rlog.Info("verify: rows out of parity hold the contract; the hold starts once none is left", "rows", outstanding)
 			}
 			if !st.PassDone {
@@ -78,7 +78,7 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 					return err
 				}
 				if outstanding == 0 {
-					d.waiting.Store(fmt.Sprintf("the verify pass: %d rows checked", st.VerifyRowsChecked))
+					d.figures.waiting.Store(fmt.Sprintf("the verify pass: %d rows checked", st.VerifyRowsChecked))
 				}
 				if err := dbconn.Sleep(ctx, d.cfg.Backfill.Sleep); err != nil {
 					return nil
@@ -97,10 +97,10 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 			}
 			if !ok {
 				mark = time.Time{}
-				d.waiting.Store("the stream to catch up, to prove parity up to now")
+				d.figures.waiting.Store("the stream to catch up, to prove parity up to now")
 				continue
 			}
-			if f := d.checks.found.Load(); f != found {
+			if f := d.parity.found.Load(); f != found {
 				// Rows were found out of parity since the last proof and
 				// fixed since: the clean time starts over.
 				found, mark = f, now
@@ -123,17 +123,17 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 			}
 			mark = now
 			if held < d.cfg.ContractPolicy.Hold {
-				d.waiting.Store(fmt.Sprintf("the hold: parity proven for %s of %s", held.Round(time.Second), d.cfg.ContractPolicy.Hold))
+				d.figures.waiting.Store(fmt.Sprintf("the hold: parity proven for %s of %s", held.Round(time.Second), d.cfg.ContractPolicy.Hold))
 			} else {
 				switch {
 				case d.cfg.ContractPolicy.Mode == config.ContractNever:
-					d.waiting.Store("nothing: parity holds, and contract_policy.mode is never")
+					d.figures.waiting.Store("nothing: parity holds, and contract_policy.mode is never")
 					if !saidNever {
 						d.log.Info("verify: parity holds; contract_policy.mode is never, so the migration stays in verify and drops nothing")
 						saidNever = true
 					}
-				case d.paused.Load():
-					d.waiting.Store("resume: parity holds, but the migration is paused (cdcbackfill resume)")
+				case d.control.paused.Load():
+					d.figures.waiting.Store("resume: parity holds, but the migration is paused (cdcbackfill resume)")
 				default:
 					blocked, err := d.oldColumnStillUsed(ctx, st)
 					if err != nil {
@@ -177,7 +177,7 @@ func (d *Daemon) proveClean(ctx context.Context) (now time.Time, ok bool, err er
 	}
 	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	if err := d.pipe.Load().waitApplied(wctx, lsn); err != nil {
+	if err := d.repl.pipe.Load().waitApplied(wctx, lsn); err != nil {
 		if wctx.Err() != nil && ctx.Err() == nil {
 			return now, false, nil
 		}
@@ -198,10 +198,10 @@ func (d *Daemon) newThrottle(what string) *snapshot.Throttle {
 		Slot:               d.cfg.SlotName(),
 		Name:               what,
 		Logger:             d.log,
-	}, d.pool, d.paused.Load)
-	d.live.mu.Lock()
-	d.live.throttleReason = th.Reason
-	d.live.mu.Unlock()
+	}, d.pool, d.control.paused.Load)
+	d.figures.live.mu.Lock()
+	d.figures.live.throttleReason = th.Reason
+	d.figures.live.mu.Unlock()
 	return th
 }
 
@@ -259,14 +259,14 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle 
 		if err != nil {
 			return err
 		}
-		if err := d.pipe.Load().waitApplied(ctx, lsn); err != nil {
+		if err := d.repl.pipe.Load().waitApplied(ctx, lsn); err != nil {
 			return err
 		}
 		found, err := d.table.CheckKeys(ctx, d.conn, res.Skipped)
 		if err != nil {
 			return fmt.Errorf("verify: check again %d rows: %w", len(res.Skipped), err)
 		}
-		if err := d.checks.Report(ctx, found, nil); err != nil {
+		if err := d.parity.Report(ctx, found, nil); err != nil {
 			return err
 		}
 	}
