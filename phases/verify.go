@@ -40,117 +40,157 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 	throttle := d.newThrottle("verify")
 	d.log.Info("verify: the application owns the new columns; checking parity over the whole table",
 		"hold", d.cfg.ContractPolicy.Hold, "contract_policy", d.cfg.ContractPolicy.Mode, "hold_proven", st.HoldProven)
-	var mark time.Time // the server's clock at the last proof of this run; zero: none yet
-	found := d.parity.found.Load()
-	saidNever := false
-	pass := verifyPass{size: d.cfg.Backfill.BatchSize, parts: 1}
-	built := false
+	v := &verifyRun{throttle: throttle, found: d.parity.found.Load(), pass: verifyPass{size: d.cfg.Backfill.BatchSize, parts: 1}}
 	return d.repl.pipe.Load().guard(ctx, func(ctx context.Context) error {
 		for ctx.Err() == nil {
-			if !built {
-				var err error
-				if built, err = d.indexesBuilt(ctx); err != nil {
-					return err
-				}
-				if !built {
-					continue // the loop's condition ends it with ctx
-				}
-			}
-			st, outstanding, err := d.loadAndRecheck(ctx)
-			if err != nil {
+			if done, err := d.verifyStep(ctx, v); done || err != nil {
 				return err
-			}
-			if outstanding > 0 {
-				if d.cfg.DualWrite.Detect == config.DetectAuto {
-					return d.backToSync(ctx, state.Verify, outstanding)
-				}
-				mark = time.Time{}
-				if st.HoldProven > 0 {
-					if err := d.store.ResetHold(ctx, d.conn); err != nil {
-						return err
-					}
-				}
-				d.figures.waiting.Store(fmt.Sprintf("%d rows out of parity: the application must fix them, or an operator accept them (cdcbackfill approve --accept-mismatches); the hold starts once none is left", outstanding))
-				d.rlog.Info("verify: rows out of parity hold the contract; the hold starts once none is left", "rows", outstanding)
-			}
-			if !st.PassDone {
-				if err = d.verifyChunk(ctx, st, throttle, &pass); err != nil {
-					return err
-				}
-				if outstanding == 0 {
-					d.figures.waiting.Store(fmt.Sprintf("the verify pass: %d rows checked", st.VerifyRowsChecked))
-				}
-				if err := dbconn.Sleep(ctx, d.cfg.Backfill.Sleep); err != nil {
-					return nil
-				}
-				continue
-			}
-			if outstanding > 0 {
-				if err := dbconn.Sleep(ctx, verifyTick); err != nil {
-					return nil
-				}
-				continue
-			}
-			now, ok, err := d.proveClean(ctx)
-			if err != nil {
-				return err
-			}
-			if !ok {
-				mark = time.Time{}
-				d.figures.waiting.Store("the stream to catch up, to prove parity up to now")
-				continue
-			}
-			if f := d.parity.found.Load(); f != found {
-				// Rows were found out of parity since the last proof and
-				// fixed since: the clean time starts over.
-				found, mark = f, now
-				d.rlog.Info("verify: rows were out of parity; the hold starts again")
-				if err := d.restartHold(ctx); err != nil {
-					return err
-				}
-				continue
-			}
-			held := st.HoldProven
-			if !mark.IsZero() {
-				if err := d.store.CreditHold(ctx, d.conn, now.Sub(mark)); err != nil {
-					return err
-				}
-				held += now.Sub(mark)
-			} else if st.HoldProven == 0 {
-				if err := d.startUsageWatch(ctx); err != nil {
-					return err
-				}
-			}
-			mark = now
-			if held < d.cfg.ContractPolicy.Hold {
-				d.figures.waiting.Store(fmt.Sprintf("the hold: parity proven for %s of %s", held.Round(time.Second), d.cfg.ContractPolicy.Hold))
-			} else {
-				switch {
-				case d.cfg.ContractPolicy.Mode == config.ContractNever:
-					d.figures.waiting.Store("nothing: parity holds, and contract_policy.mode is never")
-					if !saidNever {
-						d.log.Info("verify: parity holds; contract_policy.mode is never, so the migration stays in verify and drops nothing")
-						saidNever = true
-					}
-				case d.control.paused.Load():
-					d.figures.waiting.Store("resume: parity holds, but the migration is paused (cdcbackfill resume)")
-				default:
-					blocked, err := d.oldColumnStillUsed(ctx, st)
-					if err != nil {
-						return err
-					}
-					if !blocked {
-						return d.store.Move(ctx, d.conn, state.Verify, state.Contract, map[string]any{
-							"rows_checked": st.VerifyRowsChecked, "hold_proven": held.String()})
-					}
-				}
-			}
-			if err := dbconn.Sleep(ctx, verifyTick); err != nil {
-				return nil
 			}
 		}
 		return nil
 	})
+}
+
+// verifyRun is what one run of verify carries from step to step.
+type verifyRun struct {
+	throttle  *snapshot.Throttle
+	mark      time.Time // the server's clock at the last proof of this run; zero: none yet
+	found     uint64    // rows found out of parity (paritySink.found) as of the last proof
+	saidNever bool
+	built     bool // the indexes on new columns are valid
+	pass      verifyPass
+}
+
+// verifyStep is one step of verify: build the indexes, read the rows kept
+// out of parity, check a chunk of the pass, or prove the hold. done says
+// that verify ends (moved on, or ctx ended) with err.
+func (d *Daemon) verifyStep(ctx context.Context, v *verifyRun) (done bool, err error) {
+	if !v.built {
+		if v.built, err = d.indexesBuilt(ctx); err != nil || !v.built {
+			return err != nil, err // the loop's condition ends it with ctx
+		}
+	}
+	st, outstanding, err := d.loadAndRecheck(ctx)
+	if err != nil {
+		return true, err
+	}
+	if outstanding > 0 {
+		if d.cfg.DualWrite.Detect == config.DetectAuto {
+			return true, d.backToSync(ctx, state.Verify, outstanding)
+		}
+		if err := d.holdOutOfParity(ctx, st, v, outstanding); err != nil {
+			return true, err
+		}
+	}
+	if !st.PassDone {
+		if err := d.verifyChunk(ctx, st, v.throttle, &v.pass); err != nil {
+			return true, err
+		}
+		if outstanding == 0 {
+			d.figures.waiting.Store(fmt.Sprintf("the verify pass: %d rows checked", st.VerifyRowsChecked))
+		}
+		return sleepOrEnd(ctx, d.cfg.Backfill.Sleep)
+	}
+	if outstanding > 0 {
+		return sleepOrEnd(ctx, verifyTick)
+	}
+	return d.proveHold(ctx, st, v)
+}
+
+// sleepOrEnd sleeps for a step's pause; true when ctx ended meanwhile.
+func sleepOrEnd(ctx context.Context, pause time.Duration) (bool, error) {
+	return dbconn.Sleep(ctx, pause) != nil, nil
+}
+
+// holdOutOfParity stops the hold while rows are out of parity: nothing
+// proven counts until none is left.
+func (d *Daemon) holdOutOfParity(ctx context.Context, st *state.Migration, v *verifyRun, outstanding int64) error {
+	v.mark = time.Time{}
+	if st.HoldProven > 0 {
+		if err := d.store.ResetHold(ctx, d.conn); err != nil {
+			return err
+		}
+	}
+	d.figures.waiting.Store(fmt.Sprintf("%d rows out of parity: the application must fix them, or an operator accept them (cdcbackfill approve --accept-mismatches); the hold starts once none is left", outstanding))
+	d.rlog.Info("verify: rows out of parity hold the contract; the hold starts once none is left", "rows", outstanding)
+	return nil
+}
+
+// proveHold proves parity up to now and credits the time since the last
+// proof to the hold; once the hold is reached, verify moves to contract
+// unless the policy, a pause or a statement on the old column keeps it.
+func (d *Daemon) proveHold(ctx context.Context, st *state.Migration, v *verifyRun) (done bool, err error) {
+	now, ok, err := d.proveClean(ctx)
+	if err != nil {
+		return true, err
+	}
+	if !ok {
+		v.mark = time.Time{}
+		d.figures.waiting.Store("the stream to catch up, to prove parity up to now")
+		return false, nil
+	}
+	if f := d.parity.found.Load(); f != v.found {
+		// Rows were found out of parity since the last proof and
+		// fixed since: the clean time starts over.
+		v.found, v.mark = f, now
+		d.rlog.Info("verify: rows were out of parity; the hold starts again")
+		if err := d.restartHold(ctx); err != nil {
+			return true, err
+		}
+		return false, nil
+	}
+	held, err := d.creditHold(ctx, st, v, now)
+	if err != nil {
+		return true, err
+	}
+	if held < d.cfg.ContractPolicy.Hold {
+		d.figures.waiting.Store(fmt.Sprintf("the hold: parity proven for %s of %s", held.Round(time.Second), d.cfg.ContractPolicy.Hold))
+	} else if moved, err := d.afterHold(ctx, st, v, held); moved || err != nil {
+		return true, err
+	}
+	return sleepOrEnd(ctx, verifyTick)
+}
+
+// creditHold adds the time since the last proof of this run to the hold
+// (the first proof of a hold takes the baseline of the statements that use
+// the old column instead), and returns the hold proven so far.
+func (d *Daemon) creditHold(ctx context.Context, st *state.Migration, v *verifyRun, now time.Time) (time.Duration, error) {
+	held := st.HoldProven
+	if !v.mark.IsZero() {
+		if err := d.store.CreditHold(ctx, d.conn, now.Sub(v.mark)); err != nil {
+			return 0, err
+		}
+		held += now.Sub(v.mark)
+	} else if st.HoldProven == 0 {
+		if err := d.startUsageWatch(ctx); err != nil {
+			return 0, err
+		}
+	}
+	v.mark = now
+	return held, nil
+}
+
+// afterHold decides, with parity held for the whole hold, whether verify
+// moves to contract now; moved says it did.
+func (d *Daemon) afterHold(ctx context.Context, st *state.Migration, v *verifyRun, held time.Duration) (moved bool, err error) {
+	switch {
+	case d.cfg.ContractPolicy.Mode == config.ContractNever:
+		d.figures.waiting.Store("nothing: parity holds, and contract_policy.mode is never")
+		if !v.saidNever {
+			d.log.Info("verify: parity holds; contract_policy.mode is never, so the migration stays in verify and drops nothing")
+			v.saidNever = true
+		}
+		return false, nil
+	case d.control.paused.Load():
+		d.figures.waiting.Store("resume: parity holds, but the migration is paused (cdcbackfill resume)")
+		return false, nil
+	}
+	blocked, err := d.oldColumnStillUsed(ctx, st)
+	if err != nil || blocked {
+		return false, err
+	}
+	return true, d.store.Move(ctx, d.conn, state.Verify, state.Contract, map[string]any{
+		"rows_checked": st.VerifyRowsChecked, "hold_proven": held.String()})
 }
 
 // restartHold starts the hold over from now: nothing proven yet, and a new
