@@ -44,7 +44,7 @@ func (d *Daemon) backfill(ctx context.Context, st *state.Migration) error {
 		LockTimeout:     d.cfg.DDL.LockTimeout,
 		Throttle:        d.newThrottle("backfill"),
 		Log:             d.log,
-		Checkpoint:      d.checkpoint,
+		Checkpoint:      recordBatch(d.store),
 	}
 	d.log.Info("backfill: walking the key range", "rows_total", st.RowsTotal, "rows_done", st.RowsDone, "workers", len(st.Ranges))
 	pgConns := conns
@@ -136,10 +136,12 @@ func (d *Daemon) startSlot(ctx context.Context) (*state.Migration, error) {
 	return d.store.Load(ctx, d.conn)
 }
 
-// checkpoint saves a batch's cursor and counters in the batch's
-// transaction, with the keys the application held.
-func (d *Daemon) checkpoint(ctx context.Context, tx pgx.Tx, worker int, r snapshot.Range, res recompute.Result) error {
-	return d.store.RecordBatch(ctx, tx, worker, r, res.Scanned, res.Skipped)
+// recordBatch is the backfill's checkpoint: it saves a batch's cursor and
+// counters in the batch's transaction, with the keys the application held.
+func recordBatch(store state.Store) func(ctx context.Context, tx pgx.Tx, worker int, r snapshot.Range, res recompute.Result) error {
+	return func(ctx context.Context, tx pgx.Tx, worker int, r snapshot.Range, res recompute.Result) error {
+		return store.RecordBatch(ctx, tx, worker, r, res.Scanned, res.Skipped)
+	}
 }
 
 // retrySkipped recomputes the keys the application held during their

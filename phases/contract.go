@@ -158,8 +158,8 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 // stream delivered since the applier's last check and the rows kept out of
 // parity; it returns the rows out of parity that are not accepted as they
 // are.
-func (d *Daemon) checkUnderLock(ctx context.Context, tx pgx.Tx, keys []recompute.Key) ([]recompute.Mismatch, error) {
-	kept, err := d.store.MismatchKeys(ctx, tx, 100000)
+func checkUnderLock(ctx context.Context, tx pgx.Tx, store state.Store, t *recompute.Table, keys []recompute.Key) ([]recompute.Mismatch, error) {
+	kept, err := store.MismatchKeys(ctx, tx, 100000)
 	if err != nil {
 		return nil, err
 	}
@@ -167,7 +167,7 @@ func (d *Daemon) checkUnderLock(ctx context.Context, tx pgx.Tx, keys []recompute
 	var found []recompute.Mismatch
 	for len(all) > 0 {
 		n := min(len(all), 1000)
-		f, err := d.table.CheckKeys(ctx, tx, all[:n])
+		f, err := t.CheckKeys(ctx, tx, all[:n])
 		if err != nil {
 			return nil, fmt.Errorf("contract: check the keys delivered since the last check: %w", err)
 		}
@@ -177,7 +177,7 @@ func (d *Daemon) checkUnderLock(ctx context.Context, tx pgx.Tx, keys []recompute
 	if len(found) == 0 {
 		return nil, nil
 	}
-	accepted, err := d.store.AcceptedAsIs(ctx, tx, found)
+	accepted, err := store.AcceptedAsIs(ctx, tx, found)
 	if err != nil {
 		return nil, err
 	}
@@ -206,7 +206,7 @@ func (d *Daemon) checkUnderLock(ctx context.Context, tx pgx.Tx, keys []recompute
 func (d *Daemon) contractInTx(ctx context.Context, tx pgx.Tx, from int) (int, error) {
 	start := time.Now()
 	defer tx.Exec(context.WithoutCancel(ctx), "SET LOCAL statement_timeout = 0")
-	stmts := d.cutoverStatements()
+	stmts := cutoverStatements(d.finish)
 	for i := from; i < len(stmts); i++ {
 		stmt := stmts[i]
 		if _, err := tx.Exec(ctx, "SAVEPOINT cdcb_contract"); err != nil {
@@ -239,13 +239,13 @@ func (d *Daemon) contractInTx(ctx context.Context, tx pgx.Tx, from int) (int, er
 
 // cutoverLockTimeout is contract_policy.lock_timeout, kept below the
 // server's deadlock_timeout.
-func (d *Daemon) cutoverLockTimeout(ctx context.Context) (time.Duration, error) {
+func cutoverLockTimeout(ctx context.Context, q dbconn.Querier, want time.Duration) (time.Duration, error) {
 	var ms float64
-	if err := d.conn.QueryRow(ctx, `SELECT setting::float8 FROM pg_settings WHERE name = 'deadlock_timeout'`).Scan(&ms); err != nil {
+	if err := q.QueryRow(ctx, `SELECT setting::float8 FROM pg_settings WHERE name = 'deadlock_timeout'`).Scan(&ms); err != nil {
 		return 0, fmt.Errorf("read deadlock_timeout: %w", err)
 	}
 	deadlock := time.Duration(ms * float64(time.Millisecond))
-	lt := d.cfg.ContractPolicy.LockTimeout
+	lt := want
 	if lt >= deadlock {
 		lt = deadlock / 2
 	}
@@ -263,7 +263,7 @@ func (d *Daemon) finishContract(ctx context.Context, st *state.Migration) error 
 			return err
 		}
 	}
-	if err := d.runDDL(ctx, state.Contract, d.cutoverStatements(), st.ContractDone); err != nil {
+	if err := d.runDDL(ctx, state.Contract, cutoverStatements(d.finish), st.ContractDone); err != nil {
 		return err
 	}
 	if err := d.dropReplication(ctx); err != nil {

@@ -101,7 +101,7 @@ func (c *cutover) stall() time.Duration {
 
 func (c *cutover) lock(ctx context.Context) (cutoverResult, error) {
 	d := c.d
-	lockTimeout, err := d.cutoverLockTimeout(ctx)
+	lockTimeout, err := cutoverLockTimeout(ctx, d.conn, d.cfg.ContractPolicy.LockTimeout)
 	if err != nil {
 		return "", err
 	}
@@ -161,7 +161,7 @@ func (c *cutover) catchUp(ctx context.Context) (cutoverResult, error) {
 
 func (c *cutover) check(ctx context.Context) (cutoverResult, error) {
 	d := c.d
-	found, err := d.checkUnderLock(ctx, c.tx, c.keys)
+	found, err := checkUnderLock(ctx, c.tx, d.store, d.table, c.keys)
 	if err != nil {
 		return "", err
 	}

@@ -96,9 +96,9 @@ func (d *Daemon) ownerOf(ctx context.Context, st *state.Migration) error {
 		if err := d.store.SetHandover(ctx, d.conn, lsn); err != nil {
 			return err
 		}
-		d.setHandover(lsn)
+		d.repl.setHandover(lsn)
 	default:
-		d.setHandover(0)
+		d.repl.setHandover(0)
 	}
 	return nil
 }
@@ -130,24 +130,13 @@ func (d *Daemon) setControl(st *state.Migration) {
 		recorded = *st.HandoverLSN
 	}
 	if c.approvedHandover.Swap(uint64(recorded)) != uint64(recorded) && recorded != 0 && d.repl.handover.Load() == 0 {
-		d.setHandover(recorded)
+		d.repl.setHandover(recorded)
 	}
 }
 
 // abortable is true until the contract DDL has committed.
 func abortable(st *state.Migration) bool {
 	return !st.Phase.Ended() && !(st.Phase == state.Contract && st.ContractDone > 0)
-}
-
-// setHandover makes the application the owner of the new columns from lsn
-// (0: the expressions again), in the running applier and any later one.
-func (d *Daemon) setHandover(lsn pglogrepl.LSN) {
-	d.repl.handover.Store(uint64(lsn))
-	if p := d.repl.pipe.Load(); p != nil {
-		if _, ap := p.current(); ap != nil {
-			ap.SetHandover(lsn)
-		}
-	}
 }
 
 // insertLSN is the server's current WAL insert position: every transaction

@@ -17,11 +17,11 @@ import (
 // they run, then what attaches the steps built before it (SET NOT NULL on
 // a validated check, the unique constraints USING INDEX, the checks'
 // drops). contract_done counts them.
-func (d *Daemon) cutoverStatements() []string {
-	if d.finish == nil {
+func cutoverStatements(f *ddl.Finish) []string {
+	if f == nil {
 		return nil
 	}
-	return append(append([]string{}, d.finish.Contract...), d.finish.Attach...)
+	return append(append([]string{}, f.Contract...), f.Attach...)
 }
 
 // buildIndexes builds the indexes on new columns CONCURRENTLY, once verify

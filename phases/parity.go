@@ -104,7 +104,7 @@ func (d *Daemon) loadAndRecheck(ctx context.Context) (*state.Migration, int64, e
 // auto-detected dual-write proved premature: the rows found out of parity
 // are corrected at once, later changes by the stream.
 func (d *Daemon) backToSync(ctx context.Context, from state.Phase, outstanding int64) error {
-	d.setHandover(0)
+	d.repl.setHandover(0)
 	keys, err := d.store.MismatchKeys(ctx, d.conn, 100000)
 	if err != nil {
 		return err

@@ -57,6 +57,17 @@ func (r *replication) stopPipeline() {
 	}
 }
 
+// setHandover makes the application the owner of the new columns from lsn
+// (0: the expressions again), in the running applier and any later one.
+func (r *replication) setHandover(lsn pglogrepl.LSN) {
+	r.handover.Store(uint64(lsn))
+	if p := r.pipe.Load(); p != nil {
+		if _, ap := p.current(); ap != nil {
+			ap.SetHandover(lsn)
+		}
+	}
+}
+
 // maxStreamGather caps cdc.Config.MaxGather.
 const maxStreamGather = 100 * time.Millisecond
 
@@ -123,12 +134,12 @@ func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 		return err
 	}
 	defer w.Close(context.Background())
-	info, err := d.checkSlot(ctx, w)
+	info, err := checkSlot(ctx, w, d.cfg.SlotName())
 	if err != nil {
 		return err
 	}
 	ap := d.newApplier(w, info.ConfirmedLSN)
-	if err := d.checkPublication(ctx, w); err != nil {
+	if err := checkPublication(ctx, w, d.cfg.PublicationName()); err != nil {
 		return err
 	}
 	st, err := d.newStream(ctx, w)
@@ -145,13 +156,13 @@ func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 
 // checkSlot finds the slot the stream reads, refusing one that is gone or
 // that the server invalidated.
-func (d *Daemon) checkSlot(ctx context.Context, w *pgx.Conn) (snapshot.SlotInfo, error) {
-	info, err := snapshot.LookupSlot(ctx, w, d.cfg.SlotName())
+func checkSlot(ctx context.Context, w *pgx.Conn, slot string) (snapshot.SlotInfo, error) {
+	info, err := snapshot.LookupSlot(ctx, w, slot)
 	if err != nil {
 		return info, err
 	}
 	if !info.Exists {
-		return info, fmt.Errorf("%w: slot %q is gone", cdc.ErrSlotMissing, d.cfg.SlotName())
+		return info, fmt.Errorf("%w: slot %q is gone", cdc.ErrSlotMissing, slot)
 	}
 	if info.Lost() {
 		why := "wal_status lost"
@@ -161,7 +172,7 @@ func (d *Daemon) checkSlot(ctx context.Context, w *pgx.Conn) (snapshot.SlotInfo,
 				why += ", unused longer than idle_replication_slot_timeout while no daemon ran"
 			}
 		}
-		return info, fmt.Errorf("%w: slot %q (%s)", cdc.ErrSlotLost, d.cfg.SlotName(), why)
+		return info, fmt.Errorf("%w: slot %q (%s)", cdc.ErrSlotLost, slot, why)
 	}
 	return info, nil
 }
@@ -189,13 +200,13 @@ func (d *Daemon) newApplier(w *pgx.Conn, confirmed pglogrepl.LSN) *applier.Appli
 // checkPublication refuses a publication dropped under the migration.
 // PostgreSQL 18 streams nothing, silently, for a publication that is gone;
 // older servers fail. Either way the changes since are lost.
-func (d *Daemon) checkPublication(ctx context.Context, w *pgx.Conn) error {
+func checkPublication(ctx context.Context, w *pgx.Conn, publication string) error {
 	var published bool
-	if err := w.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, d.cfg.PublicationName()).Scan(&published); err != nil {
-		return fmt.Errorf("look up publication %q: %w", d.cfg.PublicationName(), err)
+	if err := w.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, publication).Scan(&published); err != nil {
+		return fmt.Errorf("look up publication %q: %w", publication, err)
 	}
 	if !published {
-		return fmt.Errorf("%w: publication %q was dropped under the migration: changes since are lost to it; abort the migration (cdcbackfill abort) and run it again", cdc.ErrPublicationMissing, d.cfg.PublicationName())
+		return fmt.Errorf("%w: publication %q was dropped under the migration: changes since are lost to it; abort the migration (cdcbackfill abort) and run it again", cdc.ErrPublicationMissing, publication)
 	}
 	return nil
 }
@@ -342,14 +353,14 @@ func deferredPace(cfg config.Backfill) func(ctx context.Context, keys int) error
 
 // caughtUp reports whether the stream has applied (or checked) everything
 // committed before now, waiting at most wait.
-func (d *Daemon) caughtUp(ctx context.Context, wait time.Duration) (bool, error) {
-	lsn, err := insertLSN(ctx, d.conn)
+func (p *pipeline) caughtUp(ctx context.Context, q dbconn.Querier, wait time.Duration) (bool, error) {
+	lsn, err := insertLSN(ctx, q)
 	if err != nil {
 		return false, err
 	}
 	wctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
-	err = d.repl.pipe.Load().waitApplied(wctx, lsn)
+	err = p.waitApplied(wctx, lsn)
 	if err != nil && wctx.Err() != nil && ctx.Err() == nil {
 		return false, nil
 	}

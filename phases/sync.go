@@ -22,7 +22,7 @@ func (d *Daemon) sync(ctx context.Context, st *state.Migration) error {
 		return err
 	}
 	if st.HandoverLSN == nil {
-		d.setHandover(0)
+		d.repl.setHandover(0)
 	}
 	d.log.Info("sync: the stream keeps the new columns in sync; waiting for dual-write", "detect", d.cfg.DualWrite.Detect)
 	w := evidenceWatch{minEvidence: d.cfg.DualWrite.MinEvidence, period: d.cfg.DualWrite.QuietPeriod, syncSince: time.Now()}
@@ -54,7 +54,7 @@ func (d *Daemon) sync(ctx context.Context, st *state.Migration) error {
 				}
 				// Enough evidence in stream time; it counts only with the
 				// stream caught up and no correction found meanwhile.
-				ok, err := d.caughtUp(ctx, 2*time.Second)
+				ok, err := d.repl.pipe.Load().caughtUp(ctx, d.conn, 2*time.Second)
 				if err != nil {
 					return err // the conductor's connection, or the stream, is gone: start over
 				}
@@ -74,7 +74,7 @@ func (d *Daemon) sync(ctx context.Context, st *state.Migration) error {
 				if err != nil {
 					return err
 				}
-				d.setHandover(lsn)
+				d.repl.setHandover(lsn)
 				d.log.Info("sync: the application owns the new columns from now on: the daemon checks them and never writes them", "handover_lsn", lsn)
 				return nil
 			}
@@ -84,7 +84,7 @@ func (d *Daemon) sync(ctx context.Context, st *state.Migration) error {
 
 // handOverAt moves to verify with the hand-over approve recorded at lsn.
 func (d *Daemon) handOverAt(ctx context.Context, lsn pglogrepl.LSN) error {
-	d.setHandover(lsn)
+	d.repl.setHandover(lsn)
 	d.log.Info("sync: dual-write approved: the application owns the new columns since the approval; the daemon checks them and never writes them", "handover_lsn", lsn)
 	return d.store.HandOver(ctx, d.conn, lsn, map[string]any{"by": "approve"})
 }

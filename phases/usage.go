@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cdcbackfill/cdcbackfill/config"
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/ddl"
 	"github.com/cdcbackfill/cdcbackfill/internal/pgfeature"
 	"github.com/cdcbackfill/cdcbackfill/state"
@@ -25,12 +26,12 @@ import (
 // oldColumnCalls returns, per statement of this database that names an old
 // column and none of the new ones (and is not the daemon's own), its calls
 // and text.
-func (d *Daemon) oldColumnCalls(ctx context.Context, view string) (map[string]state.UsedBy, error) {
-	old := ddl.DroppedColumns(d.cfg.Contract)
+func oldColumnCalls(ctx context.Context, q dbconn.Querier, view string, cfg *config.Config) (map[string]state.UsedBy, error) {
+	old := ddl.DroppedColumns(cfg.Contract)
 	if len(old) == 0 {
 		return nil, nil
 	}
-	newCols := d.cfg.ColumnNames()
+	newCols := cfg.ColumnNames()
 	words := func(names []string) string {
 		parts := make([]string, len(names))
 		for i, n := range names {
@@ -38,7 +39,7 @@ func (d *Daemon) oldColumnCalls(ctx context.Context, view string) (map[string]st
 		}
 		return `\m(` + strings.Join(parts, "|") + `)\M`
 	}
-	rows, err := d.conn.Query(ctx, `SELECT queryid::text, sum(calls)::bigint, min(query) FROM `+view+`
+	rows, err := q.Query(ctx, `SELECT queryid::text, sum(calls)::bigint, min(query) FROM `+view+`
 		WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
 		  AND query ~* $1 AND query !~* $2
 		  AND query NOT LIKE '%\_cdcb\_%' AND query NOT LIKE '%cdcbackfill%' AND query NOT LIKE '%pg_stat_statements%'
@@ -65,7 +66,7 @@ func (d *Daemon) startUsageWatch(ctx context.Context) error {
 	if err != nil {
 		return nil // plan says whether it is available; nothing to watch
 	}
-	calls, err := d.oldColumnCalls(ctx, view)
+	calls, err := oldColumnCalls(ctx, d.conn, view, d.cfg)
 	if err != nil || calls == nil {
 		return err
 	}
@@ -87,7 +88,7 @@ func (d *Daemon) oldColumnStillUsed(ctx context.Context, st *state.Migration) (b
 	if err != nil {
 		return false, nil
 	}
-	calls, err := d.oldColumnCalls(ctx, view)
+	calls, err := oldColumnCalls(ctx, d.conn, view, d.cfg)
 	if err != nil {
 		return false, err
 	}

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/cdcbackfill/cdcbackfill/config"
@@ -120,7 +121,7 @@ func (d *Daemon) holdOutOfParity(ctx context.Context, st *state.Migration, v *ve
 // proof to the hold; once the hold is reached, verify moves to contract
 // unless the policy, a pause or a statement on the old column keeps it.
 func (d *Daemon) proveHold(ctx context.Context, st *state.Migration, v *verifyRun) (done bool, err error) {
-	now, ok, err := d.proveClean(ctx)
+	now, ok, err := d.repl.pipe.Load().proveClean(ctx, d.conn)
 	if err != nil {
 		return true, err
 	}
@@ -206,9 +207,9 @@ func (d *Daemon) restartHold(ctx context.Context) error {
 // (boundedly) until the stream has checked everything committed before
 // that position: parity held up to that clock time, since every change
 // before it has been checked. ok is false when the stream did not get there.
-func (d *Daemon) proveClean(ctx context.Context) (now time.Time, ok bool, err error) {
+func (p *pipeline) proveClean(ctx context.Context, q dbconn.Querier) (now time.Time, ok bool, err error) {
 	var at string
-	if err := d.conn.QueryRow(ctx, "SELECT clock_timestamp(), pg_current_wal_insert_lsn()::text").Scan(&now, &at); err != nil {
+	if err := q.QueryRow(ctx, "SELECT clock_timestamp(), pg_current_wal_insert_lsn()::text").Scan(&now, &at); err != nil {
 		return now, false, fmt.Errorf("read the server's clock: %w", err)
 	}
 	lsn, err := pglogrepl.ParseLSN(at)
@@ -217,7 +218,7 @@ func (d *Daemon) proveClean(ctx context.Context) (now time.Time, ok bool, err er
 	}
 	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	if err := d.repl.pipe.Load().waitApplied(wctx, lsn); err != nil {
+	if err := p.waitApplied(wctx, lsn); err != nil {
 		if wctx.Err() != nil && ctx.Err() == nil {
 			return now, false, nil
 		}
@@ -273,7 +274,7 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle 
 			return d.store.VerifyChunk(ctx, d.conn, 0, nil) // empty table: nothing to check
 		}
 		p.hi = hi
-		p.parts, p.first = d.spreadParts(lo, hi, estimate)
+		p.parts, p.first = spreadParts(d.cfg.Verify.Workers, d.table, lo, hi, estimate)
 	}
 	if err := throttle.Wait(ctx, p.size*p.parts); err != nil {
 		return nil
@@ -283,7 +284,7 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle 
 	var cursor recompute.Key // after the chunk; nil: the pass ended
 	var err error
 	if p.parts > 1 {
-		res, cursor, err = d.checkSpread(ctx, st.VerifyCursor, p)
+		res, cursor, err = checkSpread(ctx, d.pool, d.table, st.VerifyCursor, p)
 	} else {
 		res, err = d.table.Check(ctx, d.conn, st.VerifyCursor, p.hi, p.size)
 		if res.Scanned == int64(p.size) {
@@ -321,8 +322,8 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle 
 // integer column whose values are dense (at most twice as many values as
 // rows), so a part of w values holds about w rows and at most w; else 1,
 // and chunks are walked by keyset alone.
-func (d *Daemon) spreadParts(lo, hi recompute.Key, estimate int64) (parts int, first int64) {
-	if d.cfg.Verify.Workers <= 1 || !d.table.IntegerKey() {
+func spreadParts(workers int, t *recompute.Table, lo, hi recompute.Key, estimate int64) (parts int, first int64) {
+	if workers <= 1 || !t.IntegerKey() {
 		return 1, 0
 	}
 	l, err1 := strconv.ParseInt(lo[0], 10, 64)
@@ -330,7 +331,7 @@ func (d *Daemon) spreadParts(lo, hi recompute.Key, estimate int64) (parts int, f
 	if err1 != nil || err2 != nil || l <= math.MinInt64/4 || h >= math.MaxInt64/4 || float64(h-l) > 2*float64(estimate) {
 		return 1, 0
 	}
-	return d.cfg.Verify.Workers, l
+	return workers, l
 }
 
 // checkSpread checks, each part on its own connection at once, p.parts
@@ -338,7 +339,7 @@ func (d *Daemon) spreadParts(lo, hi recompute.Key, estimate int64) (parts int, f
 // up to p.hi. A part of w values of a unique integer key holds at most w
 // rows, so each is checked whole. It returns what the parts found together
 // and the cursor after them (nil: p.hi was reached).
-func (d *Daemon) checkSpread(ctx context.Context, cursor recompute.Key, p *verifyPass) (recompute.Result, recompute.Key, error) {
+func checkSpread(ctx context.Context, pool *pgxpool.Pool, t *recompute.Table, cursor recompute.Key, p *verifyPass) (recompute.Result, recompute.Key, error) {
 	last, _ := strconv.ParseInt(p.hi[0], 10, 64)
 	base := p.first - 1 // keys after it: the first key on
 	if cursor != nil {
@@ -355,12 +356,12 @@ func (d *Daemon) checkSpread(ctx context.Context, cursor recompute.Key, p *verif
 		end = min(from+int64(p.size), last)
 		lo, hi := recompute.Key{strconv.FormatInt(from, 10)}, recompute.Key{strconv.FormatInt(end, 10)}
 		g.Go(func() error {
-			conn, err := d.pool.Acquire(gctx)
+			conn, err := pool.Acquire(gctx)
 			if err != nil {
 				return err
 			}
 			defer conn.Release()
-			results[i], err = d.table.Check(gctx, conn, lo, hi, p.size)
+			results[i], err = t.Check(gctx, conn, lo, hi, p.size)
 			return err
 		})
 	}
