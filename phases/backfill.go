@@ -81,36 +81,9 @@ func (d *Daemon) startSlot(ctx context.Context) (*state.Migration, error) {
 	}); err != nil {
 		return nil, err
 	}
-	info, err := snapshot.LookupSlot(ctx, d.conn, d.cfg.SlotName())
+	plan, lsn, err := d.slotAndPlan(ctx)
 	if err != nil {
 		return nil, err
-	}
-	var plan state.Plan
-	var lsn string
-	if info.Exists {
-		d.log.Warn("backfill: slot exists but no plan was saved (crash after creating it); reading the plan now", "slot", d.cfg.SlotName())
-		p, err := snapshot.ReadPlanNow(ctx, d.conn, d.table)
-		if err != nil {
-			return nil, err
-		}
-		plan, lsn = state.Plan{Plan: p, Recovered: true}, info.ConfirmedLSN.String()
-	} else {
-		failover, _, err := pgfeature.FailoverSlot(ctx, d.conn)
-		if err != nil {
-			return nil, err
-		}
-		slot, err := snapshot.CreateSlot(ctx, d.cfg.Database.DSN, d.cfg.SlotName(), slotCreateTimeout, failover)
-		if err != nil {
-			return nil, err
-		}
-		p, err := snapshot.ReadPlan(ctx, d.conn, slot.SnapshotName, d.table)
-		// The exported snapshot lives as long as the slot's connection: it
-		// ends here, before anything slow (the count below) runs.
-		slot.Release()
-		if err != nil {
-			return nil, err
-		}
-		plan, lsn = state.Plan{Plan: p}, slot.ConsistentLSN.String()
 	}
 	if plan.Estimate == 0 && plan.Hi != nil {
 		// Never analyzed: count, chunked by the key so no statement runs
@@ -134,6 +107,42 @@ func (d *Daemon) startSlot(ctx context.Context) (*state.Migration, error) {
 	}
 	d.log.Info("backfill: slot ready", "slot", d.cfg.SlotName(), "consistent_lsn", lsn, "estimated_rows", plan.Estimate)
 	return d.store.Load(ctx, d.conn)
+}
+
+// slotAndPlan creates the slot and reads the plan in its exported
+// snapshot; a slot that exists already is kept, and the plan read now. lsn
+// is where the stream starts.
+func (d *Daemon) slotAndPlan(ctx context.Context) (plan state.Plan, lsn string, err error) {
+	info, err := snapshot.LookupSlot(ctx, d.conn, d.cfg.SlotName())
+	if err != nil {
+		return plan, "", err
+	}
+	if info.Exists {
+		d.log.Warn("backfill: slot exists but no plan was saved (crash after creating it); reading the plan now", "slot", d.cfg.SlotName())
+		p, err := snapshot.ReadPlanNow(ctx, d.conn, d.table)
+		if err != nil {
+			return plan, "", err
+		}
+		plan, lsn = state.Plan{Plan: p, Recovered: true}, info.ConfirmedLSN.String()
+	} else {
+		failover, _, err := pgfeature.FailoverSlot(ctx, d.conn)
+		if err != nil {
+			return plan, "", err
+		}
+		slot, err := snapshot.CreateSlot(ctx, d.cfg.Database.DSN, d.cfg.SlotName(), slotCreateTimeout, failover)
+		if err != nil {
+			return plan, "", err
+		}
+		p, err := snapshot.ReadPlan(ctx, d.conn, slot.SnapshotName, d.table)
+		// The exported snapshot lives as long as the slot's connection: it
+		// ends here, before anything slow (startSlot's count) runs.
+		slot.Release()
+		if err != nil {
+			return plan, "", err
+		}
+		plan, lsn = state.Plan{Plan: p}, slot.ConsistentLSN.String()
+	}
+	return plan, lsn, nil
 }
 
 // recordBatch is the backfill's checkpoint: it saves a batch's cursor and

@@ -27,6 +27,24 @@ func (r *StatusReport) Print(w io.Writer) {
 	if r.Waiting != "" {
 		fmt.Fprintf(w, "waiting for: %s\n", r.Waiting)
 	}
+	r.printBackfill(w)
+	r.printSync(w)
+	r.printVerify(w)
+	if c := r.Contract.Cutover; c != nil {
+		fmt.Fprintf(w, "contract: cut-over in %d tries; longest application stall %.1f ms (lock wait %.1f ms, held %.1f ms, %d keys checked under the lock)\n",
+			c.Tries, c.LongestStallMS, c.LockWaitMS, c.HeldMS, c.KeysChecked)
+	}
+	if r.Throttle != "" {
+		fmt.Fprintf(w, "throttled: %s\n", r.Throttle)
+	}
+	if r.Error != nil {
+		fmt.Fprintf(w, "last error: %s\n", *r.Error)
+	}
+}
+
+// printBackfill is the backfill's progress bar, with rows/s and ETA while
+// a daemon runs.
+func (r *StatusReport) printBackfill(w io.Writer) {
 	total := max(r.Backfill.RowsTotal, r.Backfill.RowsDone, 1)
 	var sb strings.Builder
 	bar := progressbar.NewOptions64(total,
@@ -51,6 +69,10 @@ func (r *StatusReport) Print(w io.Writer) {
 		}
 	}
 	fmt.Fprintln(w)
+}
+
+// printSync is the stream's figures.
+func (r *StatusReport) printSync(w io.Writer) {
 	fmt.Fprintf(w, "sync: slot lag %s (%.1fs), events %d, corrections %d\n", units.BytesSize(float64(r.Sync.LagBytes)), r.Sync.LagSeconds, r.Sync.Events, r.Sync.Corrections)
 	if r.Sync.Correction == config.CorrectionDeferred && r.Phase == "sync" {
 		fmt.Fprintf(w, "      deferred corrections: %d keys waiting, the oldest %.1fs (sync.defer_for %s)\n", r.Sync.DeferredKeys, r.Sync.LagSeconds,
@@ -63,6 +85,10 @@ func (r *StatusReport) Print(w io.Writer) {
 		fmt.Fprintf(w, "      dual-write evidence: %d of %d writes, quiet %s of %s (stream time)\n", dw.Evidence, dw.MinEvidence,
 			(time.Duration(dw.QuietSeconds) * time.Second).String(), (time.Duration(dw.QuietPeriodSeconds) * time.Second).String())
 	}
+}
+
+// printVerify is verify's figures and the rows out of parity.
+func (r *StatusReport) printVerify(w io.Writer) {
 	v := r.Verify
 	fmt.Fprintf(w, "verify: rows checked %d, out of parity now %d (found %d, accepted %d), hold proven %s of %s\n",
 		v.RowsChecked, v.Mismatches, v.MismatchesFound, v.Accepted,
@@ -75,15 +101,5 @@ func (r *StatusReport) Print(w io.Writer) {
 	}
 	for _, u := range v.OldColumnStatements {
 		fmt.Fprintf(w, "      still uses the old column: %q (%d calls during the hold)\n", u.Query, u.Calls)
-	}
-	if c := r.Contract.Cutover; c != nil {
-		fmt.Fprintf(w, "contract: cut-over in %d tries; longest application stall %.1f ms (lock wait %.1f ms, held %.1f ms, %d keys checked under the lock)\n",
-			c.Tries, c.LongestStallMS, c.LockWaitMS, c.HeldMS, c.KeysChecked)
-	}
-	if r.Throttle != "" {
-		fmt.Fprintf(w, "throttled: %s\n", r.Throttle)
-	}
-	if r.Error != nil {
-		fmt.Fprintf(w, "last error: %s\n", *r.Error)
 	}
 }

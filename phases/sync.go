@@ -45,41 +45,51 @@ func (d *Daemon) sync(ctx context.Context, st *state.Migration) error {
 			case config.DetectManual:
 				d.figures.waiting.Store("the application to dual-write: cdcbackfill approve once it does")
 			case config.DetectAuto:
-				ev, fixes, streamTime := d.evidence()
-				dw := w.observe(time.Now(), ev, fixes, streamTime)
-				d.figures.dualWrite.Store(&dw)
-				d.figures.waiting.Store("evidence of dual-write: " + dw.Missing)
-				if dw.Missing != "" {
-					continue
-				}
-				// Enough evidence in stream time; it counts only with the
-				// stream caught up and no correction found meanwhile.
-				ok, err := d.repl.pipe.Load().caughtUp(ctx, d.conn, 2*time.Second)
-				if err != nil {
-					return err // the conductor's connection, or the stream, is gone: start over
-				}
-				if !ok {
-					d.figures.waiting.Store("evidence of dual-write suffices; the stream to catch up, to count it")
-					d.rlog.Info("sync: the evidence of dual-write suffices; waiting for the stream to catch up")
-					continue
-				}
-				if _, now, _ := d.evidence(); now != fixes {
-					d.rlog.Info("sync: a correction came while the stream caught up; the quiet period starts again")
-					continue
-				}
-				d.log.Info("sync: dual-write detected: application writes of the new columns needed no correction for the quiet period",
-					"evidence", dw.Evidence, "quiet_period", d.cfg.DualWrite.QuietPeriod)
-				lsn, err := d.store.HandOverNow(ctx, d.conn, map[string]any{"by": "evidence", "evidence": dw.Evidence,
-					"quiet_period": d.cfg.DualWrite.QuietPeriod.String()})
-				if err != nil {
+				if done, err := d.detectDualWrite(ctx, &w); done || err != nil {
 					return err
 				}
-				d.repl.setHandover(lsn)
-				d.log.Info("sync: the application owns the new columns from now on: the daemon checks them and never writes them", "handover_lsn", lsn)
-				return nil
 			}
 		}
 	})
+}
+
+// detectDualWrite looks at the stream's evidence of dual-write (detect
+// auto); once it suffices, with the stream caught up and no correction
+// meanwhile, the application owns the new columns from now. done says that
+// sync ends with err.
+func (d *Daemon) detectDualWrite(ctx context.Context, w *evidenceWatch) (done bool, err error) {
+	ev, fixes, streamTime := d.evidence()
+	dw := w.observe(time.Now(), ev, fixes, streamTime)
+	d.figures.dualWrite.Store(&dw)
+	d.figures.waiting.Store("evidence of dual-write: " + dw.Missing)
+	if dw.Missing != "" {
+		return false, nil
+	}
+	// Enough evidence in stream time; it counts only with the
+	// stream caught up and no correction found meanwhile.
+	ok, err := d.repl.pipe.Load().caughtUp(ctx, d.conn, 2*time.Second)
+	if err != nil {
+		return true, err // the conductor's connection, or the stream, is gone: start over
+	}
+	if !ok {
+		d.figures.waiting.Store("evidence of dual-write suffices; the stream to catch up, to count it")
+		d.rlog.Info("sync: the evidence of dual-write suffices; waiting for the stream to catch up")
+		return false, nil
+	}
+	if _, now, _ := d.evidence(); now != fixes {
+		d.rlog.Info("sync: a correction came while the stream caught up; the quiet period starts again")
+		return false, nil
+	}
+	d.log.Info("sync: dual-write detected: application writes of the new columns needed no correction for the quiet period",
+		"evidence", dw.Evidence, "quiet_period", d.cfg.DualWrite.QuietPeriod)
+	lsn, err := d.store.HandOverNow(ctx, d.conn, map[string]any{"by": "evidence", "evidence": dw.Evidence,
+		"quiet_period": d.cfg.DualWrite.QuietPeriod.String()})
+	if err != nil {
+		return true, err
+	}
+	d.repl.setHandover(lsn)
+	d.log.Info("sync: the application owns the new columns from now on: the daemon checks them and never writes them", "handover_lsn", lsn)
+	return true, nil
 }
 
 // handOverAt moves to verify with the hand-over approve recorded at lsn.
