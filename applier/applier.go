@@ -135,7 +135,7 @@ type Applier struct {
 	recent   []string      // RecentCorrections, under mu
 
 	// Owned by the Run goroutine.
-	buf         map[string]*pending
+	buf         map[string]*bufferedKey
 	xids        map[uint32]struct{} // transactions that put keys in buf since the last flush's visibility check
 	minLSN      pglogrepl.LSN       // smallest lsn in buf, when buf is not empty
 	minTime     time.Time           // commit time that goes with minLSN
@@ -190,7 +190,7 @@ func New(conn *pgx.Conn, table *recompute.Table, cfg Config) *Applier {
 		ctl:      make(chan func()),
 		wake:     make(chan struct{}, 1),
 		advanced: make(chan struct{}),
-		buf:      make(map[string]*pending, cfg.MaxBatchKeys),
+		buf:      make(map[string]*bufferedKey, cfg.MaxBatchKeys),
 		xids:     make(map[uint32]struct{}),
 		sources:  make(map[string]uint64),
 	}

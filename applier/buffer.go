@@ -13,8 +13,8 @@ import (
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 )
 
-// pending is a buffered key and the earliest transaction that changed it.
-type pending struct {
+// bufferedKey is a key in the buffer and the earliest transaction that changed it.
+type bufferedKey struct {
 	key  recompute.Key
 	lsn  pglogrepl.LSN // FinalLSN (commit LSN) of that transaction
 	time time.Time     // its commit time, zero when unknown
@@ -134,7 +134,7 @@ func (a *Applier) add(key recompute.Key, lsn pglogrepl.LSN, t time.Time, xid uin
 			}
 			a.due = time.Now().Add(wait)
 		}
-		a.buf[c] = &pending{key: key, lsn: lsn, time: t, lastLSN: lsn, lastTime: t, lastXid: xid, evidence: evidence}
+		a.buf[c] = &bufferedKey{key: key, lsn: lsn, time: t, lastLSN: lsn, lastTime: t, lastXid: xid, evidence: evidence}
 		a.pendingKeys.Store(int64(len(a.buf)))
 	}
 	if len(a.buf) == 1 || lsn < a.minLSN {
@@ -172,12 +172,12 @@ func (a *Applier) advance() {
 // differ from the text the stream gave ("007" for an integer 7, a timestamptz
 // in another time zone); one not found is buffered under that text with the
 // earliest transaction among the keys removed, so confirmed never passes it.
-func (a *Applier) keepHeld(chunk []*pending, skipped []recompute.Key) {
+func (a *Applier) keepHeld(chunk []*bufferedKey, skipped []recompute.Key) {
 	keep := make(map[string]bool, len(skipped))
 	for _, k := range skipped {
 		keep[k.ID()] = true
 	}
-	var earliest *pending // of the keys removed, one of which a misprinted skipped key is
+	var earliest *bufferedKey // of the keys removed, one of which a misprinted skipped key is
 	for _, p := range chunk {
 		c := p.key.ID()
 		if keep[c] {
@@ -190,7 +190,7 @@ func (a *Applier) keepHeld(chunk []*pending, skipped []recompute.Key) {
 		}
 	}
 	if earliest == nil {
-		earliest = slices.MinFunc(chunk, func(x, y *pending) int { return cmp.Compare(x.lsn, y.lsn) })
+		earliest = slices.MinFunc(chunk, func(x, y *bufferedKey) int { return cmp.Compare(x.lsn, y.lsn) })
 	}
 	for _, k := range skipped {
 		c := k.ID()
@@ -202,7 +202,7 @@ func (a *Applier) keepHeld(chunk []*pending, skipped []recompute.Key) {
 				p.lsn, p.time = earliest.lsn, earliest.time
 			}
 		} else {
-			a.buf[c] = &pending{key: k, lsn: earliest.lsn, time: earliest.time}
+			a.buf[c] = &bufferedKey{key: k, lsn: earliest.lsn, time: earliest.time}
 		}
 	}
 }

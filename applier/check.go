@@ -18,31 +18,31 @@ type handedOver struct{ lsn pglogrepl.LSN }
 
 func (h *handedOver) Error() string { return "handed over at " + h.lsn.String() }
 
-// checkAfterHandover is handOver once the buffer's transactions are
+// checkAfterHandover is checkOwned once the buffer's transactions are
 // visible.
-func (a *Applier) checkAfterHandover(ctx context.Context, entries []*pending, unseen []uint32, h pglogrepl.LSN) (corrected int64, held int, err error) {
+func (a *Applier) checkAfterHandover(ctx context.Context, entries []*bufferedKey, unseen []uint32, h pglogrepl.LSN) (corrected int64, held int, err error) {
 	if len(unseen) > 0 {
 		if _, err := a.waitVisible(ctx, unseen); err != nil {
 			return 0, 0, fmt.Errorf("apply keys: %w", err)
 		}
 	}
-	return a.handOver(ctx, entries, h)
+	return a.checkOwned(ctx, entries, h)
 }
 
-// handOver runs once the application owns the new columns from position h.
+// checkOwned runs once the application owns the new columns from position h.
 // A key whose latest change came before h is still the expression's: it is
 // corrected, but only where the row is still the version that change wrote
 // (KeysGuarded), so a newer change by the application, not delivered yet,
 // is never overwritten. Every key is then checked, read-only, and the result
 // reported to Config.Checks; nothing else is written.
-func (a *Applier) handOver(ctx context.Context, entries []*pending, h pglogrepl.LSN) (corrected int64, held int, err error) {
-	var before []*pending
+func (a *Applier) checkOwned(ctx context.Context, entries []*bufferedKey, h pglogrepl.LSN) (corrected int64, held int, err error) {
+	var before []*bufferedKey
 	for _, p := range entries {
 		if p.lastLSN < h {
 			before = append(before, p)
 		}
 	}
-	heldRows := map[*pending]bool{} // the application holds their rows: checked next time
+	heldRows := map[*bufferedKey]bool{} // the application holds their rows: checked next time
 	for chunk := range slices.Chunk(before, statementKeys) {
 		keys := make([]recompute.Key, len(chunk))
 		xids := make([]uint32, len(chunk))
@@ -66,7 +66,7 @@ func (a *Applier) handOver(ctx context.Context, entries []*pending, h pglogrepl.
 	}
 	// Once, not per chunk held: a DeleteFunc per key was quadratic in the
 	// flush's keys.
-	entries = slices.DeleteFunc(entries, func(e *pending) bool { return heldRows[e] })
+	entries = slices.DeleteFunc(entries, func(e *bufferedKey) bool { return heldRows[e] })
 	for chunk := range slices.Chunk(entries, statementKeys) {
 		keys := make([]recompute.Key, len(chunk))
 		for i, p := range chunk {

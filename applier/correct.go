@@ -43,7 +43,7 @@ const statementKeys = 1000
 // snapshot is polled first (waitVisible).
 func (a *Applier) flush(ctx context.Context) error {
 	begin := time.Now()
-	entries := make([]*pending, 0, len(a.buf))
+	entries := make([]*bufferedKey, 0, len(a.buf))
 	for _, p := range a.buf {
 		entries = append(entries, p)
 	}
@@ -103,12 +103,12 @@ func (a *Applier) flush(ctx context.Context) error {
 // snapshot it ran with; in the rare case one of unseen was still running in
 // it, the statement runs again once they are visible. Once one statement's
 // snapshot has them all, the later ones' snapshots do too.
-func (a *Applier) correct(ctx context.Context, entries []*pending, unseen []uint32) (corrected int64, held int, err error) {
+func (a *Applier) correct(ctx context.Context, entries []*bufferedKey, unseen []uint32) (corrected int64, held int, err error) {
 	deferred := a.deferring()
 	if deferred {
 		// Rows in index order: a statement's rows share pages, and the
 		// bulk correction walks the table once.
-		slices.SortFunc(entries, func(x, y *pending) int { return a.table.CompareKeys(x.key, y.key) })
+		slices.SortFunc(entries, func(x, y *bufferedKey) int { return a.table.CompareKeys(x.key, y.key) })
 	}
 	for chunk := range slices.Chunk(entries, min(a.cfg.MaxBatchKeys, statementKeys)) {
 		if deferred && a.cfg.Pace != nil {

@@ -43,7 +43,7 @@ func (a *Applier) isEvidence(key recompute.Key, im cdc.Image) bool {
 // of the last correction. Keys come back from SQL printed by PostgreSQL,
 // which need not match the stream's text, so the statement, not the key, is
 // the unit: a mixed statement counts as a correction only.
-func (a *Applier) countEvidence(chunk []*pending, res recompute.Result) {
+func (a *Applier) countEvidence(chunk []*bufferedKey, res recompute.Result) {
 	if res.Corrected > 0 {
 		var latest time.Time
 		for _, p := range chunk {

@@ -150,3 +150,12 @@ func (c *Config) PublicationName() string { return "cdcbackfill_" + c.Name }
 // the stream can tell the daemon's own transactions from the application's.
 // The '.' cannot occur in a name, so no migration's prefix is another's.
 func (c *Config) OriginPrefix() string { return "cdcbackfill_" + c.Name + "." }
+
+// ColumnNames are the new columns' names, in the order of columns.
+func (c *Config) ColumnNames() []string {
+	names := make([]string, len(c.Columns))
+	for i, col := range c.Columns {
+		names[i] = col.Name
+	}
+	return names
+}

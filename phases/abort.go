@@ -29,9 +29,7 @@ func (d *Daemon) dropReplication(ctx context.Context) error {
 // stream stops, the slot, publication and origins are dropped, and with
 // rollback the rollback statements run (each once).
 func (d *Daemon) performAbort(ctx context.Context) error {
-	if p := d.pipe.Swap(nil); p != nil {
-		p.stop()
-	}
+	d.repl.stopPipeline()
 	return abortNow(ctx, d.conn, d.store, d.cfgAbort())
 }
 
@@ -85,9 +83,31 @@ func abortNow(ctx context.Context, conn *pgx.Conn, store state.Store, p abortPla
 	if err := store.ForgetKeys(ctx, conn); err != nil {
 		return fmt.Errorf("abort: %w", err)
 	}
+	if err := p.dropBuilt(ctx, conn); err != nil {
+		return err
+	}
+	if st.RollbackRequested && st.ExpandDone == 0 {
+		// Nothing of expand ran: there is nothing to roll back, and the
+		// statements would fail on columns that were never added.
+		p.rollback = nil
+	}
+	if st.RollbackRequested {
+		for i := st.RollbackDone; i < len(p.rollback); i++ {
+			if _, err := p.runner.Run(ctx, conn, p.rollback[i], func(tx pgx.Tx) error {
+				return store.StatementDone(ctx, tx, state.Aborted, i+1)
+			}); err != nil {
+				return fmt.Errorf("abort --rollback: %w", err)
+			}
+		}
+	}
+	return store.Move(ctx, conn, st.Phase, state.Aborted, map[string]any{"rollback": st.RollbackRequested})
+}
+
+// dropBuilt drops what was built for the new columns (indexes,
+// constraints), only what exists: dropping a constraint takes the table's
+// ACCESS EXCLUSIVE lock, even for nothing.
+func (p abortPlan) dropBuilt(ctx context.Context, conn *pgx.Conn) error {
 	for _, u := range p.undo {
-		// Only what exists: dropping a constraint takes the table's
-		// ACCESS EXCLUSIVE lock, even for nothing.
 		var there bool
 		var err error
 		if u.Index {
@@ -107,19 +127,5 @@ func abortNow(ctx context.Context, conn *pgx.Conn, store state.Store, p abortPla
 			return fmt.Errorf("abort: drop what was built for the new columns: %w", err)
 		}
 	}
-	if st.RollbackRequested && st.ExpandDone == 0 {
-		// Nothing of expand ran: there is nothing to roll back, and the
-		// statements would fail on columns that were never added.
-		p.rollback = nil
-	}
-	if st.RollbackRequested {
-		for i := st.RollbackDone; i < len(p.rollback); i++ {
-			if _, err := p.runner.Run(ctx, conn, p.rollback[i], func(tx pgx.Tx) error {
-				return store.StatementDone(ctx, tx, state.Aborted, i+1)
-			}); err != nil {
-				return fmt.Errorf("abort --rollback: %w", err)
-			}
-		}
-	}
-	return store.Move(ctx, conn, st.Phase, state.Aborted, map[string]any{"rollback": st.RollbackRequested})
+	return nil
 }

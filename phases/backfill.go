@@ -8,6 +8,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
+	"github.com/cdcbackfill/cdcbackfill/internal/pgfeature"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
 	"github.com/cdcbackfill/cdcbackfill/state"
@@ -43,11 +44,11 @@ func (d *Daemon) backfill(ctx context.Context, st *state.Migration) error {
 		LockTimeout:     d.cfg.DDL.LockTimeout,
 		Throttle:        d.newThrottle("backfill"),
 		Log:             d.log,
-		Checkpoint:      d.checkpoint,
+		Checkpoint:      recordBatch(d.store),
 	}
 	d.log.Info("backfill: walking the key range", "rows_total", st.RowsTotal, "rows_done", st.RowsDone, "workers", len(st.Ranges))
 	pgConns := conns
-	if err := d.pipe.Load().guard(ctx, func(ctx context.Context) error { return b.Run(ctx, pgConns, st.Ranges) }); err != nil {
+	if err := d.repl.pipe.Load().guard(ctx, func(ctx context.Context) error { return b.Run(ctx, pgConns, st.Ranges) }); err != nil {
 		return err
 	}
 	if ctx.Err() != nil {
@@ -80,36 +81,9 @@ func (d *Daemon) startSlot(ctx context.Context) (*state.Migration, error) {
 	}); err != nil {
 		return nil, err
 	}
-	info, err := snapshot.LookupSlot(ctx, d.conn, d.cfg.SlotName())
+	plan, lsn, err := d.slotAndPlan(ctx)
 	if err != nil {
 		return nil, err
-	}
-	var plan state.Plan
-	var lsn string
-	if info.Exists {
-		d.log.Warn("backfill: slot exists but no plan was saved (crash after creating it); reading the plan now", "slot", d.cfg.SlotName())
-		p, err := snapshot.ReadPlanNow(ctx, d.conn, d.table)
-		if err != nil {
-			return nil, err
-		}
-		plan, lsn = state.Plan{Plan: p, Recovered: true}, info.ConfirmedLSN.String()
-	} else {
-		failover, _, err := failoverSlot(ctx, d.conn)
-		if err != nil {
-			return nil, err
-		}
-		slot, err := snapshot.CreateSlot(ctx, d.cfg.Database.DSN, d.cfg.SlotName(), slotCreateTimeout, failover)
-		if err != nil {
-			return nil, err
-		}
-		p, err := snapshot.ReadPlan(ctx, d.conn, slot.SnapshotName, d.table)
-		// The exported snapshot lives as long as the slot's connection: it
-		// ends here, before anything slow (the count below) runs.
-		slot.Release()
-		if err != nil {
-			return nil, err
-		}
-		plan, lsn = state.Plan{Plan: p}, slot.ConsistentLSN.String()
 	}
 	if plan.Estimate == 0 && plan.Hi != nil {
 		// Never analyzed: count, chunked by the key so no statement runs
@@ -135,10 +109,48 @@ func (d *Daemon) startSlot(ctx context.Context) (*state.Migration, error) {
 	return d.store.Load(ctx, d.conn)
 }
 
-// checkpoint saves a batch's cursor and counters in the batch's
-// transaction, with the keys the application held.
-func (d *Daemon) checkpoint(ctx context.Context, tx pgx.Tx, worker int, r snapshot.Range, res recompute.Result) error {
-	return d.store.RecordBatch(ctx, tx, worker, r, res.Scanned, res.Skipped)
+// slotAndPlan creates the slot and reads the plan in its exported
+// snapshot; a slot that exists already is kept, and the plan read now. lsn
+// is where the stream starts.
+func (d *Daemon) slotAndPlan(ctx context.Context) (plan state.Plan, lsn string, err error) {
+	info, err := snapshot.LookupSlot(ctx, d.conn, d.cfg.SlotName())
+	if err != nil {
+		return plan, "", err
+	}
+	if info.Exists {
+		d.log.Warn("backfill: slot exists but no plan was saved (crash after creating it); reading the plan now", "slot", d.cfg.SlotName())
+		p, err := snapshot.ReadPlanNow(ctx, d.conn, d.table)
+		if err != nil {
+			return plan, "", err
+		}
+		plan, lsn = state.Plan{Plan: p, Recovered: true}, info.ConfirmedLSN.String()
+	} else {
+		failover, _, err := pgfeature.FailoverSlot(ctx, d.conn)
+		if err != nil {
+			return plan, "", err
+		}
+		slot, err := snapshot.CreateSlot(ctx, d.cfg.Database.DSN, d.cfg.SlotName(), slotCreateTimeout, failover)
+		if err != nil {
+			return plan, "", err
+		}
+		p, err := snapshot.ReadPlan(ctx, d.conn, slot.SnapshotName, d.table)
+		// The exported snapshot lives as long as the slot's connection: it
+		// ends here, before anything slow (startSlot's count) runs.
+		slot.Release()
+		if err != nil {
+			return plan, "", err
+		}
+		plan, lsn = state.Plan{Plan: p}, slot.ConsistentLSN.String()
+	}
+	return plan, lsn, nil
+}
+
+// recordBatch is the backfill's checkpoint: it saves a batch's cursor and
+// counters in the batch's transaction, with the keys the application held.
+func recordBatch(store state.Store) func(ctx context.Context, tx pgx.Tx, worker int, r snapshot.Range, res recompute.Result) error {
+	return func(ctx context.Context, tx pgx.Tx, worker int, r snapshot.Range, res recompute.Result) error {
+		return store.RecordBatch(ctx, tx, worker, r, res.Scanned, res.Skipped)
+	}
 }
 
 // retrySkipped recomputes the keys the application held during their

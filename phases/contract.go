@@ -27,25 +27,22 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 	if err := d.startPipeline(ctx); err != nil {
 		return err
 	}
-	var tries int
-	var longest time.Duration
-	backoff := dbconn.NewBackoff(100*time.Millisecond, 10*time.Second)
-	prepared := false
+	c := &contractRun{backoff: dbconn.NewBackoff(100*time.Millisecond, 10*time.Second)}
 	for {
-		if err := d.pipe.Load().failure(); err != nil {
+		if err := d.repl.pipe.Load().failure(); err != nil {
 			return fmt.Errorf("sync stream: %w", err)
 		}
 		st, outstanding, err := d.loadAndRecheck(ctx)
 		if err != nil {
 			return err
 		}
-		if !prepared && outstanding == 0 {
+		if !c.prepared && outstanding == 0 {
 			// The constraints on new columns, NOT VALID then validated,
 			// before any cut-over: it only attaches them.
-			if prepared, err = d.constraintsReady(ctx); err != nil {
+			if c.prepared, err = d.constraintsReady(ctx); err != nil {
 				return err
 			}
-			if !prepared {
+			if !c.prepared {
 				continue
 			}
 		}
@@ -55,49 +52,9 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 		case outstanding > 0:
 			d.log.Warn("contract: rows out of parity appeared; back to verify, where the hold starts again once none is left", "rows", outstanding)
 			return d.store.BackToVerify(ctx, d.conn, map[string]any{"rows": outstanding})
-		case d.paused.Load():
-			d.waiting.Store("resume: the migration is paused before the contract DDL (cdcbackfill resume)")
-		case d.overran.Load() != nil && (st.ApprovedPhase == nil || *st.ApprovedPhase != state.Contract):
-			// Read from the state row just loaded: the withdrawal of the
-			// approval is in it, and only a new approve lifts it.
-			over := d.overran.Load()
-			d.waiting.Store(fmt.Sprintf("%s; make it cheaper (see \"What DDL is safe\" in the README) or raise contract_policy.max_hold (%s), then cdcbackfill approve to try the cut-over again",
-				over, d.cfg.ContractPolicy.MaxHold))
-			d.rlog.Info("contract: waiting for the operator after a contract statement overran max_hold", "statement", over.stmt)
-		case d.cfg.ContractPolicy.Mode == config.ContractManual && !d.approvedFor(state.Contract):
-			msg := "approval of the contract: cdcbackfill approve"
-			if st.OldUsage != nil && len(st.OldUsage.Still) > 0 {
-				msg = fmt.Sprintf("approval of the contract: %d statements still use the old column (see status); cdcbackfill approve --force once nothing needs it", len(st.OldUsage.Still))
-			}
-			d.waiting.Store(msg)
-			// One message whatever the count in msg: the repeats are the same wait.
-			d.rlog.Info("contract: parity holds; waiting for approval", "waiting_for", msg)
-		case d.cfg.ContractPolicy.Mode == config.ContractManual && st.OldUsage != nil && len(st.OldUsage.Still) > 0 && !st.ForceApproved:
-			d.waiting.Store("cdcbackfill approve --force: statements still use the old column (see status)")
-		default:
-			tries++
-			res, err := d.cutover(ctx, st, tries, &longest)
-			switch {
-			case err != nil:
+		case !d.contractWaits(st):
+			if done, err := d.tryCutover(ctx, st, c); done || err != nil {
 				return err
-			case res == cutoverDone:
-				return d.finishContract(ctx, nil)
-			case res == cutoverMismatch:
-				continue // the loop sends the migration back
-			case res == cutoverPaused:
-				tries--
-				continue
-			case res == cutoverOverran:
-				tries--
-				continue // the loop waits for the operator
-			}
-			d.overran.Store(nil)
-			if tries > d.cfg.DDL.MaxRetries {
-				return fmt.Errorf("contract: the cut-over did not succeed in %d tries (last: %s); end the sessions that hold %s, or retry later (raise ddl.max_retries to try longer)",
-					tries, res, d.table.Ident())
-			}
-			if err := dbconn.Sleep(ctx, backoff.Next()); err != nil {
-				return nil
 			}
 			continue
 		}
@@ -105,6 +62,70 @@ func (d *Daemon) contract(ctx context.Context, st *state.Migration) error {
 			return nil
 		}
 	}
+}
+
+// contractRun is what the contract phase carries from one try of the
+// cut-over to the next.
+type contractRun struct {
+	prepared bool // the constraints on new columns are validated
+	tries    int
+	longest  time.Duration // the longest stall over all tries
+	backoff  *dbconn.Backoff
+}
+
+// contractWaits says whether the cut-over waits for the operator (a
+// pause, an approve) and what for, in status.
+func (d *Daemon) contractWaits(st *state.Migration) bool {
+	manual := d.cfg.ContractPolicy.Mode == config.ContractManual
+	stillUsed := st.OldUsage != nil && len(st.OldUsage.Still) > 0
+	switch {
+	case d.control.paused.Load():
+		d.figures.waiting.Store("resume: the migration is paused before the contract DDL (cdcbackfill resume)")
+	case d.control.overran.Load() != nil && (st.ApprovedPhase == nil || *st.ApprovedPhase != state.Contract):
+		// Read from the state row just loaded: the withdrawal of the
+		// approval is in it, and only a new approve lifts it.
+		over := d.control.overran.Load()
+		d.figures.waiting.Store(fmt.Sprintf("%s; make it cheaper (see \"What DDL is safe\" in the README) or raise contract_policy.max_hold (%s), then cdcbackfill approve to try the cut-over again",
+			over, d.cfg.ContractPolicy.MaxHold))
+		d.rlog.Info("contract: waiting for the operator after a contract statement overran max_hold", "statement", over.stmt)
+	case manual && !d.control.approvedFor(state.Contract):
+		msg := "approval of the contract: cdcbackfill approve"
+		if stillUsed {
+			msg = fmt.Sprintf("approval of the contract: %d statements still use the old column (see status); cdcbackfill approve --force once nothing needs it", len(st.OldUsage.Still))
+		}
+		d.figures.waiting.Store(msg)
+		// One message whatever the count in msg: the repeats are the same wait.
+		d.rlog.Info("contract: parity holds; waiting for approval", "waiting_for", msg)
+	case manual && stillUsed && !st.ForceApproved:
+		d.figures.waiting.Store("cdcbackfill approve --force: statements still use the old column (see status)")
+	default:
+		return false
+	}
+	return true
+}
+
+// tryCutover runs one try of the cut-over; done says that the contract
+// phase ends with err (the cut-over committed, failed, or gave up).
+func (d *Daemon) tryCutover(ctx context.Context, st *state.Migration, c *contractRun) (done bool, err error) {
+	c.tries++
+	res, err := d.cutover(ctx, st, c.tries, &c.longest)
+	switch {
+	case err != nil:
+		return true, err
+	case res == cutoverDone:
+		return true, d.finishContract(ctx, nil)
+	case res == cutoverMismatch:
+		return false, nil // the loop sends the migration back
+	case res == cutoverPaused, res == cutoverOverran:
+		c.tries-- // not a failed try; an overrun waits for the operator
+		return false, nil
+	}
+	d.control.overran.Store(nil)
+	if c.tries > d.cfg.DDL.MaxRetries {
+		return true, fmt.Errorf("contract: the cut-over did not succeed in %d tries (last: %s); end the sessions that hold %s, or retry later (raise ddl.max_retries to try longer)",
+			c.tries, res, d.table.Ident())
+	}
+	return dbconn.Sleep(ctx, c.backoff.Next()) != nil, nil
 }
 
 // cutoverResult is how one try of the cut-over ended.
@@ -137,8 +158,8 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 // stream delivered since the applier's last check and the rows kept out of
 // parity; it returns the rows out of parity that are not accepted as they
 // are.
-func (d *Daemon) checkUnderLock(ctx context.Context, tx pgx.Tx, keys []recompute.Key) ([]recompute.Mismatch, error) {
-	kept, err := d.store.MismatchKeys(ctx, tx, 100000)
+func checkUnderLock(ctx context.Context, tx pgx.Tx, store state.Store, t *recompute.Table, keys []recompute.Key) ([]recompute.Mismatch, error) {
+	kept, err := store.MismatchKeys(ctx, tx, 100000)
 	if err != nil {
 		return nil, err
 	}
@@ -146,7 +167,7 @@ func (d *Daemon) checkUnderLock(ctx context.Context, tx pgx.Tx, keys []recompute
 	var found []recompute.Mismatch
 	for len(all) > 0 {
 		n := min(len(all), 1000)
-		f, err := d.table.CheckKeys(ctx, tx, all[:n])
+		f, err := t.CheckKeys(ctx, tx, all[:n])
 		if err != nil {
 			return nil, fmt.Errorf("contract: check the keys delivered since the last check: %w", err)
 		}
@@ -156,7 +177,7 @@ func (d *Daemon) checkUnderLock(ctx context.Context, tx pgx.Tx, keys []recompute
 	if len(found) == 0 {
 		return nil, nil
 	}
-	accepted, err := d.acceptedAsIs(ctx, tx, found)
+	accepted, err := store.AcceptedAsIs(ctx, tx, found)
 	if err != nil {
 		return nil, err
 	}
@@ -173,24 +194,6 @@ func (d *Daemon) checkUnderLock(ctx context.Context, tx pgx.Tx, keys []recompute
 	return out, nil
 }
 
-// acceptedAsIs returns the keys of found that an operator accepted with the
-// values they hold now.
-func (d *Daemon) acceptedAsIs(ctx context.Context, q dbconn.Querier, found []recompute.Mismatch) (map[string]bool, error) {
-	out := map[string]bool{}
-	for _, m := range found {
-		var ok bool
-		err := q.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM cdcbackfill.mismatches
-			WHERE name = $1 AND key = $2 AND accepted AND actual IS NOT DISTINCT FROM $3)`, d.cfg.Name, []string(m.Key), m.Actual).Scan(&ok)
-		if err != nil {
-			return nil, fmt.Errorf("contract: look up accepted rows: %w", err)
-		}
-		if ok {
-			out[m.Key.ID()] = true
-		}
-	}
-	return out, nil
-}
-
 // contractInTx runs the contract statements from index from on inside the
 // cut-over's transaction. A statement that refuses a transaction block
 // (CREATE or DROP INDEX CONCURRENTLY) and every one after it run after the
@@ -203,7 +206,7 @@ func (d *Daemon) acceptedAsIs(ctx context.Context, q dbconn.Querier, found []rec
 func (d *Daemon) contractInTx(ctx context.Context, tx pgx.Tx, from int) (int, error) {
 	start := time.Now()
 	defer tx.Exec(context.WithoutCancel(ctx), "SET LOCAL statement_timeout = 0")
-	stmts := d.cutoverStatements()
+	stmts := cutoverStatements(d.finish)
 	for i := from; i < len(stmts); i++ {
 		stmt := stmts[i]
 		if _, err := tx.Exec(ctx, "SAVEPOINT cdcb_contract"); err != nil {
@@ -236,13 +239,13 @@ func (d *Daemon) contractInTx(ctx context.Context, tx pgx.Tx, from int) (int, er
 
 // cutoverLockTimeout is contract_policy.lock_timeout, kept below the
 // server's deadlock_timeout.
-func (d *Daemon) cutoverLockTimeout(ctx context.Context) (time.Duration, error) {
+func cutoverLockTimeout(ctx context.Context, q dbconn.Querier, want time.Duration) (time.Duration, error) {
 	var ms float64
-	if err := d.conn.QueryRow(ctx, `SELECT setting::float8 FROM pg_settings WHERE name = 'deadlock_timeout'`).Scan(&ms); err != nil {
+	if err := q.QueryRow(ctx, `SELECT setting::float8 FROM pg_settings WHERE name = 'deadlock_timeout'`).Scan(&ms); err != nil {
 		return 0, fmt.Errorf("read deadlock_timeout: %w", err)
 	}
 	deadlock := time.Duration(ms * float64(time.Millisecond))
-	lt := d.cfg.ContractPolicy.LockTimeout
+	lt := want
 	if lt >= deadlock {
 		lt = deadlock / 2
 	}
@@ -253,16 +256,14 @@ func (d *Daemon) cutoverLockTimeout(ctx context.Context) (time.Duration, error) 
 // statements that could not run in its transaction, then drops slot,
 // publication and origins.
 func (d *Daemon) finishContract(ctx context.Context, st *state.Migration) error {
-	if p := d.pipe.Swap(nil); p != nil {
-		p.stop()
-	}
+	d.repl.stopPipeline()
 	if st == nil {
 		var err error
 		if st, err = d.store.Load(ctx, d.conn); err != nil {
 			return err
 		}
 	}
-	if err := d.runDDL(ctx, state.Contract, d.cutoverStatements(), st.ContractDone); err != nil {
+	if err := d.runDDL(ctx, state.Contract, cutoverStatements(d.finish), st.ContractDone); err != nil {
 		return err
 	}
 	if err := d.dropReplication(ctx); err != nil {

@@ -11,6 +11,8 @@ import (
 
 	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
+	"github.com/cdcbackfill/cdcbackfill/internal/ddl"
+	"github.com/cdcbackfill/cdcbackfill/internal/pgfeature"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
@@ -96,12 +98,8 @@ func approve(ctx context.Context, conn *pgx.Conn, cfg *config.Config, store stat
 		if err != nil {
 			return "", fmt.Errorf("approve: %w", err)
 		}
-		names := make([]string, len(cfg.Columns))
-		for i, c := range cfg.Columns {
-			names[i] = c.Name
-		}
 		return fmt.Sprintf("migration %q: dual-write approved at WAL position %s: from now on the application owns %s; the daemon will not write them",
-			cfg.Name, lsn, strings.Join(names, ", ")), nil
+			cfg.Name, lsn, strings.Join(cfg.ColumnNames(), ", ")), nil
 	}
 	if err := store.Approve(ctx, conn, st.Phase, opts.Force); err != nil {
 		return "", err
@@ -160,17 +158,7 @@ func abort(ctx context.Context, conn *pgx.Conn, cfg *config.Config, store state.
 		if got {
 			// No daemon runs it (or the one that did has stopped): do it
 			// here. The lock is held until this connection closes.
-			v, err := serverVersion(ctx, conn)
-			if err != nil {
-				return "", err
-			}
-			finish, err := planFinish(cfg, v)
-			if err != nil {
-				return "", fmt.Errorf("abort: %w", err)
-			}
-			p := abortPlan{slot: cfg.SlotName(), publication: cfg.PublicationName(), originPrefix: cfg.OriginPrefix(),
-				rollback: cfg.Rollback, undo: finish.Undo, table: cfg.QuotedTable(), runner: DDLRunner{LockTimeout: cfg.DDL.LockTimeout, MaxRetries: cfg.DDL.MaxRetries, Table: cfg.QuotedTable()}}
-			if err := abortNow(ctx, conn, store, p); err != nil {
+			if err := abortHere(ctx, conn, cfg, store); err != nil {
 				return "", err
 			}
 			return done(""), nil
@@ -183,6 +171,22 @@ func abort(ctx context.Context, conn *pgx.Conn, cfg *config.Config, store state.
 			return "", fmt.Errorf("abort requested and recorded; the daemon carries it out (check with cdcbackfill status): %w", err)
 		}
 	}
+}
+
+// abortHere carries out the abort in this process, for a migration no
+// daemon runs.
+func abortHere(ctx context.Context, conn *pgx.Conn, cfg *config.Config, store state.Store) error {
+	v, err := pgfeature.ServerVersion(ctx, conn)
+	if err != nil {
+		return err
+	}
+	finish, err := ddl.PlanFor(cfg, v)
+	if err != nil {
+		return fmt.Errorf("abort: %w", err)
+	}
+	p := abortPlan{slot: cfg.SlotName(), publication: cfg.PublicationName(), originPrefix: cfg.OriginPrefix(),
+		rollback: cfg.Rollback, undo: finish.Undo, table: cfg.QuotedTable(), runner: DDLRunner{LockTimeout: cfg.DDL.LockTimeout, MaxRetries: cfg.DDL.MaxRetries, Table: cfg.QuotedTable()}}
+	return abortNow(ctx, conn, store, p)
 }
 
 // recoverSlot is the way out of a lost slot (invalidated by the server, or

@@ -55,7 +55,7 @@ type cutover struct {
 // cutover runs one try (see the cutover type).
 func (d *Daemon) cutover(ctx context.Context, st *state.Migration, try int, longest *time.Duration) (cutoverResult, error) {
 	c := &cutover{d: d, st: st, try: try, longest: longest}
-	c.stream, c.ap = d.pipe.Load().current()
+	c.stream, c.ap = d.repl.pipe.Load().current()
 	if c.ap == nil || c.stream == nil {
 		return cutoverBehind, nil
 	}
@@ -101,7 +101,7 @@ func (c *cutover) stall() time.Duration {
 
 func (c *cutover) lock(ctx context.Context) (cutoverResult, error) {
 	d := c.d
-	lockTimeout, err := d.cutoverLockTimeout(ctx)
+	lockTimeout, err := cutoverLockTimeout(ctx, d.conn, d.cfg.ContractPolicy.LockTimeout)
 	if err != nil {
 		return "", err
 	}
@@ -161,17 +161,17 @@ func (c *cutover) catchUp(ctx context.Context) (cutoverResult, error) {
 
 func (c *cutover) check(ctx context.Context) (cutoverResult, error) {
 	d := c.d
-	found, err := d.checkUnderLock(ctx, c.tx, c.keys)
+	found, err := checkUnderLock(ctx, c.tx, d.store, d.table, c.keys)
 	if err != nil {
 		return "", err
 	}
 	if len(found) > 0 {
 		c.tx.Rollback(ctx)
-		if err := d.checks.Report(ctx, found, nil); err != nil {
+		if err := d.parity.Report(ctx, found, nil); err != nil {
 			return "", err
 		}
 		d.log.Warn("contract: rows out of parity were written just before the cut-over; nothing was dropped",
-			"rows", len(found), "key", d.table.KeyString(found[0].Key), "values", d.describe(found[0]), "stall", c.stall().Round(time.Millisecond))
+			"rows", len(found), "key", d.table.KeyString(found[0].Key), "values", describeMismatch(d.table, found[0]), "stall", c.stall().Round(time.Millisecond))
 		return cutoverMismatch, nil
 	}
 	abort, paused, err := d.store.LockForCutover(ctx, c.tx)
@@ -196,7 +196,7 @@ func (c *cutover) ddl(ctx context.Context) (cutoverResult, error) {
 	var over *overrunError
 	if errors.As(err, &over) {
 		c.tx.Rollback(ctx)
-		d.overran.Store(over)
+		d.control.overran.Store(over)
 		d.log.Warn("contract: cut-over rolled back: a contract statement held the table's lock too long; it is not retried until the operator approves again",
 			"statement", over.stmt, "ran", over.took.Round(time.Millisecond), "max_hold", d.cfg.ContractPolicy.MaxHold, "stall", c.stall().Round(time.Millisecond))
 		if err := d.store.WithdrawApproval(ctx, d.conn, state.Contract, map[string]any{"statement": over.stmt, "ran_ms": ms(over.took),

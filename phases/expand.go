@@ -37,7 +37,7 @@ func (d *Daemon) ddlRunner() DDLRunner {
 		MaxRetries:  d.cfg.DDL.MaxRetries,
 		Table:       d.table.Ident(),
 		Log:         d.log,
-		OnRetry:     func() { d.obs.ddlRetries.Add(1) },
+		OnRetry:     func() { d.figures.obs.ddlRetries.Add(1) },
 	}
 }
 
@@ -56,7 +56,7 @@ func (d *Daemon) runDDL(ctx context.Context, phase state.Phase, stmts []string, 
 			if schema, name, ok := s.ConcurrentIndex(); ok {
 				// Done only once the catalog holds it valid.
 				b := ddl.IndexBuild{SQL: stmt, Schema: schema, Name: name, Timeout: d.cfg.DDL.ConcurrentTimeout,
-					MaxRetries: d.cfg.DDL.MaxRetries, Log: d.log, Waiting: func(s string) { d.waiting.Store(s) }}
+					MaxRetries: d.cfg.DDL.MaxRetries, Log: d.log, Waiting: func(s string) { d.figures.waiting.Store(s) }}
 				if res.Tries, err = b.Run(ctx, d.conn); err == nil {
 					err = pgx.BeginFunc(ctx, d.conn, record)
 				}

@@ -44,10 +44,10 @@ func textOrNull(s *string) string {
 	return fmt.Sprintf("%q", *s)
 }
 
-// describe renders a mismatch's values (see renderMismatch).
-func (d *Daemon) describe(m recompute.Mismatch) string {
-	cols := make([]columnValues, 0, len(d.table.Columns))
-	for i, col := range d.table.Columns {
+// describeMismatch renders a mismatch's values (see renderMismatch).
+func describeMismatch(t *recompute.Table, m recompute.Mismatch) string {
+	cols := make([]columnValues, 0, len(t.Columns))
+	for i, col := range t.Columns {
 		if i >= len(m.Actual) || i >= len(m.Expected) {
 			break
 		}

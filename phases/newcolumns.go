@@ -9,52 +9,19 @@ import (
 	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5"
 
-	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/ddl"
 )
-
-// planFinish reads the expand and contract lists with the parser and plans
-// what the new columns become (ddl.PlanFinish): the statements it takes
-// over, and the lists as they run.
-// server is server_version_num (0: unknown).
-func planFinish(cfg *config.Config, server int) (*ddl.Finish, error) {
-	parse := func(list string, sqls []string) ([]*ddl.Statement, error) {
-		out := make([]*ddl.Statement, len(sqls))
-		for i, sql := range sqls {
-			s, err := ddl.Parse(sql)
-			if err != nil {
-				return nil, fmt.Errorf("%s[%d]: %w", list, i, err)
-			}
-			out[i] = s
-		}
-		return out, nil
-	}
-	expand, err := parse("expand", cfg.Expand)
-	if err != nil {
-		return nil, err
-	}
-	contract, err := parse("contract", cfg.Contract)
-	if err != nil {
-		return nil, err
-	}
-	schema, name := cfg.TableIdent()
-	cols := make([]string, len(cfg.Columns))
-	for i, c := range cfg.Columns {
-		cols[i] = c.Name
-	}
-	return ddl.PlanFinish(expand, contract, ddl.Relation{Schema: schema, Name: name}, cols, server)
-}
 
 // cutoverStatements are what the cut-over runs: the contract statements as
 // they run, then what attaches the steps built before it (SET NOT NULL on
 // a validated check, the unique constraints USING INDEX, the checks'
 // drops). contract_done counts them.
-func (d *Daemon) cutoverStatements() []string {
-	if d.finish == nil {
+func cutoverStatements(f *ddl.Finish) []string {
+	if f == nil {
 		return nil
 	}
-	return append(append([]string{}, d.finish.Contract...), d.finish.Attach...)
+	return append(append([]string{}, f.Contract...), f.Attach...)
 }
 
 // buildIndexes builds the indexes on new columns CONCURRENTLY, once verify
@@ -73,7 +40,7 @@ func (d *Daemon) buildIndexes(ctx context.Context) error {
 			Timeout: d.cfg.DDL.ConcurrentTimeout, MaxRetries: d.cfg.DDL.MaxRetries, Log: d.log,
 			Waiting: func(s string) {
 				if s != "" {
-					d.waiting.Store(fmt.Sprintf("index %s: %s", ix.Name, s))
+					d.figures.waiting.Store(fmt.Sprintf("index %s: %s", ix.Name, s))
 				}
 			},
 			Allow: func(ctx context.Context) error { return throttle.Wait(ctx, 0) },
@@ -164,7 +131,7 @@ func (d *Daemon) indexesBuilt(ctx context.Context) (bool, error) {
 	case isConnLoss(err):
 		return false, err
 	}
-	d.waiting.Store(err.Error())
+	d.figures.waiting.Store(err.Error())
 	d.rlog.Warn("verify: an index on the new columns could not be built; trying again", "error", err)
 	_ = dbconn.Sleep(ctx, 10*time.Second)
 	return false, nil
@@ -177,7 +144,7 @@ func (d *Daemon) constraintsReady(ctx context.Context) (bool, error) {
 	var violated *errViolated
 	switch err := d.prepareConstraints(ctx); {
 	case errors.As(err, &violated):
-		d.waiting.Store(violated.Error())
+		d.figures.waiting.Store(violated.Error())
 		d.rlog.Warn("contract: rows violate a constraint on the new columns; waiting for the application to fix them", "constraint", violated.name)
 		_ = dbconn.Sleep(ctx, 5*time.Second)
 		return false, nil

@@ -4,8 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgerrcode"
@@ -16,6 +16,7 @@ import (
 	"github.com/cdcbackfill/cdcbackfill/cdc"
 	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
+	"github.com/cdcbackfill/cdcbackfill/internal/pgfeature"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
 )
 
@@ -34,17 +35,50 @@ type pipeline struct {
 	applier *applier.Applier
 }
 
+// replication is the daemon's side of the stream: the pipeline in hand and
+// what each applier and stream it starts is given.
+type replication struct {
+	pipe atomic.Pointer[pipeline] // read by the watcher too
+	// handover is the WAL position from which the application owns the
+	// new columns; 0 while the expressions own them. The pipeline gives it
+	// to each applier it starts.
+	handover atomic.Uint64
+	// sources are the table's columns the expressions read (for the
+	// evidence of dual-write); nil when they could not be found.
+	sources    []string
+	originOnce sync.Once    // the warning that the role may not set an origin
+	originMode atomic.Value // string: where the daemon's own writes leave the stream, as last logged
+}
+
+// stopPipeline stops the pipeline in hand, if any, and waits for it.
+func (r *replication) stopPipeline() {
+	if p := r.pipe.Swap(nil); p != nil {
+		p.stop()
+	}
+}
+
+// setHandover makes the application the owner of the new columns from lsn
+// (0: the expressions again), in the running applier and any later one.
+func (r *replication) setHandover(lsn pglogrepl.LSN) {
+	r.handover.Store(uint64(lsn))
+	if p := r.pipe.Load(); p != nil {
+		if _, ap := p.current(); ap != nil {
+			ap.SetHandover(lsn)
+		}
+	}
+}
+
 // maxStreamGather caps cdc.Config.MaxGather.
 const maxStreamGather = 100 * time.Millisecond
 
 // startPipeline starts the stream and the applier unless they run.
 func (d *Daemon) startPipeline(ctx context.Context) error {
-	if d.pipe.Load() != nil {
-		return d.pipe.Load().failure()
+	if d.repl.pipe.Load() != nil {
+		return d.repl.pipe.Load().failure()
 	}
 	pctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	p := &pipeline{cancel: cancel, done: make(chan struct{}), failed: make(chan struct{})}
-	d.pipe.Store(p)
+	d.repl.pipe.Store(p)
 	go func() {
 		defer close(p.done)
 		d.supervise(pctx, p)
@@ -92,18 +126,43 @@ func permanentPipelineError(err error) bool {
 	return pgerrcode.IsDataException(s) || pgerrcode.IsIntegrityConstraintViolation(s) || pgerrcode.IsSyntaxErrororAccessRuleViolation(s)
 }
 
+// runPipelineOnce runs one stream and one applier on a fresh writer
+// connection until either ends.
 func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 	w, err := d.writerConn(ctx, "a", 0)
 	if err != nil {
 		return err
 	}
 	defer w.Close(context.Background())
-	info, err := snapshot.LookupSlot(ctx, w, d.cfg.SlotName())
+	info, err := checkSlot(ctx, w, d.cfg.SlotName())
 	if err != nil {
 		return err
 	}
+	ap := d.newApplier(w, info.ConfirmedLSN)
+	if err := checkPublication(ctx, w, d.cfg.PublicationName()); err != nil {
+		return err
+	}
+	st, err := d.newStream(ctx, w)
+	if err != nil {
+		return err
+	}
+	p.mu.Lock()
+	p.stream, p.applier = st, ap
+	p.mu.Unlock()
+	// A handover recorded while this applier was being made reaches it too.
+	ap.SetHandover(pglogrepl.LSN(d.repl.handover.Load()))
+	return runPair(ctx, st, ap)
+}
+
+// checkSlot finds the slot the stream reads, refusing one that is gone or
+// that the server invalidated.
+func checkSlot(ctx context.Context, w *pgx.Conn, slot string) (snapshot.SlotInfo, error) {
+	info, err := snapshot.LookupSlot(ctx, w, slot)
+	if err != nil {
+		return info, err
+	}
 	if !info.Exists {
-		return fmt.Errorf("%w: slot %q is gone", cdc.ErrSlotMissing, d.cfg.SlotName())
+		return info, fmt.Errorf("%w: slot %q is gone", cdc.ErrSlotMissing, slot)
 	}
 	if info.Lost() {
 		why := "wal_status lost"
@@ -113,50 +172,67 @@ func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 				why += ", unused longer than idle_replication_slot_timeout while no daemon ran"
 			}
 		}
-		return fmt.Errorf("%w: slot %q (%s)", cdc.ErrSlotLost, d.cfg.SlotName(), why)
+		return info, fmt.Errorf("%w: slot %q (%s)", cdc.ErrSlotLost, slot, why)
 	}
+	return info, nil
+}
+
+// newApplier makes the applier that writes (or checks) on w from the
+// slot's confirmed position.
+func (d *Daemon) newApplier(w *pgx.Conn, confirmed pglogrepl.LSN) *applier.Applier {
 	acfg := applier.Config{
 		FlushInterval: d.cfg.Sync.FlushInterval,
 		MaxBatchKeys:  d.cfg.Sync.MaxBatchKeys,
 		LockTimeout:   d.cfg.DDL.LockTimeout,
-		Checks:        &d.checks,
+		Checks:        d.parity,
 		Gate:          d.store.HandoverGate(),
 		Logger:        d.log,
 	}
 	if d.cfg.Sync.Correction == config.CorrectionDeferred {
-		acfg.Defer, acfg.MaxDeferredKeys, acfg.Pace = d.cfg.Sync.DeferFor, d.cfg.Sync.MaxDeferredKeys, d.deferredPace()
+		acfg.Defer, acfg.MaxDeferredKeys, acfg.Pace = d.cfg.Sync.DeferFor, d.cfg.Sync.MaxDeferredKeys, deferredPace(d.cfg.Backfill)
 	}
 	ap := applier.New(w, d.table, acfg)
-	ap.SetConfirmed(info.ConfirmedLSN)
-	ap.SetHandover(pglogrepl.LSN(d.handover.Load()))
-	// PostgreSQL 18 streams nothing, silently, for a publication that is
-	// gone; older servers fail. Either way the changes since are lost.
+	ap.SetConfirmed(confirmed)
+	ap.SetHandover(pglogrepl.LSN(d.repl.handover.Load()))
+	return ap
+}
+
+// checkPublication refuses a publication dropped under the migration.
+// PostgreSQL 18 streams nothing, silently, for a publication that is gone;
+// older servers fail. Either way the changes since are lost.
+func checkPublication(ctx context.Context, w *pgx.Conn, publication string) error {
 	var published bool
-	if err := w.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, d.cfg.PublicationName()).Scan(&published); err != nil {
-		return fmt.Errorf("look up publication %q: %w", d.cfg.PublicationName(), err)
+	if err := w.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, publication).Scan(&published); err != nil {
+		return fmt.Errorf("look up publication %q: %w", publication, err)
 	}
 	if !published {
-		return fmt.Errorf("%w: publication %q was dropped under the migration: changes since are lost to it; abort the migration (cdcbackfill abort) and run it again", cdc.ErrPublicationMissing, d.cfg.PublicationName())
+		return fmt.Errorf("%w: publication %q was dropped under the migration: changes since are lost to it; abort the migration (cdcbackfill abort) and run it again", cdc.ErrPublicationMissing, publication)
 	}
-	serverSide, why, err := originNone(ctx, w, d.cfg, d.table.Ident())
+	return nil
+}
+
+// newStream makes the stream of the slot, with the walsender dropping the
+// daemon's own transactions where it safely can (pgfeature.OriginNone).
+func (d *Daemon) newStream(ctx context.Context, w *pgx.Conn) (*cdc.Stream, error) {
+	serverSide, why, err := pgfeature.OriginNone(ctx, w, d.cfg.Sync.OriginFilter, d.table.Ident())
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if d.originMode.Swap(why) != why {
+	if d.repl.originMode.Swap(why) != why {
 		d.log.Info("stream: "+why, "origin_filter", d.cfg.Sync.OriginFilter)
 	}
 	newCols := make([]string, len(d.table.Columns))
 	for i, c := range d.table.Columns {
 		newCols[i] = c.Name
 	}
-	st := cdc.New(cdc.Config{
+	return cdc.New(cdc.Config{
 		DSN:           d.cfg.Database.DSN,
 		Slot:          d.cfg.SlotName(),
 		Publication:   d.cfg.PublicationName(),
 		OriginPrefix:  d.cfg.OriginPrefix(),
 		OriginNone:    serverSide,
 		KeyColumns:    d.table.KeyNames(),
-		SourceColumns: d.sources,
+		SourceColumns: d.repl.sources,
 		NewColumns:    newCols,
 		// A change waits for the applier's flush anyway: gathering that
 		// long adds at most one interval of apply lag and wakes the daemon
@@ -164,16 +240,14 @@ func (d *Daemon) runPipelineOnce(ctx context.Context, p *pipeline) error {
 		// now (catch-up, cut-over) poke it.
 		MaxGather: min(d.cfg.Sync.FlushInterval, maxStreamGather),
 		Logger:    d.log,
-	})
-	p.mu.Lock()
-	p.stream, p.applier = st, ap
-	p.mu.Unlock()
-	// A handover recorded while this applier was being made reaches it too.
-	ap.SetHandover(pglogrepl.LSN(d.handover.Load()))
+	}), nil
+}
 
-	// Shutdown order (see cdc and applier docs): the applier stops first and
-	// flushes what it holds; only then does the stream stop, so its final
-	// standby status carries the applier's final position.
+// runPair runs the stream into the applier until either ends. Shutdown
+// order (see cdc and applier docs): the applier stops first and flushes
+// what it holds; only then does the stream stop, so its final standby
+// status carries the applier's final position.
+func runPair(ctx context.Context, st *cdc.Stream, ap *applier.Applier) error {
 	base := context.WithoutCancel(ctx)
 	actx, acancel := context.WithCancel(base)
 	sctx, scancel := context.WithCancel(base)
@@ -267,26 +341,26 @@ func (p *pipeline) waitApplied(ctx context.Context, lsn pglogrepl.LSN) error {
 // batches are: the throttle's row rate (backfill.max_rows_per_second), then
 // backfill.sleep. Not the lag bounds or the pause: the deferral itself holds
 // the slot back, and corrections must go on for waits on the stream to end.
-func (d *Daemon) deferredPace() func(ctx context.Context, keys int) error {
-	th := snapshot.NewThrottle(snapshot.ThrottleConfig{MaxRowsPerSecond: d.cfg.Backfill.MaxRowsPerSecond}, nil, nil)
+func deferredPace(cfg config.Backfill) func(ctx context.Context, keys int) error {
+	th := snapshot.NewThrottle(snapshot.ThrottleConfig{MaxRowsPerSecond: cfg.MaxRowsPerSecond}, nil, nil)
 	return func(ctx context.Context, keys int) error {
 		if err := th.Wait(ctx, keys); err != nil {
 			return err
 		}
-		return dbconn.Sleep(ctx, d.cfg.Backfill.Sleep)
+		return dbconn.Sleep(ctx, cfg.Sleep)
 	}
 }
 
 // caughtUp reports whether the stream has applied (or checked) everything
 // committed before now, waiting at most wait.
-func (d *Daemon) caughtUp(ctx context.Context, wait time.Duration) (bool, error) {
-	lsn, err := insertLSN(ctx, d.conn)
+func (p *pipeline) caughtUp(ctx context.Context, q dbconn.Querier, wait time.Duration) (bool, error) {
+	lsn, err := insertLSN(ctx, q)
 	if err != nil {
 		return false, err
 	}
 	wctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
-	err = d.pipe.Load().waitApplied(wctx, lsn)
+	err = p.waitApplied(wctx, lsn)
 	if err != nil && wctx.Err() != nil && ctx.Err() == nil {
 		return false, nil
 	}
@@ -296,77 +370,4 @@ func (d *Daemon) caughtUp(ctx context.Context, wait time.Duration) (bool, error)
 func (p *pipeline) stop() {
 	p.cancel()
 	<-p.done
-}
-
-// writer is a connection for the daemon's own writes, tagged with a
-// replication origin when the role may set one.
-func (d *Daemon) writerConn(ctx context.Context, kind string, i int) (*pgx.Conn, error) {
-	conn, err := dbconn.Connect(ctx, d.cfg.Database.DSN)
-	if err != nil {
-		return nil, err
-	}
-	name := d.cfg.OriginPrefix() + kind + strconv.Itoa(i)
-	_, err = conn.Exec(ctx, `SELECT pg_replication_origin_create($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)`, name)
-	if err == nil {
-		// A session of a daemon that just died still holds it.
-		err = execWhileInUse(ctx, conn, 200*time.Millisecond, `SELECT pg_replication_origin_session_setup($1)`, name)
-	}
-	if err != nil {
-		if dbconn.SQLState(err) != pgerrcode.InsufficientPrivilege {
-			conn.Close(context.Background())
-			return nil, fmt.Errorf("set replication origin %q: %w", name, err)
-		}
-		d.originOnce.Do(func() {
-			d.log.Warn("the role may not set a replication origin: the daemon's own writes come back through the stream, where re-applying them changes no row and writes no WAL; to skip them, GRANT EXECUTE ON FUNCTION pg_replication_origin_session_setup(text), pg_replication_origin_create(text) TO <role>",
-				"err", err)
-		})
-	}
-	return conn, nil
-}
-
-// writerConns opens n writer connections of one kind.
-func (d *Daemon) writerConns(ctx context.Context, n int, kind string) ([]*pgx.Conn, error) {
-	conns := make([]*pgx.Conn, 0, n)
-	for i := 0; i < n; i++ {
-		c, err := d.writerConn(ctx, kind, i)
-		if err != nil {
-			closeAll(conns)
-			return nil, err
-		}
-		conns = append(conns, c)
-	}
-	return conns, nil
-}
-
-func closeAll(conns []*pgx.Conn) {
-	for _, c := range conns {
-		c.Close(context.Background())
-	}
-}
-
-// dropOrigins removes the daemon's replication origins.
-func dropOrigins(ctx context.Context, conn *pgx.Conn, prefix string) error {
-	// A writer's session just closed still holds its origin for a moment on
-	// the server.
-	err := execWhileInUse(ctx, conn, 100*time.Millisecond,
-		`SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE starts_with(roname, $1)`, prefix)
-	if err == nil || dbconn.SQLState(err) == pgerrcode.InsufficientPrivilege {
-		return nil
-	}
-	return fmt.Errorf("drop replication origins %s*: %w", prefix, err)
-}
-
-// execWhileInUse runs sql, again every pause while it fails with 55006
-// (object in use: a replication origin another session still holds), at
-// most 50 times more. It returns the last error, or ctx's.
-func execWhileInUse(ctx context.Context, conn *pgx.Conn, pause time.Duration, sql string, args ...any) error {
-	for try := 0; ; try++ {
-		_, err := conn.Exec(ctx, sql, args...)
-		if dbconn.SQLState(err) != pgerrcode.ObjectInUse || try == 50 {
-			return err
-		}
-		if err := dbconn.Sleep(ctx, pause); err != nil {
-			return err
-		}
-	}
 }

@@ -2,6 +2,8 @@ package phases
 
 import (
 	"context"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -11,10 +13,34 @@ import (
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
-// pending returns the running applier's counts not yet folded into the
+// figures are what status and the HTTP window show of the daemon at work.
+type figures struct {
+	obs       *observer    // the HTTP window's, for the whole process
+	waiting   atomic.Value // string: what the phase in hand waits for, for status
+	dualWrite atomic.Pointer[state.DualWrite]
+	live      live // published by the watcher
+}
+
+// live holds what the watcher publishes: progress rate and the counters not
+// yet added to the state row.
+type live struct {
+	mu             sync.Mutex
+	throttleReason func() string
+	lastRows       int64
+	lastAt         time.Time
+	rate           float64 // rows/s, smoothed
+	savedEvents    uint64  // stream events already added to the state row
+	savedFixes     uint64  // corrections already added to the state row
+	savedEvidence  uint64  // evidence of appliers that have ended
+	ap             *applier.Applier
+	apEvents       uint64 // the current applier's events already counted
+	apFixes        uint64 // the current applier's corrections already counted
+}
+
+// unsaved returns the running applier's counts not yet folded into the
 // saved ones, and its stats (zero without one); called with live.mu held.
-func (d *Daemon) pending() (events, fixes uint64, s applier.Stats) {
-	p := d.pipe.Load()
+func (d *Daemon) unsaved() (events, fixes uint64, s applier.Stats) {
+	p := d.repl.pipe.Load()
 	if p == nil {
 		return 0, 0, s
 	}
@@ -22,9 +48,9 @@ func (d *Daemon) pending() (events, fixes uint64, s applier.Stats) {
 	if ap == nil {
 		return 0, 0, s
 	}
-	d.live.follow(ap)
+	d.figures.live.follow(ap)
 	s = ap.Stats()
-	return s.Events - d.live.apEvents, s.Corrections - d.live.apFixes, s
+	return s.Events - d.figures.live.apEvents, s.Corrections - d.figures.live.apFixes, s
 }
 
 // publishStats writes the live figures once more (at exit).
@@ -39,27 +65,27 @@ func (d *Daemon) publishStats(ctx context.Context) {
 // new counts into the state row.
 func (d *Daemon) publishStatsOn(ctx context.Context, conn *pgx.Conn, st *state.Migration) {
 	now := time.Now()
-	d.live.mu.Lock()
-	if !d.live.lastAt.IsZero() {
-		d.live.rate = smoothRate(d.live.rate, st.RowsDone-d.live.lastRows, now.Sub(d.live.lastAt))
+	d.figures.live.mu.Lock()
+	if !d.figures.live.lastAt.IsZero() {
+		d.figures.live.rate = smoothRate(d.figures.live.rate, st.RowsDone-d.figures.live.lastRows, now.Sub(d.figures.live.lastAt))
 	}
-	d.live.lastRows, d.live.lastAt = st.RowsDone, now
-	stats := state.Stats{RowsPerSecond: d.live.rate, HeartbeatAt: now.UTC().Format(time.RFC3339Nano),
-		DualWrite: d.dualWrite.Load(), Waiting: d.waiting.Load().(string)}
-	if st.Phase == state.Backfill && d.live.rate > 1 && st.RowsTotal > st.RowsDone {
-		stats.EtaSeconds = float64(st.RowsTotal-st.RowsDone) / d.live.rate
+	d.figures.live.lastRows, d.figures.live.lastAt = st.RowsDone, now
+	stats := state.Stats{RowsPerSecond: d.figures.live.rate, HeartbeatAt: now.UTC().Format(time.RFC3339Nano),
+		DualWrite: d.figures.dualWrite.Load(), Waiting: d.figures.waiting.Load().(string)}
+	if st.Phase == state.Backfill && d.figures.live.rate > 1 && st.RowsTotal > st.RowsDone {
+		stats.EtaSeconds = float64(st.RowsTotal-st.RowsDone) / d.figures.live.rate
 	}
-	if d.live.throttleReason != nil && (st.Phase == state.Backfill || st.Phase == state.Verify) {
-		stats.ThrottleReason = d.live.throttleReason()
+	if d.figures.live.throttleReason != nil && (st.Phase == state.Backfill || st.Phase == state.Verify) {
+		stats.ThrottleReason = d.figures.live.throttleReason()
 	}
 	if st.Paused {
 		stats.ThrottleReason = "paused by operator (cdcbackfill resume)"
 	}
-	newEvents, newFixes, as := d.pending()
-	d.live.apEvents += newEvents
-	d.live.apFixes += newFixes
-	d.live.savedEvents += newEvents
-	d.live.savedFixes += newFixes
+	newEvents, newFixes, as := d.unsaved()
+	d.figures.live.apEvents += newEvents
+	d.figures.live.apFixes += newFixes
+	d.figures.live.savedEvents += newEvents
+	d.figures.live.savedFixes += newFixes
 	lastCommit := as.LastCommitTime
 	if as.Deferring {
 		stats.DeferredKeys = as.PendingKeys
@@ -68,7 +94,7 @@ func (d *Daemon) publishStatsOn(ctx context.Context, conn *pgx.Conn, st *state.M
 	if stats.CorrectionSamples == nil {
 		stats.CorrectionSamples = st.Stats.CorrectionSamples // keep the last known across restarts
 	}
-	d.live.mu.Unlock()
+	d.figures.live.mu.Unlock()
 
 	if info, err := snapshot.LookupSlot(ctx, conn, d.cfg.SlotName()); err == nil && info.Exists {
 		stats.LagBytes = info.LagBytes

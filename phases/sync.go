@@ -22,69 +22,79 @@ func (d *Daemon) sync(ctx context.Context, st *state.Migration) error {
 		return err
 	}
 	if st.HandoverLSN == nil {
-		d.setHandover(0)
+		d.repl.setHandover(0)
 	}
 	d.log.Info("sync: the stream keeps the new columns in sync; waiting for dual-write", "detect", d.cfg.DualWrite.Detect)
 	w := evidenceWatch{minEvidence: d.cfg.DualWrite.MinEvidence, period: d.cfg.DualWrite.QuietPeriod, syncSince: time.Now()}
-	defer d.dualWrite.Store(nil)
-	return d.pipe.Load().guard(ctx, func(ctx context.Context) error {
+	defer d.figures.dualWrite.Store(nil)
+	return d.repl.pipe.Load().guard(ctx, func(ctx context.Context) error {
 		for {
 			if err := dbconn.Sleep(ctx, 200*time.Millisecond); err != nil {
 				return nil
 			}
-			if d.paused.Load() {
-				d.waiting.Store("paused by operator: dual-write is neither detected nor taken from approve until resume")
+			if d.control.paused.Load() {
+				d.figures.waiting.Store("paused by operator: dual-write is neither detected nor taken from approve until resume")
 				continue
 			}
-			if h := d.recordedHandover(); h != 0 {
+			if h := d.control.recordedHandover(); h != 0 {
 				// approve recorded the hand-over in its own transaction:
 				// the application has owned the new columns since then.
 				return d.handOverAt(ctx, h)
 			}
 			switch d.cfg.DualWrite.Detect {
 			case config.DetectManual:
-				d.waiting.Store("the application to dual-write: cdcbackfill approve once it does")
+				d.figures.waiting.Store("the application to dual-write: cdcbackfill approve once it does")
 			case config.DetectAuto:
-				ev, fixes, streamTime := d.evidence()
-				dw := w.observe(time.Now(), ev, fixes, streamTime)
-				d.dualWrite.Store(&dw)
-				d.waiting.Store("evidence of dual-write: " + dw.Missing)
-				if dw.Missing != "" {
-					continue
-				}
-				// Enough evidence in stream time; it counts only with the
-				// stream caught up and no correction found meanwhile.
-				ok, err := d.caughtUp(ctx, 2*time.Second)
-				if err != nil {
-					return err // the conductor's connection, or the stream, is gone: start over
-				}
-				if !ok {
-					d.waiting.Store("evidence of dual-write suffices; the stream to catch up, to count it")
-					d.rlog.Info("sync: the evidence of dual-write suffices; waiting for the stream to catch up")
-					continue
-				}
-				if _, now, _ := d.evidence(); now != fixes {
-					d.rlog.Info("sync: a correction came while the stream caught up; the quiet period starts again")
-					continue
-				}
-				d.log.Info("sync: dual-write detected: application writes of the new columns needed no correction for the quiet period",
-					"evidence", dw.Evidence, "quiet_period", d.cfg.DualWrite.QuietPeriod)
-				lsn, err := d.store.HandOverNow(ctx, d.conn, map[string]any{"by": "evidence", "evidence": dw.Evidence,
-					"quiet_period": d.cfg.DualWrite.QuietPeriod.String()})
-				if err != nil {
+				if done, err := d.detectDualWrite(ctx, &w); done || err != nil {
 					return err
 				}
-				d.setHandover(lsn)
-				d.log.Info("sync: the application owns the new columns from now on: the daemon checks them and never writes them", "handover_lsn", lsn)
-				return nil
 			}
 		}
 	})
 }
 
+// detectDualWrite looks at the stream's evidence of dual-write (detect
+// auto); once it suffices, with the stream caught up and no correction
+// meanwhile, the application owns the new columns from now. done says that
+// sync ends with err.
+func (d *Daemon) detectDualWrite(ctx context.Context, w *evidenceWatch) (done bool, err error) {
+	ev, fixes, streamTime := d.evidence()
+	dw := w.observe(time.Now(), ev, fixes, streamTime)
+	d.figures.dualWrite.Store(&dw)
+	d.figures.waiting.Store("evidence of dual-write: " + dw.Missing)
+	if dw.Missing != "" {
+		return false, nil
+	}
+	// Enough evidence in stream time; it counts only with the
+	// stream caught up and no correction found meanwhile.
+	ok, err := d.repl.pipe.Load().caughtUp(ctx, d.conn, 2*time.Second)
+	if err != nil {
+		return true, err // the conductor's connection, or the stream, is gone: start over
+	}
+	if !ok {
+		d.figures.waiting.Store("evidence of dual-write suffices; the stream to catch up, to count it")
+		d.rlog.Info("sync: the evidence of dual-write suffices; waiting for the stream to catch up")
+		return false, nil
+	}
+	if _, now, _ := d.evidence(); now != fixes {
+		d.rlog.Info("sync: a correction came while the stream caught up; the quiet period starts again")
+		return false, nil
+	}
+	d.log.Info("sync: dual-write detected: application writes of the new columns needed no correction for the quiet period",
+		"evidence", dw.Evidence, "quiet_period", d.cfg.DualWrite.QuietPeriod)
+	lsn, err := d.store.HandOverNow(ctx, d.conn, map[string]any{"by": "evidence", "evidence": dw.Evidence,
+		"quiet_period": d.cfg.DualWrite.QuietPeriod.String()})
+	if err != nil {
+		return true, err
+	}
+	d.repl.setHandover(lsn)
+	d.log.Info("sync: the application owns the new columns from now on: the daemon checks them and never writes them", "handover_lsn", lsn)
+	return true, nil
+}
+
 // handOverAt moves to verify with the hand-over approve recorded at lsn.
 func (d *Daemon) handOverAt(ctx context.Context, lsn pglogrepl.LSN) error {
-	d.setHandover(lsn)
+	d.repl.setHandover(lsn)
 	d.log.Info("sync: dual-write approved: the application owns the new columns since the approval; the daemon checks them and never writes them", "handover_lsn", lsn)
 	return d.store.HandOver(ctx, d.conn, lsn, map[string]any{"by": "approve"})
 }
@@ -93,10 +103,10 @@ func (d *Daemon) handOverAt(ctx context.Context, lsn pglogrepl.LSN) error {
 // corrections, and the commit time of the last transaction received
 // (stream time).
 func (d *Daemon) evidence() (evidence, corrections uint64, streamTime time.Time) {
-	d.live.mu.Lock()
-	defer d.live.mu.Unlock()
-	_, fixes, s := d.pending()
-	return d.live.savedEvidence + s.Evidence, d.live.savedFixes + fixes, s.StreamTime
+	d.figures.live.mu.Lock()
+	defer d.figures.live.mu.Unlock()
+	_, fixes, s := d.unsaved()
+	return d.figures.live.savedEvidence + s.Evidence, d.figures.live.savedFixes + fixes, s.StreamTime
 }
 
 // evidenceWatch decides, from positive evidence only, that the application

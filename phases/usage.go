@@ -2,17 +2,16 @@ package phases
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"regexp"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
+	"github.com/cdcbackfill/cdcbackfill/internal/ddl"
+	"github.com/cdcbackfill/cdcbackfill/internal/pgfeature"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
@@ -24,48 +23,15 @@ import (
 // job that the DROP would break. Auto contract waits until a whole hold
 // passes without one; manual contract needs approve --force.
 
-// errNoStatements says why the protection is not available.
-var errNoStatements = errors.New("pg_stat_statements is not installed in this database")
-
-// statementsView finds pg_stat_statements and checks that it answers and
-// that its query texts are readable by the role.
-func statementsView(ctx context.Context, q dbconn.Querier) (string, error) {
-	var schema string
-	err := q.QueryRow(ctx, `SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-		WHERE e.extname = 'pg_stat_statements'`).Scan(&schema)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return "", errNoStatements
-	}
-	if err != nil {
-		return "", err
-	}
-	view := pgx.Identifier{schema, "pg_stat_statements"}.Sanitize()
-	var readable bool
-	if err := q.QueryRow(ctx, `SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
-		OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')`).Scan(&readable); err != nil {
-		return "", err
-	}
-	if !readable {
-		return "", errors.New("the role may not read other roles' statements: GRANT pg_read_all_stats TO <role>")
-	}
-	if _, err := q.Exec(ctx, "SELECT 1 FROM "+view+" LIMIT 1"); err != nil {
-		return "", fmt.Errorf("pg_stat_statements does not answer (is it in shared_preload_libraries?): %w", err)
-	}
-	return view, nil
-}
-
 // oldColumnCalls returns, per statement of this database that names an old
 // column and none of the new ones (and is not the daemon's own), its calls
 // and text.
-func (d *Daemon) oldColumnCalls(ctx context.Context, view string) (map[string]state.UsedBy, error) {
-	old := DroppedColumns(d.cfg.Contract)
+func oldColumnCalls(ctx context.Context, q dbconn.Querier, view string, cfg *config.Config) (map[string]state.UsedBy, error) {
+	old := ddl.DroppedColumns(cfg.Contract)
 	if len(old) == 0 {
 		return nil, nil
 	}
-	newCols := make([]string, len(d.cfg.Columns))
-	for i, c := range d.cfg.Columns {
-		newCols[i] = c.Name
-	}
+	newCols := cfg.ColumnNames()
 	words := func(names []string) string {
 		parts := make([]string, len(names))
 		for i, n := range names {
@@ -73,7 +39,7 @@ func (d *Daemon) oldColumnCalls(ctx context.Context, view string) (map[string]st
 		}
 		return `\m(` + strings.Join(parts, "|") + `)\M`
 	}
-	rows, err := d.conn.Query(ctx, `SELECT queryid::text, sum(calls)::bigint, min(query) FROM `+view+`
+	rows, err := q.Query(ctx, `SELECT queryid::text, sum(calls)::bigint, min(query) FROM `+view+`
 		WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
 		  AND query ~* $1 AND query !~* $2
 		  AND query NOT LIKE '%\_cdcb\_%' AND query NOT LIKE '%cdcbackfill%' AND query NOT LIKE '%pg_stat_statements%'
@@ -96,11 +62,11 @@ func (d *Daemon) oldColumnCalls(ctx context.Context, view string) (map[string]st
 // startUsageWatch takes the baseline at the start of the hold, where the
 // protection is available.
 func (d *Daemon) startUsageWatch(ctx context.Context) error {
-	view, err := statementsView(ctx, d.conn)
+	view, err := pgfeature.StatementsView(ctx, d.conn)
 	if err != nil {
 		return nil // plan says whether it is available; nothing to watch
 	}
-	calls, err := d.oldColumnCalls(ctx, view)
+	calls, err := oldColumnCalls(ctx, d.conn, view, d.cfg)
 	if err != nil || calls == nil {
 		return err
 	}
@@ -118,11 +84,11 @@ func (d *Daemon) oldColumnStillUsed(ctx context.Context, st *state.Migration) (b
 	if st.OldUsage == nil {
 		return false, nil
 	}
-	view, err := statementsView(ctx, d.conn)
+	view, err := pgfeature.StatementsView(ctx, d.conn)
 	if err != nil {
 		return false, nil
 	}
-	calls, err := d.oldColumnCalls(ctx, view)
+	calls, err := oldColumnCalls(ctx, d.conn, view, d.cfg)
 	if err != nil {
 		return false, err
 	}
@@ -147,7 +113,7 @@ func (d *Daemon) oldColumnStillUsed(ctx context.Context, st *state.Migration) (b
 	}
 	d.rlog.Warn("verify: statements that use the old column without the new ones ran during the hold; the contract waits for a hold without them",
 		"statements", len(u.Still), "e.g.", strings.Join(queries, "; "))
-	d.waiting.Store(fmt.Sprintf("a hold during which nothing uses the old column: %d statements still did (see status)", len(u.Still)))
+	d.figures.waiting.Store(fmt.Sprintf("a hold during which nothing uses the old column: %d statements still did (see status)", len(u.Still)))
 	next := &state.OldUsage{Since: time.Now(), Baseline: map[string]int64{}, Still: u.Still}
 	for id, c := range calls {
 		next.Baseline[id] = c.Calls

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/cdcbackfill/cdcbackfill/config"
@@ -40,117 +41,157 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 	throttle := d.newThrottle("verify")
 	d.log.Info("verify: the application owns the new columns; checking parity over the whole table",
 		"hold", d.cfg.ContractPolicy.Hold, "contract_policy", d.cfg.ContractPolicy.Mode, "hold_proven", st.HoldProven)
-	var mark time.Time // the server's clock at the last proof of this run; zero: none yet
-	found := d.checks.found.Load()
-	saidNever := false
-	pass := verifyPass{size: d.cfg.Backfill.BatchSize, parts: 1}
-	built := false
-	return d.pipe.Load().guard(ctx, func(ctx context.Context) error {
+	v := &verifyRun{throttle: throttle, found: d.parity.found.Load(), pass: verifyPass{size: d.cfg.Backfill.BatchSize, parts: 1}}
+	return d.repl.pipe.Load().guard(ctx, func(ctx context.Context) error {
 		for ctx.Err() == nil {
-			if !built {
-				var err error
-				if built, err = d.indexesBuilt(ctx); err != nil {
-					return err
-				}
-				if !built {
-					continue // the loop's condition ends it with ctx
-				}
-			}
-			st, outstanding, err := d.loadAndRecheck(ctx)
-			if err != nil {
+			if done, err := d.verifyStep(ctx, v); done || err != nil {
 				return err
-			}
-			if outstanding > 0 {
-				if d.cfg.DualWrite.Detect == config.DetectAuto {
-					return d.backToSync(ctx, state.Verify, outstanding)
-				}
-				mark = time.Time{}
-				if st.HoldProven > 0 {
-					if err := d.store.ResetHold(ctx, d.conn); err != nil {
-						return err
-					}
-				}
-				d.waiting.Store(fmt.Sprintf("%d rows out of parity: the application must fix them, or an operator accept them (cdcbackfill approve --accept-mismatches); the hold starts once none is left", outstanding))
-				d.rlog.Info("verify: rows out of parity hold the contract; the hold starts once none is left", "rows", outstanding)
-			}
-			if !st.PassDone {
-				if err = d.verifyChunk(ctx, st, throttle, &pass); err != nil {
-					return err
-				}
-				if outstanding == 0 {
-					d.waiting.Store(fmt.Sprintf("the verify pass: %d rows checked", st.VerifyRowsChecked))
-				}
-				if err := dbconn.Sleep(ctx, d.cfg.Backfill.Sleep); err != nil {
-					return nil
-				}
-				continue
-			}
-			if outstanding > 0 {
-				if err := dbconn.Sleep(ctx, verifyTick); err != nil {
-					return nil
-				}
-				continue
-			}
-			now, ok, err := d.proveClean(ctx)
-			if err != nil {
-				return err
-			}
-			if !ok {
-				mark = time.Time{}
-				d.waiting.Store("the stream to catch up, to prove parity up to now")
-				continue
-			}
-			if f := d.checks.found.Load(); f != found {
-				// Rows were found out of parity since the last proof and
-				// fixed since: the clean time starts over.
-				found, mark = f, now
-				d.rlog.Info("verify: rows were out of parity; the hold starts again")
-				if err := d.restartHold(ctx); err != nil {
-					return err
-				}
-				continue
-			}
-			held := st.HoldProven
-			if !mark.IsZero() {
-				if err := d.store.CreditHold(ctx, d.conn, now.Sub(mark)); err != nil {
-					return err
-				}
-				held += now.Sub(mark)
-			} else if st.HoldProven == 0 {
-				if err := d.startUsageWatch(ctx); err != nil {
-					return err
-				}
-			}
-			mark = now
-			if held < d.cfg.ContractPolicy.Hold {
-				d.waiting.Store(fmt.Sprintf("the hold: parity proven for %s of %s", held.Round(time.Second), d.cfg.ContractPolicy.Hold))
-			} else {
-				switch {
-				case d.cfg.ContractPolicy.Mode == config.ContractNever:
-					d.waiting.Store("nothing: parity holds, and contract_policy.mode is never")
-					if !saidNever {
-						d.log.Info("verify: parity holds; contract_policy.mode is never, so the migration stays in verify and drops nothing")
-						saidNever = true
-					}
-				case d.paused.Load():
-					d.waiting.Store("resume: parity holds, but the migration is paused (cdcbackfill resume)")
-				default:
-					blocked, err := d.oldColumnStillUsed(ctx, st)
-					if err != nil {
-						return err
-					}
-					if !blocked {
-						return d.store.Move(ctx, d.conn, state.Verify, state.Contract, map[string]any{
-							"rows_checked": st.VerifyRowsChecked, "hold_proven": held.String()})
-					}
-				}
-			}
-			if err := dbconn.Sleep(ctx, verifyTick); err != nil {
-				return nil
 			}
 		}
 		return nil
 	})
+}
+
+// verifyRun is what one run of verify carries from step to step.
+type verifyRun struct {
+	throttle  *snapshot.Throttle
+	mark      time.Time // the server's clock at the last proof of this run; zero: none yet
+	found     uint64    // rows found out of parity (paritySink.found) as of the last proof
+	saidNever bool
+	built     bool // the indexes on new columns are valid
+	pass      verifyPass
+}
+
+// verifyStep is one step of verify: build the indexes, read the rows kept
+// out of parity, check a chunk of the pass, or prove the hold. done says
+// that verify ends (moved on, or ctx ended) with err.
+func (d *Daemon) verifyStep(ctx context.Context, v *verifyRun) (done bool, err error) {
+	if !v.built {
+		if v.built, err = d.indexesBuilt(ctx); err != nil || !v.built {
+			return err != nil, err // the loop's condition ends it with ctx
+		}
+	}
+	st, outstanding, err := d.loadAndRecheck(ctx)
+	if err != nil {
+		return true, err
+	}
+	if outstanding > 0 {
+		if d.cfg.DualWrite.Detect == config.DetectAuto {
+			return true, d.backToSync(ctx, state.Verify, outstanding)
+		}
+		if err := d.holdOutOfParity(ctx, st, v, outstanding); err != nil {
+			return true, err
+		}
+	}
+	if !st.PassDone {
+		if err := d.verifyChunk(ctx, st, v.throttle, &v.pass); err != nil {
+			return true, err
+		}
+		if outstanding == 0 {
+			d.figures.waiting.Store(fmt.Sprintf("the verify pass: %d rows checked", st.VerifyRowsChecked))
+		}
+		return sleepOrEnd(ctx, d.cfg.Backfill.Sleep)
+	}
+	if outstanding > 0 {
+		return sleepOrEnd(ctx, verifyTick)
+	}
+	return d.proveHold(ctx, st, v)
+}
+
+// sleepOrEnd sleeps for a step's pause; true when ctx ended meanwhile.
+func sleepOrEnd(ctx context.Context, pause time.Duration) (bool, error) {
+	return dbconn.Sleep(ctx, pause) != nil, nil
+}
+
+// holdOutOfParity stops the hold while rows are out of parity: nothing
+// proven counts until none is left.
+func (d *Daemon) holdOutOfParity(ctx context.Context, st *state.Migration, v *verifyRun, outstanding int64) error {
+	v.mark = time.Time{}
+	if st.HoldProven > 0 {
+		if err := d.store.ResetHold(ctx, d.conn); err != nil {
+			return err
+		}
+	}
+	d.figures.waiting.Store(fmt.Sprintf("%d rows out of parity: the application must fix them, or an operator accept them (cdcbackfill approve --accept-mismatches); the hold starts once none is left", outstanding))
+	d.rlog.Info("verify: rows out of parity hold the contract; the hold starts once none is left", "rows", outstanding)
+	return nil
+}
+
+// proveHold proves parity up to now and credits the time since the last
+// proof to the hold; once the hold is reached, verify moves to contract
+// unless the policy, a pause or a statement on the old column keeps it.
+func (d *Daemon) proveHold(ctx context.Context, st *state.Migration, v *verifyRun) (done bool, err error) {
+	now, ok, err := d.repl.pipe.Load().proveClean(ctx, d.conn)
+	if err != nil {
+		return true, err
+	}
+	if !ok {
+		v.mark = time.Time{}
+		d.figures.waiting.Store("the stream to catch up, to prove parity up to now")
+		return false, nil
+	}
+	if f := d.parity.found.Load(); f != v.found {
+		// Rows were found out of parity since the last proof and
+		// fixed since: the clean time starts over.
+		v.found, v.mark = f, now
+		d.rlog.Info("verify: rows were out of parity; the hold starts again")
+		if err := d.restartHold(ctx); err != nil {
+			return true, err
+		}
+		return false, nil
+	}
+	held, err := d.creditHold(ctx, st, v, now)
+	if err != nil {
+		return true, err
+	}
+	if held < d.cfg.ContractPolicy.Hold {
+		d.figures.waiting.Store(fmt.Sprintf("the hold: parity proven for %s of %s", held.Round(time.Second), d.cfg.ContractPolicy.Hold))
+	} else if moved, err := d.afterHold(ctx, st, v, held); moved || err != nil {
+		return true, err
+	}
+	return sleepOrEnd(ctx, verifyTick)
+}
+
+// creditHold adds the time since the last proof of this run to the hold
+// (the first proof of a hold takes the baseline of the statements that use
+// the old column instead), and returns the hold proven so far.
+func (d *Daemon) creditHold(ctx context.Context, st *state.Migration, v *verifyRun, now time.Time) (time.Duration, error) {
+	held := st.HoldProven
+	if !v.mark.IsZero() {
+		if err := d.store.CreditHold(ctx, d.conn, now.Sub(v.mark)); err != nil {
+			return 0, err
+		}
+		held += now.Sub(v.mark)
+	} else if st.HoldProven == 0 {
+		if err := d.startUsageWatch(ctx); err != nil {
+			return 0, err
+		}
+	}
+	v.mark = now
+	return held, nil
+}
+
+// afterHold decides, with parity held for the whole hold, whether verify
+// moves to contract now; moved says it did.
+func (d *Daemon) afterHold(ctx context.Context, st *state.Migration, v *verifyRun, held time.Duration) (moved bool, err error) {
+	switch {
+	case d.cfg.ContractPolicy.Mode == config.ContractNever:
+		d.figures.waiting.Store("nothing: parity holds, and contract_policy.mode is never")
+		if !v.saidNever {
+			d.log.Info("verify: parity holds; contract_policy.mode is never, so the migration stays in verify and drops nothing")
+			v.saidNever = true
+		}
+		return false, nil
+	case d.control.paused.Load():
+		d.figures.waiting.Store("resume: parity holds, but the migration is paused (cdcbackfill resume)")
+		return false, nil
+	}
+	blocked, err := d.oldColumnStillUsed(ctx, st)
+	if err != nil || blocked {
+		return false, err
+	}
+	return true, d.store.Move(ctx, d.conn, state.Verify, state.Contract, map[string]any{
+		"rows_checked": st.VerifyRowsChecked, "hold_proven": held.String()})
 }
 
 // restartHold starts the hold over from now: nothing proven yet, and a new
@@ -166,9 +207,9 @@ func (d *Daemon) restartHold(ctx context.Context) error {
 // (boundedly) until the stream has checked everything committed before
 // that position: parity held up to that clock time, since every change
 // before it has been checked. ok is false when the stream did not get there.
-func (d *Daemon) proveClean(ctx context.Context) (now time.Time, ok bool, err error) {
+func (p *pipeline) proveClean(ctx context.Context, q dbconn.Querier) (now time.Time, ok bool, err error) {
 	var at string
-	if err := d.conn.QueryRow(ctx, "SELECT clock_timestamp(), pg_current_wal_insert_lsn()::text").Scan(&now, &at); err != nil {
+	if err := q.QueryRow(ctx, "SELECT clock_timestamp(), pg_current_wal_insert_lsn()::text").Scan(&now, &at); err != nil {
 		return now, false, fmt.Errorf("read the server's clock: %w", err)
 	}
 	lsn, err := pglogrepl.ParseLSN(at)
@@ -177,7 +218,7 @@ func (d *Daemon) proveClean(ctx context.Context) (now time.Time, ok bool, err er
 	}
 	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	if err := d.pipe.Load().waitApplied(wctx, lsn); err != nil {
+	if err := p.waitApplied(wctx, lsn); err != nil {
 		if wctx.Err() != nil && ctx.Err() == nil {
 			return now, false, nil
 		}
@@ -198,10 +239,10 @@ func (d *Daemon) newThrottle(what string) *snapshot.Throttle {
 		Slot:               d.cfg.SlotName(),
 		Name:               what,
 		Logger:             d.log,
-	}, d.pool, d.paused.Load)
-	d.live.mu.Lock()
-	d.live.throttleReason = th.Reason
-	d.live.mu.Unlock()
+	}, d.pool, d.control.paused.Load)
+	d.figures.live.mu.Lock()
+	d.figures.live.throttleReason = th.Reason
+	d.figures.live.mu.Unlock()
 	return th
 }
 
@@ -233,7 +274,7 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle 
 			return d.store.VerifyChunk(ctx, d.conn, 0, nil) // empty table: nothing to check
 		}
 		p.hi = hi
-		p.parts, p.first = d.spreadParts(lo, hi, estimate)
+		p.parts, p.first = spreadParts(d.cfg.Verify.Workers, d.table, lo, hi, estimate)
 	}
 	if err := throttle.Wait(ctx, p.size*p.parts); err != nil {
 		return nil
@@ -243,7 +284,7 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle 
 	var cursor recompute.Key // after the chunk; nil: the pass ended
 	var err error
 	if p.parts > 1 {
-		res, cursor, err = d.checkSpread(ctx, st.VerifyCursor, p)
+		res, cursor, err = checkSpread(ctx, d.pool, d.table, st.VerifyCursor, p)
 	} else {
 		res, err = d.table.Check(ctx, d.conn, st.VerifyCursor, p.hi, p.size)
 		if res.Scanned == int64(p.size) {
@@ -259,14 +300,14 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle 
 		if err != nil {
 			return err
 		}
-		if err := d.pipe.Load().waitApplied(ctx, lsn); err != nil {
+		if err := d.repl.pipe.Load().waitApplied(ctx, lsn); err != nil {
 			return err
 		}
 		found, err := d.table.CheckKeys(ctx, d.conn, res.Skipped)
 		if err != nil {
 			return fmt.Errorf("verify: check again %d rows: %w", len(res.Skipped), err)
 		}
-		if err := d.checks.Report(ctx, found, nil); err != nil {
+		if err := d.parity.Report(ctx, found, nil); err != nil {
 			return err
 		}
 	}
@@ -281,8 +322,8 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle 
 // integer column whose values are dense (at most twice as many values as
 // rows), so a part of w values holds about w rows and at most w; else 1,
 // and chunks are walked by keyset alone.
-func (d *Daemon) spreadParts(lo, hi recompute.Key, estimate int64) (parts int, first int64) {
-	if d.cfg.Verify.Workers <= 1 || !d.table.IntegerKey() {
+func spreadParts(workers int, t *recompute.Table, lo, hi recompute.Key, estimate int64) (parts int, first int64) {
+	if workers <= 1 || !t.IntegerKey() {
 		return 1, 0
 	}
 	l, err1 := strconv.ParseInt(lo[0], 10, 64)
@@ -290,7 +331,7 @@ func (d *Daemon) spreadParts(lo, hi recompute.Key, estimate int64) (parts int, f
 	if err1 != nil || err2 != nil || l <= math.MinInt64/4 || h >= math.MaxInt64/4 || float64(h-l) > 2*float64(estimate) {
 		return 1, 0
 	}
-	return d.cfg.Verify.Workers, l
+	return workers, l
 }
 
 // checkSpread checks, each part on its own connection at once, p.parts
@@ -298,7 +339,7 @@ func (d *Daemon) spreadParts(lo, hi recompute.Key, estimate int64) (parts int, f
 // up to p.hi. A part of w values of a unique integer key holds at most w
 // rows, so each is checked whole. It returns what the parts found together
 // and the cursor after them (nil: p.hi was reached).
-func (d *Daemon) checkSpread(ctx context.Context, cursor recompute.Key, p *verifyPass) (recompute.Result, recompute.Key, error) {
+func checkSpread(ctx context.Context, pool *pgxpool.Pool, t *recompute.Table, cursor recompute.Key, p *verifyPass) (recompute.Result, recompute.Key, error) {
 	last, _ := strconv.ParseInt(p.hi[0], 10, 64)
 	base := p.first - 1 // keys after it: the first key on
 	if cursor != nil {
@@ -315,12 +356,12 @@ func (d *Daemon) checkSpread(ctx context.Context, cursor recompute.Key, p *verif
 		end = min(from+int64(p.size), last)
 		lo, hi := recompute.Key{strconv.FormatInt(from, 10)}, recompute.Key{strconv.FormatInt(end, 10)}
 		g.Go(func() error {
-			conn, err := d.pool.Acquire(gctx)
+			conn, err := pool.Acquire(gctx)
 			if err != nil {
 				return err
 			}
 			defer conn.Release()
-			results[i], err = d.table.Check(gctx, conn, lo, hi, p.size)
+			results[i], err = t.Check(gctx, conn, lo, hi, p.size)
 			return err
 		})
 	}

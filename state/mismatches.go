@@ -122,6 +122,24 @@ func (s Store) mismatchRows(ctx context.Context, q dbconn.Querier, where string,
 	})
 }
 
+// AcceptedAsIs returns the keys (Key.ID) of found that an operator
+// accepted with the values they hold now.
+func (s Store) AcceptedAsIs(ctx context.Context, q dbconn.Querier, found []recompute.Mismatch) (map[string]bool, error) {
+	out := map[string]bool{}
+	for _, m := range found {
+		var ok bool
+		err := q.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM cdcbackfill.mismatches
+			WHERE name = $1 AND key = $2 AND accepted AND actual IS NOT DISTINCT FROM $3)`, s.Name, []string(m.Key), m.Actual).Scan(&ok)
+		if err != nil {
+			return nil, fmt.Errorf("contract: look up accepted rows: %w", err)
+		}
+		if ok {
+			out[m.Key.ID()] = true
+		}
+	}
+	return out, nil
+}
+
 // AcceptMismatches accepts the rows out of parity kept now: they keep the
 // application's values and no longer hold the contract. It returns how
 // many, and logs it.

@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 )
 
@@ -118,6 +119,17 @@ ORDER BY k.ord`
 const columnsSQL = `
 SELECT attname FROM pg_attribute
 WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped`
+
+// InspectMigration reads the table of a migration's config, with its new
+// columns and their expressions, from the catalog (Inspect).
+func InspectMigration(ctx context.Context, q Querier, cfg *config.Config) (*Table, error) {
+	schema, name := cfg.TableIdent()
+	cols := make([]Column, len(cfg.Columns))
+	for i, c := range cfg.Columns {
+		cols[i] = Column{Name: c.Name, Expr: c.Expr}
+	}
+	return Inspect(ctx, q, schema, name, cols)
+}
 
 // Inspect reads the table's key and columns from the catalog.
 func Inspect(ctx context.Context, q Querier, schema, name string, cols []Column) (*Table, error) {

@@ -1,4 +1,4 @@
-package phases
+package preflight
 
 import (
 	"context"
@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/cdcbackfill/cdcbackfill/internal/ddl"
+	"github.com/cdcbackfill/cdcbackfill/internal/pgfeature"
 )
 
 // checkDDL reads every expand, contract and rollback statement with
@@ -18,15 +19,33 @@ import (
 // where the tree cannot tell), and refuses what the rules of internal/ddl
 // refuse, unless ddl.allow or the statement's comment allows it.
 func checkDDL(ctx context.Context, in *inspection) (bool, error) {
-	r, cfg, t := in.r, in.cfg, in.table
+	r, cfg := in.r, in.cfg
 	allow, ok := allowedRules(r, cfg.DDL.Allow)
 	if !ok {
 		return false, nil
 	}
-	lists := []struct {
-		list  ddl.List
-		stmts []string
-	}{{ddl.Expand, cfg.Expand}, {ddl.Contract, cfg.Contract}, {ddl.Rollback, cfg.Rollback}}
+	lists := []ddlList{{ddl.Expand, cfg.Expand}, {ddl.Contract, cfg.Contract}, {ddl.Rollback, cfg.Rollback}}
+	parsed := parseLists(r, lists)
+	if !slices.Contains(parsed[ddl.Expand], nil) && !slices.Contains(parsed[ddl.Contract], nil) {
+		// What the new columns become is the daemon's to run in steps; the
+		// rules judge what then runs as written.
+		planned, err := planLists(ctx, in, lists, parsed)
+		if err != nil || !planned {
+			return false, err
+		}
+	}
+	return false, judgeLists(ctx, in, lists, parsed, allow)
+}
+
+// ddlList is one of the config's statement lists, as plan judges it.
+type ddlList struct {
+	list  ddl.List
+	stmts []string
+}
+
+// parseLists parses every statement of the lists, failing each that does
+// not parse (its place then holds nil).
+func parseLists(r *Report, lists []ddlList) map[ddl.List][]*ddl.Statement {
 	parsed := map[ddl.List][]*ddl.Statement{}
 	for _, l := range lists {
 		for i, sql := range l.stmts {
@@ -38,34 +57,44 @@ func checkDDL(ctx context.Context, in *inspection) (bool, error) {
 			parsed[l.list] = append(parsed[l.list], s)
 		}
 	}
-	if !slices.Contains(parsed[ddl.Expand], nil) && !slices.Contains(parsed[ddl.Contract], nil) {
-		// What the new columns become is the daemon's to run in steps; the
-		// rules judge what then runs as written.
-		v, err := serverVersion(ctx, in.conn)
-		if err != nil {
-			return false, err
-		}
-		f, err := planFinish(cfg, v)
-		if err != nil {
-			r.fail("new columns", err.Error(), "")
-			return false, nil
-		}
-		reportFinish(r, f)
-		lists[0].stmts, lists[1].stmts = f.Expand, f.Contract
-		parsed[ddl.Expand], parsed[ddl.Contract] = nil, nil
-		for _, l := range lists[:2] {
-			for _, sql := range l.stmts {
-				s, err := ddl.Parse(sql)
-				if err != nil {
-					return false, fmt.Errorf("%s: %w", l.list, err) // the parser's own output: a bug
-				}
-				parsed[l.list] = append(parsed[l.list], s)
+	return parsed
+}
+
+// planLists replaces the expand and contract lists by what runs (ddl.PlanFor)
+// and reports the steps the new columns take. planned is false when the
+// plan failed (reported): nothing more is judged.
+func planLists(ctx context.Context, in *inspection, lists []ddlList, parsed map[ddl.List][]*ddl.Statement) (planned bool, err error) {
+	v, err := pgfeature.ServerVersion(ctx, in.conn)
+	if err != nil {
+		return false, err
+	}
+	f, err := ddl.PlanFor(in.cfg, v)
+	if err != nil {
+		in.r.fail("new columns", err.Error(), "")
+		return false, nil
+	}
+	reportFinish(in.r, f)
+	lists[0].stmts, lists[1].stmts = f.Expand, f.Contract
+	parsed[ddl.Expand], parsed[ddl.Contract] = nil, nil
+	for _, l := range lists[:2] {
+		for _, sql := range l.stmts {
+			s, err := ddl.Parse(sql)
+			if err != nil {
+				return false, fmt.Errorf("%s: %w", l.list, err) // the parser's own output: a bug
 			}
+			parsed[l.list] = append(parsed[l.list], s)
 		}
 	}
+	return true, nil
+}
+
+// judgeLists tries each list on a copy of the table where the server lets
+// plan make one, and judges every statement that parsed.
+func judgeLists(ctx context.Context, in *inspection, lists []ddlList, parsed map[ddl.List][]*ddl.Statement, allow []ddl.Rule) error {
+	r, t := in.r, in.table
 	rel := relations{ctx: ctx, conn: in.conn, schema: t.Schema, name: t.Name}
 	if err := in.conn.QueryRow(ctx, "SELECT $1::regclass::oid", t.Ident()).Scan(&rel.oid); err != nil {
-		return false, fmt.Errorf("read the table's oid: %w", err)
+		return fmt.Errorf("read the table's oid: %w", err)
 	}
 	for _, l := range lists {
 		stmts := compact(parsed[l.list])
@@ -77,10 +106,10 @@ func checkDDL(ctx context.Context, in *inspection) (bool, error) {
 		untried := ""
 		if err != nil {
 			if ctx.Err() != nil {
-				return false, ctx.Err()
+				return ctx.Err()
 			}
 			untried = "no temporary copy of the table could be made: " + err.Error()
-			r.add("info", string(l.list)+" statements", "judged from the parse tree alone: "+untried,
+			r.info(string(l.list)+" statements", "judged from the parse tree alone: "+untried,
 				"GRANT TEMPORARY ON DATABASE to the role, and SELECT on the table, so plan can ask the server")
 			tried = make([]*ddl.Tried, len(stmts))
 		}
@@ -93,7 +122,7 @@ func checkDDL(ctx context.Context, in *inspection) (bool, error) {
 			j++
 		}
 	}
-	return false, nil
+	return nil
 }
 
 func judgeStatement(r *Report, list ddl.List, i int, s *ddl.Statement, tried *ddl.Tried, untried string, allow []ddl.Rule, rel relations) {
@@ -110,7 +139,7 @@ func judgeStatement(r *Report, list ddl.List, i int, s *ddl.Statement, tried *dd
 			r.warn(name, f.Problem+" (allowed by "+f.AllowedBy+")", "")
 			r.Allowed = append(r.Allowed, name+": "+f.Problem+" (allowed by "+f.AllowedBy+")")
 		default:
-			r.add("info", name, f.Problem, "")
+			r.info(name, f.Problem, "")
 		}
 	}
 }

@@ -1,4 +1,4 @@
-package phases
+package preflight
 
 import (
 	"fmt"
@@ -11,7 +11,7 @@ import (
 // Print writes the checks, then what run would do.
 func (r *Report) Print(w io.Writer, cfg *config.Config) {
 	for _, c := range r.Checks {
-		if c.Status == "ok" {
+		if c.Status == OK {
 			fmt.Fprintf(w, "ok    %s\n", c.Name)
 			continue
 		}

@@ -1,4 +1,4 @@
-package phases
+package preflight
 
 import (
 	"context"

@@ -5,48 +5,62 @@ import (
 	"fmt"
 	"sync/atomic"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
 	"github.com/cdcbackfill/cdcbackfill/config"
 	"github.com/cdcbackfill/cdcbackfill/internal/recompute"
+	"github.com/cdcbackfill/cdcbackfill/internal/repeatlog"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
 
-// checkSink keeps what the applier finds while the application owns the
-// new columns (applier.Checks): a row out of parity is kept in the store,
-// with both values, until a check finds it in parity again; it is never
-// overwritten.
-type checkSink struct {
-	d     *Daemon
+// paritySink keeps what the applier and verify find while the application
+// owns the new columns (applier.Checks): a row out of parity is kept in the
+// store, with both values, until a check finds it in parity again; it is
+// never overwritten.
+type paritySink struct {
+	store state.Store
+	pool  *pgxpool.Pool // Report is called from the applier's goroutine
+	table *recompute.Table
+	// detect is dual_write.detect: with auto, a row out of parity proves
+	// the detection premature.
+	detect config.Detect
+	rlog   *repeatlog.Log
+
 	found atomic.Uint64 // rows found out of parity by this daemon (stream and verify)
 	// kept is how many rows the store may hold; while 0 a clean key cannot
 	// clear anything and no statement is spent on it.
 	kept atomic.Int64
 }
 
-func (c *checkSink) Report(ctx context.Context, found []recompute.Mismatch, clean []recompute.Key) error {
-	d := c.d
+func newParitySink(store state.Store, pool *pgxpool.Pool, table *recompute.Table, detect config.Detect, rlog *repeatlog.Log) *paritySink {
+	return &paritySink{store: store, pool: pool, table: table, detect: detect, rlog: rlog}
+}
+
+func (p *paritySink) Report(ctx context.Context, found []recompute.Mismatch, clean []recompute.Key) error {
 	if len(found) > 0 {
-		if err := d.store.RecordMismatches(ctx, d.pool, found); err != nil {
+		if err := p.store.RecordMismatches(ctx, p.pool, found); err != nil {
 			return err
 		}
-		c.found.Add(uint64(len(found)))
-		c.kept.Add(int64(len(found)))
+		p.found.Add(uint64(len(found)))
+		p.kept.Add(int64(len(found)))
 		for _, m := range found[:min(len(found), 3)] {
-			if d.cfg.DualWrite.Detect == config.DetectAuto {
-				d.rlog.Warn("dual-write detection was premature: a row changed after it needs a correction; back to sync",
-					"key", d.table.KeyString(m.Key), "values", d.describe(m))
+			if p.detect == config.DetectAuto {
+				p.rlog.Warn("dual-write detection was premature: a row changed after it needs a correction; back to sync",
+					"key", p.table.KeyString(m.Key), "values", describeMismatch(p.table, m))
 			} else {
-				d.rlog.Warn("row out of parity: the application wrote new columns that differ from their expressions; "+
+				p.rlog.Warn("row out of parity: the application wrote new columns that differ from their expressions; "+
 					"they are kept as written and hold the contract until fixed, or accepted (cdcbackfill approve --accept-mismatches)",
-					"key", d.table.KeyString(m.Key), "values", d.describe(m))
+					"key", p.table.KeyString(m.Key), "values", describeMismatch(p.table, m))
 			}
 		}
 	}
-	if len(clean) > 0 && c.kept.Load() > 0 {
-		n, err := d.store.ClearMismatches(ctx, d.pool, clean)
+	if len(clean) > 0 && p.kept.Load() > 0 {
+		n, err := p.store.ClearMismatches(ctx, p.pool, clean)
 		if err != nil {
 			return err
 		}
-		c.kept.Add(-n)
+		p.kept.Add(-n)
 	}
 	return nil
 }
@@ -54,24 +68,24 @@ func (c *checkSink) Report(ctx context.Context, found []recompute.Mismatch, clea
 // recheckKept checks again, read-only, the rows the store keeps (up to a
 // bound per call): those the application has fixed or deleted leave it. It
 // returns the number of rows out of parity not accepted.
-func (d *Daemon) recheckKept(ctx context.Context) (int64, error) {
-	keys, err := d.store.MismatchKeys(ctx, d.conn, 1000)
+func (p *paritySink) recheckKept(ctx context.Context, conn *pgx.Conn) (int64, error) {
+	keys, err := p.store.MismatchKeys(ctx, conn, 1000)
 	if err != nil {
 		return 0, err
 	}
-	d.checks.kept.Store(int64(len(keys)))
+	p.kept.Store(int64(len(keys)))
 	if len(keys) > 0 {
-		found, err := d.table.CheckKeys(ctx, d.conn, keys)
+		found, err := p.table.CheckKeys(ctx, conn, keys)
 		if err != nil {
 			return 0, fmt.Errorf("check the rows kept out of parity: %w", err)
 		}
 		clean := recompute.InParity(keys, found)
-		if _, err := d.store.ClearMismatches(ctx, d.conn, clean); err != nil {
+		if _, err := p.store.ClearMismatches(ctx, conn, clean); err != nil {
 			return 0, err
 		}
-		d.checks.kept.Add(-int64(len(clean)))
+		p.kept.Add(-int64(len(clean)))
 	}
-	n, _, err := d.store.Outstanding(ctx, d.conn, 0)
+	n, _, err := p.store.Outstanding(ctx, conn, 0)
 	return n, err
 }
 
@@ -82,7 +96,7 @@ func (d *Daemon) loadAndRecheck(ctx context.Context) (*state.Migration, int64, e
 	if err != nil {
 		return nil, 0, err
 	}
-	outstanding, err := d.recheckKept(ctx)
+	outstanding, err := d.parity.recheckKept(ctx, d.conn)
 	return st, outstanding, err
 }
 
@@ -90,7 +104,7 @@ func (d *Daemon) loadAndRecheck(ctx context.Context) (*state.Migration, int64, e
 // auto-detected dual-write proved premature: the rows found out of parity
 // are corrected at once, later changes by the stream.
 func (d *Daemon) backToSync(ctx context.Context, from state.Phase, outstanding int64) error {
-	d.setHandover(0)
+	d.repl.setHandover(0)
 	keys, err := d.store.MismatchKeys(ctx, d.conn, 100000)
 	if err != nil {
 		return err

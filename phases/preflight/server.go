@@ -1,8 +1,10 @@
-package phases
+package preflight
 
 import (
 	"context"
 	"fmt"
+
+	"github.com/cdcbackfill/cdcbackfill/internal/pgfeature"
 )
 
 // checkServerFeatures says what the server's version gives the stream:
@@ -10,19 +12,19 @@ import (
 // slot, and whether an idle slot can be invalidated.
 func checkServerFeatures(ctx context.Context, in *inspection) (bool, error) {
 	r, conn, cfg, t := in.r, in.conn, in.cfg, in.table
-	if _, why, err := originNone(ctx, conn, cfg, t.Ident()); err != nil {
+	if _, why, err := pgfeature.OriginNone(ctx, conn, cfg.Sync.OriginFilter, t.Ident()); err != nil {
 		r.fail("stream", err.Error(), "")
 	} else {
 		r.ok("stream: " + why)
 	}
-	if failover, why, err := failoverSlot(ctx, conn); err != nil {
+	if failover, why, err := pgfeature.FailoverSlot(ctx, conn); err != nil {
 		r.fail("failover", err.Error(), "")
 	} else if failover {
 		r.ok("failover: " + why)
 	} else {
-		r.add("info", "failover", why, "")
+		r.info("failover", why, "")
 	}
-	if idle, err := idleSlotTimeout(ctx, conn); err != nil {
+	if idle, err := pgfeature.IdleSlotTimeout(ctx, conn); err != nil {
 		r.fail("idle slot timeout", err.Error(), "")
 	} else if idle != "" {
 		r.warn("idle slot timeout", fmt.Sprintf("idle_replication_slot_timeout is %s: a slot no daemon reads for that long is invalidated, and `cdcbackfill recover` must then backfill again", idle),

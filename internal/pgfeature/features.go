@@ -1,4 +1,4 @@
-package phases
+package pgfeature
 
 import (
 	"context"
@@ -9,32 +9,32 @@ import (
 	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 )
 
-// What newer servers offer the daemon, each behind a version check:
-//   - 16+: pgoutput's origin 'none' has the walsender drop the daemon's own
-//     transactions instead of sending them to be skipped here;
-//   - 17+: a failover slot, kept by a standby that synchronizes slots, so
-//     the daemon resumes after a promotion.
-
-// serverVersion is server_version_num (e.g. 170010).
-func serverVersion(ctx context.Context, q dbconn.Querier) (int, error) {
-	var v int
-	if err := q.QueryRow(ctx, "SELECT current_setting('server_version_num')::int").Scan(&v); err != nil {
-		return 0, fmt.Errorf("read the server's version: %w", err)
-	}
-	return v, nil
+// ServerVersion is server_version_num (e.g. 170010).
+func ServerVersion(ctx context.Context, q dbconn.Querier) (int, error) {
+	v, _, err := Version(ctx, q)
+	return v, err
 }
 
-// originNone decides whether the walsender may drop every transaction that
+// Version is server_version_num and server_version as the server prints
+// it ("17.2 (Debian 17.2-1)").
+func Version(ctx context.Context, q dbconn.Querier) (num int, text string, err error) {
+	if err := q.QueryRow(ctx, "SELECT current_setting('server_version_num')::int, current_setting('server_version')").Scan(&num, &text); err != nil {
+		return 0, "", fmt.Errorf("read the server's version: %w", err)
+	}
+	return num, text, nil
+}
+
+// OriginNone decides whether the walsender may drop every transaction that
 // carries an origin (pgoutput's origin 'none'): only on PostgreSQL 16+, and
 // only where nothing else replicates into the table, whose changes carry an
 // origin too and would be lost to the stream: no subscription of this
 // database covers the table, and no replication origin other than the
 // daemons' exists. It says why in a sentence.
-func originNone(ctx context.Context, q dbconn.Querier, cfg *config.Config, table string) (bool, string, error) {
-	if cfg.Sync.OriginFilter == config.OriginFilterClient {
+func OriginNone(ctx context.Context, q dbconn.Querier, filter config.OriginFilter, table string) (bool, string, error) {
+	if filter == config.OriginFilterClient {
 		return false, "the daemon skips its own transactions (sync.origin_filter: client)", nil
 	}
-	v, err := serverVersion(ctx, q)
+	v, err := ServerVersion(ctx, q)
 	if err != nil {
 		return false, "", err
 	}
@@ -69,10 +69,10 @@ func originNone(ctx context.Context, q dbconn.Querier, cfg *config.Config, table
 	return true, "the walsender drops the daemon's own transactions (origin 'none', PostgreSQL 16+)", nil
 }
 
-// failoverSlot says whether the slot is created with failover (PostgreSQL
+// FailoverSlot says whether the slot is created with failover (PostgreSQL
 // 17+), and what a failover of the primary means for the migration.
-func failoverSlot(ctx context.Context, q dbconn.Querier) (bool, string, error) {
-	v, err := serverVersion(ctx, q)
+func FailoverSlot(ctx context.Context, q dbconn.Querier) (bool, string, error) {
+	v, err := ServerVersion(ctx, q)
 	if err != nil {
 		return false, "", err
 	}
@@ -89,9 +89,9 @@ func failoverSlot(ctx context.Context, q dbconn.Querier) (bool, string, error) {
 	return true, fmt.Sprintf("the slot is created with failover and the stream waits for the standby slots %s: after a failover to a standby with sync_replication_slots = on, the daemon resumes", standbySlots), nil
 }
 
-// idleSlotTimeout is PostgreSQL 18's idle_replication_slot_timeout: a slot
+// IdleSlotTimeout is PostgreSQL 18's idle_replication_slot_timeout: a slot
 // unused that long is invalidated ("" when unset or older servers).
-func idleSlotTimeout(ctx context.Context, q dbconn.Querier) (string, error) {
+func IdleSlotTimeout(ctx context.Context, q dbconn.Querier) (string, error) {
 	var s string
 	err := q.QueryRow(ctx, `SELECT coalesce(current_setting('idle_replication_slot_timeout', true), '0')`).Scan(&s)
 	if err != nil {
