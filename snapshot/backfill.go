@@ -110,8 +110,9 @@ func (b *Backfiller) Run(ctx context.Context, conns []*pgx.Conn, ranges []Range)
 }
 
 func (b *Backfiller) walk(ctx context.Context, conn *pgx.Conn, worker int, r Range) error {
-	size := b.BatchSize
+	sizer := NewSizer(b.BatchSize, b.TargetBatchTime)
 	for !r.Done {
+		size := sizer.Size()
 		if err := b.Throttle.Wait(ctx, size); err != nil {
 			if ctx.Err() != nil {
 				return nil // stopped between batches: nothing in hand
@@ -133,10 +134,10 @@ func (b *Backfiller) walk(ctx context.Context, conn *pgx.Conn, worker int, r Ran
 		if err != nil {
 			return err
 		}
-		size = NextBatchSize(size, took, b.TargetBatchTime)
+		next := sizer.Observe(took)
 		if b.Log != nil {
 			b.Log.Debug("backfill batch", "worker", worker, "rows", res.Scanned, "corrected", res.Corrected,
-				"skipped", len(res.Skipped), "took", took, "next_size", size)
+				"skipped", len(res.Skipped), "took", took, "next_size", next)
 		}
 		if r.Done || ctx.Err() != nil {
 			return nil
