@@ -32,6 +32,7 @@ var checks = []check{
 	checkStatements,
 	checkServerFeatures,
 	checkBounds,
+	checkCost,
 }
 
 // inspection is what the checks share.
