@@ -6,7 +6,7 @@ BIN       := bin/cdcbackfill
 PKGS      := ./...
 TEST_TIMEOUT ?= 30m
 
-.PHONY: build test test-matrix vet lint bench profile demo chaos clean
+.PHONY: build test test-matrix vet lint bench bench-long profile demo chaos clean
 
 build:
 	$(GO) build -o $(BIN) ./cmd/cdcbackfill
@@ -53,6 +53,18 @@ test-matrix: build
 
 bench: build
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 60m ./bench/
+
+# bench-long: the backfill against a single UPDATE at 1M and 10M rows in
+# one run (BENCH_ROWS), so the ratios sit side by side: rows/s, WAL per
+# row, CPU per row by role, each method's VACUUM, batch p99, peak RSS and
+# plan's estimate, then a summary with the targets. About 30 minutes on
+# 15 and 40 on 17 (one more setup) on 2 cores, 3 GB of disk besides the
+# WAL; CDCBACKFILL_PG_VERSION=17 for 17. Levers: BENCH_RUNS (3), BENCH_AUTOVACUUM=1 (the table's
+# autovacuum on during the runs), BENCH_SLEEP (backfill.sleep, e.g. 0s).
+BENCH_LONG_ROWS ?= 1000000,10000000
+
+bench-long: build
+	BENCH_ROWS=$(BENCH_LONG_ROWS) $(GO) test -count=1 -run '^$$' -bench '^BenchmarkBackfill$$' -benchtime 1x -timeout 180m ./bench/
 
 # profile: the daemon's CPU per write in sync at one rate (RATE, DUR), with
 # a CPU profile; about a minute (see bench/profile-sync.sh).

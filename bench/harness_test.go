@@ -160,14 +160,15 @@ type daemon struct {
 // daemonOptions are what a benchmark changes of the daemon's config; the
 // rest is config.Default() plus the running example.
 type daemonOptions struct {
-	expanded     bool          // the table has the new columns already: no expand statement
-	workers      int           // backfill.workers; 0 keeps the default
-	originFilter string        // sync.origin_filter; "" keeps the default
-	deferFor     time.Duration // sync.correction deferred with this defer_for; 0 keeps continuous
-	contract     string        // contract_policy.mode; "" is manual (the migration stays in verify)
-	hold         time.Duration // contract_policy.hold, with contract
-	debugJSON    bool          // log at debug level as JSON (the backfill's batch times)
-	throttleOff  bool          // no replica or slot lag throttle
+	expanded     bool           // the table has the new columns already: no expand statement
+	workers      int            // backfill.workers; 0 keeps the default
+	originFilter string         // sync.origin_filter; "" keeps the default
+	deferFor     time.Duration  // sync.correction deferred with this defer_for; 0 keeps continuous
+	contract     string         // contract_policy.mode; "" is manual (the migration stays in verify)
+	hold         time.Duration  // contract_policy.hold, with contract
+	debugJSON    bool           // log at debug level as JSON (the backfill's batch times)
+	throttleOff  bool           // no replica or slot lag throttle
+	sleep        *time.Duration // backfill.sleep; nil keeps the default
 }
 
 // yaml is the config of migration name on dsn. Dual-write detection is
@@ -190,8 +191,14 @@ dual_write:
 http:
   listen: ""
 `)
+	if o.workers > 0 || o.sleep != nil {
+		s.WriteString("backfill:\n")
+	}
 	if o.workers > 0 {
-		fmt.Fprintf(&s, "backfill:\n  workers: %d\n", o.workers)
+		fmt.Fprintf(&s, "  workers: %d\n", o.workers)
+	}
+	if o.sleep != nil {
+		fmt.Fprintf(&s, "  sleep: %s\n", *o.sleep)
 	}
 	if o.throttleOff {
 		s.WriteString("throttle:\n  max_replica_lag: 0s\n  max_slot_lag: 0\n")

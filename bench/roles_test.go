@@ -20,12 +20,13 @@ import (
 type role int
 
 const (
-	roleApp       role = iota // backends of the application (pgbench, or the single UPDATE)
-	roleWalsender             // walsenders: decoding and sending the slot's changes
-	roleDaemonSQL             // backends of the daemon's SQL sessions (application_name cdcbackfill*)
-	roleClient                // the daemon process itself, or pg_recvlogical for the floor
-	roleOther                 // the server's own processes: WAL writer, checkpointer, autovacuum...
-	roleBench                 // this benchmark's own sessions (samplers): left out of every total
+	roleApp        role = iota // backends of the application (pgbench, or the single UPDATE)
+	roleWalsender              // walsenders: decoding and sending the slot's changes
+	roleDaemonSQL              // backends of the daemon's SQL sessions (application_name cdcbackfill*)
+	roleClient                 // the daemon process itself, or pg_recvlogical for the floor
+	roleAutovacuum             // autovacuum workers (short-lived: told from /proc as well as pg_stat_activity)
+	roleOther                  // the server's own processes: WAL writer, checkpointer, autovacuum launcher...
+	roleBench                  // this benchmark's own sessions (samplers): left out of every total
 	nRoles
 )
 
@@ -40,6 +41,8 @@ func classify(backendType, appName string) role {
 	switch {
 	case backendType == "walsender":
 		return roleWalsender
+	case backendType == "autovacuum worker":
+		return roleAutovacuum
 	case backendType != "client backend":
 		return roleOther
 	case strings.HasPrefix(appName, "cdcbackfill"):
@@ -86,8 +89,11 @@ func (c roleCPU) perTxn(txns int64) [nRoles]float64 {
 	return out
 }
 
-// roleMeter samples, every 100ms, the CPU of each child of the postmaster
-// and what pg_stat_activity says it is, and of one client process. A
+// roleMeter samples the CPU of each child of the postmaster every
+// procTick, and what pg_stat_activity says it is every 4th, and the CPU of
+// one client process. An autovacuum worker may live less than that: its
+// process title (/proc/<pid>/cmdline) names it at the first /proc sample,
+// and its last figure is kept. A
 // backend that exits between two samples (pgbench's, at the end of a run)
 // loses its last moments to the sampling; the postmaster's reaped-children
 // time has them, and they are given to the roles of the processes that
@@ -139,25 +145,42 @@ func startRoleMeter(dsn string, postmaster int, client func() int) (*roleMeter, 
 
 func (m *roleMeter) loop() {
 	defer close(m.done)
-	tick := time.NewTicker(100 * time.Millisecond)
+	tick := time.NewTicker(procTick)
 	defer tick.Stop()
-	for {
+	for n := 1; ; n++ {
 		select {
 		case <-m.stop:
 			return
 		case <-tick.C:
-			m.sample()
+			m.sampleProc(n%4 == 0)
 		}
 	}
 }
 
-func (m *roleMeter) sample() {
+// procTick is how often the meter reads /proc (every 4th time
+// pg_stat_activity too).
+const procTick = 25 * time.Millisecond
+
+func (m *roleMeter) sample() { m.sampleProc(true) }
+
+func (m *roleMeter) sampleProc(activity bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for pid, cpu := range children(m.postmaster) {
 		m.last[pid] = cpu
+		if _, ok := m.roles[pid]; !ok && isAutovacuumWorker(pid) {
+			m.roles[pid] = roleAutovacuum
+		}
 	}
-	m.classify()
+	if activity {
+		m.classify()
+	}
+}
+
+// isAutovacuumWorker reads the process title PostgreSQL sets.
+func isAutovacuumWorker(pid int) bool {
+	cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	return err == nil && strings.Contains(string(cmd), "autovacuum worker")
 }
 
 // classify learns the role of the backends it has not classified yet
@@ -259,7 +282,7 @@ func connectAs(ctx context.Context, dsn, app string) (*pgx.Conn, error) {
 
 // roleHeader and roleCells print CPU per transaction by role.
 func roleHeader() string {
-	return fmt.Sprintf("%9s %9s %9s %9s %9s %9s", "app", "walsender", "daemon-db", "client", "other", "total")
+	return fmt.Sprintf("%9s %9s %9s %9s %9s %9s %9s", "app", "walsender", "daemon-db", "client", "autovac", "other", "total")
 }
 
 func roleCells(us [nRoles]float64) string {
@@ -269,10 +292,10 @@ func roleCells(us [nRoles]float64) string {
 			total += v
 		}
 	}
-	return fmt.Sprintf("%9.1f %9.1f %9.1f %9.1f %9.1f %9.1f", us[roleApp], us[roleWalsender], us[roleDaemonSQL], us[roleClient], us[roleOther], total)
+	return fmt.Sprintf("%9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f", us[roleApp], us[roleWalsender], us[roleDaemonSQL], us[roleClient], us[roleAutovacuum], us[roleOther], total)
 }
 
 // roleLegend says what the role columns hold.
 const roleLegend = `roles: app = the application's backends; walsender = decoding and sending the slot; daemon-db = backends of the
-daemon's SQL sessions; client = the daemon process itself (pg_recvlogical for the floor); other = the server's own
-processes (WAL writer, checkpointer, autovacuum); total = all of these (this benchmark's samplers are left out)`
+daemon's SQL sessions; client = the daemon process itself (pg_recvlogical for the floor); autovac = autovacuum
+workers; other = the server's own processes (WAL writer, checkpointer, ...); total = all of these (this benchmark's samplers are left out)`
