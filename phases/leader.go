@@ -54,7 +54,7 @@ func (d *Daemon) watch(ctx context.Context, stop context.CancelCauseFunc, lock *
 		stop(err)
 		return
 	}
-	defer conn.Close(context.Background())
+	defer func() { conn.Close(context.Background()) }()
 	tick := time.NewTicker(500 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -66,6 +66,19 @@ func (d *Daemon) watch(ctx context.Context, stop context.CancelCauseFunc, lock *
 		if err := lock.Ping(ctx); err != nil && ctx.Err() == nil {
 			stop(errLostLeadership)
 			return
+		}
+		// Only this observer's session ended (terminated, or its socket
+		// dropped) while the lock's lives: a new one, or an approve or
+		// abort would go unseen for as long as the leader runs.
+		if conn.IsClosed() {
+			fresh, err := dbconn.Connect(ctx, d.cfg.Database.DSN)
+			if err != nil {
+				if ctx.Err() == nil {
+					d.rlog.Warn("read state: reconnecting", "err", err)
+				}
+				continue
+			}
+			conn = fresh
 		}
 		st, err := d.store.Load(ctx, conn)
 		if err != nil {

@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/internal/pgtest"
 	"github.com/cdcbackfill/cdcbackfill/internal/workload"
 )
@@ -323,6 +324,37 @@ func TestPauseResume(t *testing.T) {
 		t.Fatalf("resume\n%s", r)
 	}
 	waitFor(t, time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
+}
+
+// TestWatchSurvivesItsSessionsEnd: the daemon's sessions other than the
+// leader lock's are terminated during sync (its observer, which reads the
+// operator's commands and writes the heartbeat, among them). The lock
+// lives, so the daemon leads on: its observer must come back, or an
+// approve, abort or pause would go unseen for as long as it runs.
+func TestWatchSurvivesItsSessionsEnd(t *testing.T) {
+	dsn, pool := seed(t, 5000)
+	cfg := writeConfig(t, usersConfig(dsn))
+	d := startDaemon(t, cfg)
+	waitFor(t, 2*time.Minute, "phase sync", func() bool { return phase(t, pool) == "sync" })
+	heartbeats(t, pool, 1)
+	n := query[int64](t, pool, `SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+		WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid()
+		  AND application_name = $1 AND pid NOT IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)`, dbconn.ApplicationName)
+	if n == 0 {
+		t.Fatalf("no session of the daemon's to terminate besides the lock's\n%s", d.output())
+	}
+	heartbeats(t, pool, 2)
+	if r := cli(t, 10*time.Second, nil, "pause", "--config", cfg); r.code != 0 {
+		t.Fatalf("pause\n%s", r)
+	}
+	waitFor(t, 10*time.Second, "the daemon to report the pause", func() bool {
+		return query[string](t, pool, `SELECT coalesce(stats->>'throttle_reason', '') FROM cdcbackfill.migrations`) != ""
+	})
+	select {
+	case <-d.Done():
+		t.Fatalf("daemon exited (%d)\n%s", d.Code(), d.output())
+	default:
+	}
 }
 
 // TestSyncSurvivesFaults: during sync, with the application writing, the
