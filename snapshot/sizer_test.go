@@ -103,18 +103,22 @@ func TestBackfillBatchesStayWithinTarget(t *testing.T) {
 	if len(took) < 10 {
 		t.Fatalf("only %d batches: the table is too small to see the sizer at work\n%s", len(took), logs.String())
 	}
+	// Overshoot is counted from 1.5x the target: the sizer aims at 2/3 of
+	// it, so beyond that it sized wrongly, where up to it the machine was
+	// busy (under make test's parallel packages, 7 of 112 batches took
+	// 1.0-1.4x; sized from the last batch alone, 5 of 34 take 1.5-2.2x).
 	var over []time.Duration
 	for _, d := range took {
-		if d >= target {
+		if d >= target*3/2 {
 			over = append(over, d.Round(time.Millisecond))
 		}
 	}
-	t.Logf("%d batches, sizes %v; %d over target %s: %v", len(took), sizes, len(over), target, over)
+	t.Logf("%d batches, sizes %v; %d at 1.5x target %s or more: %v", len(took), sizes, len(over), target, over)
 	// The first stripe meets a size fitted to cheap rows (and the batch
 	// after it, fitted to a batch only partly in the stripe); after that,
 	// a stripe is never more than sizerWindow batches away, and none may
-	// overshoot. (Sized from the last batch alone, 9 of 30 did.)
+	// overshoot.
 	if len(over) > 2 {
-		t.Errorf("%d batches took target_batch_time %s or more: %v", len(over), target, over)
+		t.Errorf("%d batches took 1.5x target_batch_time %s or more: %v", len(over), target, over)
 	}
 }
