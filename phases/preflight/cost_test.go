@@ -11,7 +11,7 @@ import (
 func TestCheckCost(t *testing.T) {
 	in := inspect(t, usersTable, nil)
 	run(t, in, checkCost)
-	has(t, in.r, Info, "of WAL over about 1 s at 270k rows/s; the slot holds at most 1.0 GB (throttle.max_slot_lag)")
+	has(t, in.r, Info, "of WAL over about 1 s at 150k rows/s; the slot holds at most 1.0 GB (throttle.max_slot_lag)")
 	has(t, in.r, Info, "10 rows x ")
 	has(t, in.r, Info, "no physical standby must receive it")
 	noFail(t, in.r)
