@@ -47,14 +47,11 @@ func (d *Daemon) lead(ctx context.Context) (*pgx.Conn, error) {
 }
 
 // watch polls the state row for operator actions, publishes live figures,
-// and checks that the leader lock's connection lives.
+// and checks that the leader lock's connection lives. It reads through the
+// pool, which replaces a session that ended (terminated, or its socket
+// dropped) while the lock's lives: a connection of its own would leave the
+// leader deaf to approve, abort and pause for as long as it runs.
 func (d *Daemon) watch(ctx context.Context, stop context.CancelCauseFunc, lock *pgx.Conn) {
-	conn, err := dbconn.Connect(ctx, d.cfg.Database.DSN)
-	if err != nil {
-		stop(err)
-		return
-	}
-	defer func() { conn.Close(context.Background()) }()
 	tick := time.NewTicker(500 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -67,20 +64,7 @@ func (d *Daemon) watch(ctx context.Context, stop context.CancelCauseFunc, lock *
 			stop(errLostLeadership)
 			return
 		}
-		// Only this observer's session ended (terminated, or its socket
-		// dropped) while the lock's lives: a new one, or an approve or
-		// abort would go unseen for as long as the leader runs.
-		if conn.IsClosed() {
-			fresh, err := dbconn.Connect(ctx, d.cfg.Database.DSN)
-			if err != nil {
-				if ctx.Err() == nil {
-					d.rlog.Warn("read state: reconnecting", "err", err)
-				}
-				continue
-			}
-			conn = fresh
-		}
-		st, err := d.store.Load(ctx, conn)
+		st, err := d.store.Load(ctx, d.pool)
 		if err != nil {
 			if ctx.Err() == nil {
 				d.rlog.Warn("read state", "err", err)
@@ -94,7 +78,7 @@ func (d *Daemon) watch(ctx context.Context, stop context.CancelCauseFunc, lock *
 			stop(ErrAborted)
 			return
 		}
-		d.publishStatsOn(ctx, conn, st)
+		d.publishStatsOn(ctx, d.pool, st)
 		d.rlog.Flush()
 	}
 }

@@ -6,9 +6,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/cdcbackfill/cdcbackfill/applier"
+	"github.com/cdcbackfill/cdcbackfill/internal/dbconn"
 	"github.com/cdcbackfill/cdcbackfill/snapshot"
 	"github.com/cdcbackfill/cdcbackfill/state"
 )
@@ -63,7 +62,7 @@ func (d *Daemon) publishStats(ctx context.Context) {
 
 // publishStatsOn writes rows/s, ETA, lag, throttle reason and the stream's
 // new counts into the state row.
-func (d *Daemon) publishStatsOn(ctx context.Context, conn *pgx.Conn, st *state.Migration) {
+func (d *Daemon) publishStatsOn(ctx context.Context, conn dbconn.Querier, st *state.Migration) {
 	now := time.Now()
 	d.figures.live.mu.Lock()
 	if !d.figures.live.lastAt.IsZero() {
