@@ -2,7 +2,6 @@ package preflight
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math"
 	"path/filepath"
@@ -242,17 +241,17 @@ func checkCost(ctx context.Context, in *inspection) (bool, error) {
 	}
 	r.info("backfill WAL estimate", basis, "")
 
-	var maxWAL int64
+	// One round trip; data_directory is NULL for a role that may not see it.
+	var maxWAL, keepBytes int64
 	var keep string
-	if err := in.conn.QueryRow(ctx, `SELECT pg_size_bytes(current_setting('max_wal_size')), current_setting('max_slot_wal_keep_size')`).Scan(&maxWAL, &keep); err != nil {
-		return false, fmt.Errorf("read max_wal_size: %w", err)
+	var dataDir *string
+	if err := in.conn.QueryRow(ctx, `SELECT pg_size_bytes(current_setting('max_wal_size')),
+		current_setting('max_slot_wal_keep_size'), pg_size_bytes(current_setting('max_slot_wal_keep_size')),
+		(SELECT setting FROM pg_settings WHERE name = 'data_directory')`).Scan(&maxWAL, &keep, &keepBytes, &dataDir); err != nil {
+		return false, fmt.Errorf("read max_wal_size, max_slot_wal_keep_size and data_directory: %w", err)
 	}
-	if err := walRoom(ctx, in, bound+maxWAL); err != nil {
-		return false, err
-	}
-	if err := slotKeep(ctx, in, keep, bound); err != nil {
-		return false, err
-	}
+	walRoom(in, dataDir, bound+maxWAL)
+	slotKeep(in, keep, keepBytes, bound)
 	standbys, err := snapshot.Standbys(ctx, in.conn, cfg.Throttle.IgnoreSlots)
 	if err != nil {
 		r.warn("backfill WAL", err.Error(), "")
@@ -271,52 +270,41 @@ func checkCost(ctx context.Context, in *inspection) (bool, error) {
 }
 
 // walRoom says how much room pg_wal has, when the server's data directory
-// is visible from this host; need is what the slot and the checkpoints may
-// keep (the slot's bound and max_wal_size).
-func walRoom(ctx context.Context, in *inspection, need int64) error {
-	var dir string
-	err := in.conn.QueryRow(ctx, `SELECT setting FROM pg_settings WHERE name = 'data_directory'`).Scan(&dir)
-	if errors.Is(err, pgx.ErrNoRows) || err == nil && dir == "" {
+// (nil: hidden from this role) is visible from this host; need is what the
+// slot and the checkpoints may keep (the slot's bound and max_wal_size).
+func walRoom(in *inspection, dataDir *string, need int64) {
+	if dataDir == nil || *dataDir == "" {
 		in.r.info("WAL room", "the server's data directory is hidden from this role (pg_read_all_settings): its free room cannot be seen from here", "")
-		return nil
+		return
 	}
-	if err != nil {
-		return fmt.Errorf("read data_directory: %w", err)
-	}
-	path := filepath.Join(dir, "pg_wal")
+	path := filepath.Join(*dataDir, "pg_wal")
 	var fs syscall.Statfs_t
 	if err := syscall.Statfs(path, &fs); err != nil {
 		in.r.info("WAL room", fmt.Sprintf("%s cannot be seen from here (%v): the server's free WAL room is unknown", path, err), "")
-		return nil
+		return
 	}
 	free := int64(fs.Bavail) * int64(fs.Bsize)
 	if free < need {
 		in.r.warn("WAL room", fmt.Sprintf("%s on this host has %s free, less than the %s the slot and max_wal_size may keep", path, sizeText(free), sizeText(need)),
 			"free disk space, or lower throttle.max_slot_lag")
-		return nil
+		return
 	}
 	in.r.info("WAL room", fmt.Sprintf("%s on this host has %s free (the slot and max_wal_size may keep %s)", path, sizeText(free), sizeText(need)), "")
-	return nil
 }
 
-// slotKeep compares max_slot_wal_keep_size with what the slot may hold: a
-// server that invalidates the slot first ends the migration (a new slot
-// and a fresh backfill).
-func slotKeep(ctx context.Context, in *inspection, keep string, bound int64) error {
-	if keep == "-1" {
-		return nil // unlimited: checkReplication warns of it
-	}
-	var keepBytes int64
-	if err := in.conn.QueryRow(ctx, `SELECT pg_size_bytes($1)`, keep).Scan(&keepBytes); err != nil {
-		return fmt.Errorf("read max_slot_wal_keep_size: %w", err)
+// slotKeep compares max_slot_wal_keep_size (keep, keepBytes: -1 for no
+// limit) with what the slot may hold: a server that invalidates the slot
+// first ends the migration (a new slot and a fresh backfill).
+func slotKeep(in *inspection, keep string, keepBytes, bound int64) {
+	if keepBytes < 0 {
+		return // unlimited: checkReplication warns of it
 	}
 	if keepBytes < bound {
 		in.r.warn("max_slot_wal_keep_size", fmt.Sprintf("%s: the server invalidates the slot once it holds more, before the daemon's bound of %s", keep, sizeText(bound)),
 			"set throttle.max_slot_lag below max_slot_wal_keep_size, or raise max_slot_wal_keep_size")
-		return nil
+		return
 	}
 	in.r.info("max_slot_wal_keep_size", fmt.Sprintf("%s: above the daemon's bound of %s", keep, sizeText(bound)), "")
-	return nil
 }
 
 // sizeText writes bytes as "4.3 GB", "512 MB", "12 kB".
