@@ -291,6 +291,16 @@ func (l *localServer) Restart(ctx context.Context) (string, error) {
 	return l.dsn(), l.start(ctx)
 }
 
+// Crash kills the postmaster and every child at once (SIGKILL to the
+// process group: no shutdown checkpoint, no WAL flush) and starts the
+// server again, which recovers from the WAL on disk.
+func (l *localServer) Crash(ctx context.Context) (string, error) {
+	if _, err := l.shutdown(syscall.SIGKILL); err != nil {
+		return "", err
+	}
+	return l.dsn(), l.start(ctx)
+}
+
 // Stop does an immediate shutdown and removes the temporary directory.
 func (l *localServer) Stop() error {
 	escalated, err := l.shutdown(syscall.SIGQUIT)

@@ -108,6 +108,9 @@ type Process interface {
 	// Restart stops the server and starts it again with the same data and
 	// returns its DSN, which may have changed.
 	Restart(ctx context.Context) (dsn string, err error)
+	// Crash kills the server without a shutdown (what is not yet flushed
+	// of its WAL is lost) and starts it again, which recovers from the WAL.
+	Crash(ctx context.Context) (dsn string, err error)
 	// Stop stops the server for good and removes what it left.
 	Stop() error
 }
@@ -205,6 +208,29 @@ func (s *Server) Stop() error {
 	if err := s.proc.Stop(); err != nil {
 		return fmt.Errorf("stop %s server: %w", s.kind, err)
 	}
+	return nil
+}
+
+// Crash kills the server, as a power cut would kill its processes (the
+// WAL not yet flushed is lost, the OS keeps what was written), and starts
+// it again: the start recovers from the WAL. Like Restart, it returns
+// ErrRestartUnsupported for a server given by a DSN.
+func (s *Server) Crash(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped {
+		return errors.New("pgserver: crash of a stopped server")
+	}
+	if s.proc == nil {
+		return ErrRestartUnsupported
+	}
+	begin := time.Now()
+	dsn, err := s.proc.Crash(ctx)
+	if err != nil {
+		return fmt.Errorf("crash and start %s server: %w", s.kind, err)
+	}
+	s.dsn = dsn
+	s.logf("crashed and recovered in %s", time.Since(begin).Round(time.Millisecond))
 	return nil
 }
 

@@ -104,6 +104,24 @@ func (c container) Restart(ctx context.Context) (string, error) {
 	return dsn, pgserver.WaitReady(ctx, dsn, nil)
 }
 
+// Crash kills the container (SIGKILL, no shutdown of the server), starts
+// it again and returns its new DSN.
+func (c container) Crash(ctx context.Context) (string, error) {
+	ctr := c.ctr
+	timeout := time.Duration(0)
+	if err := ctr.Stop(ctx, &timeout); err != nil {
+		return "", err
+	}
+	if err := ctr.Start(ctx); err != nil {
+		return "", err
+	}
+	dsn, err := containerDSN(ctx, ctr)
+	if err != nil {
+		return "", err
+	}
+	return dsn, pgserver.WaitReady(ctx, dsn, nil)
+}
+
 // Stop removes the container.
 func (c container) Stop() error {
 	return testcontainers.TerminateContainer(c.ctr)
