@@ -103,6 +103,7 @@ type backfillRun struct {
 	roles   roleCPU
 	sys     roleCPU         // of roles, the kernel's
 	batches []time.Duration // the daemon's, from its log
+	commits []time.Duration // of each batch, its COMMIT's share
 	rss     int64           // the daemon's peak RSS (VmHWM), bytes
 
 	checkpoints int64 // started during the run
@@ -268,6 +269,17 @@ func backfillSize(b *testing.B, bin string, rows int, env backfillEnv) sizeResul
 			float64(m.wal)/(1<<20), walRatio, p50, p99, rss, verdict, strings.Join(all, " "))
 	}
 	fmt.Fprintf(w, "verdict = rows/s ratio, WAL ratio, batch p99, peak RSS\n")
+	for v, variant := range variants {
+		if variant.o.workers == 0 {
+			continue
+		}
+		var commits []time.Duration
+		for _, r := range results[v] {
+			commits = append(commits, r.commits...)
+		}
+		fmt.Fprintf(w, "%s: of a batch's time, its COMMIT p50 %s, p99 %s (all runs)\n", variant.name,
+			durationQuantile(commits, 0.5).Round(10*time.Microsecond), durationQuantile(commits, 0.99).Round(10*time.Microsecond))
+	}
 	if originNote != "" {
 		fmt.Fprintf(w, "%s\n", originNote)
 	}
@@ -296,6 +308,16 @@ func backfillSize(b *testing.B, bin string, rows int, env backfillEnv) sizeResul
 	}
 	if m := medianRun(results[1]); m.estimate.Pace != "" {
 		fmt.Fprintf(w, "(plan's pace: %s)\n", m.estimate.Pace)
+		if e := m.estimate; e.SampleRead > 0 && len(m.batches) > 0 {
+			// What WALByteCost would have made the estimate exact: the
+			// measured time a row, less the sleep, the read and the
+			// expressions, over the row's WAL.
+			perRow := float64(m.took) / float64(rows)
+			perRow -= float64(sleep) * float64(len(m.batches)) / float64(rows)
+			perRow -= float64(e.SampleRead) + 2*float64(e.SampleExprs)
+			fmt.Fprintf(w, "(plan's sample: %.3f µs a row to read, %.3f to compute, %d bytes of WAL a row; this run's time implies %.1f ns a WAL byte, plan assumes %.1f)\n",
+				e.SampleRead.Seconds()*1e6, e.SampleExprs.Seconds()*1e6, e.RowBytes, perRow/float64(e.RowBytes), preflight.WALByteCost)
+		}
 	}
 
 	// Table: where the CPU goes, per row.
@@ -593,7 +615,7 @@ func daemonBackfill(b *testing.B, bin, tmpl string, o daemonOptions, name string
 	// Before the parity check: its scan would prune the dead tuples the
 	// VACUUM is to find (the daemon's slot holds no data horizon back).
 	r.vacuum, r.dead = timedVacuum(b, dsn)
-	r.batches = batchTimes(b, d.logPath)
+	r.batches, r.commits = batchTimes(b, d.logPath)
 	if bad := checkParity(b, dsn); bad != 0 {
 		b.Fatalf("parity after backfill: %d rows differ", bad)
 	}
@@ -629,26 +651,27 @@ func planEstimate(b *testing.B, conn *pgx.Conn, o daemonOptions) preflight.Backf
 	return c
 }
 
-// batchTimes reads the duration of each backfill batch from the daemon's
-// JSON debug log.
-func batchTimes(b *testing.B, logPath string) []time.Duration {
+// batchTimes reads the duration of each backfill batch, and of its
+// COMMIT, from the daemon's JSON debug log.
+func batchTimes(b *testing.B, logPath string) (batches, commits []time.Duration) {
 	b.Helper()
 	f, err := os.Open(logPath)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer f.Close()
-	var out []time.Duration
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
 		var rec struct {
-			Msg  string `json:"msg"`
-			Took int64  `json:"took"` // slog's JSON writes a Duration in ns
+			Msg    string `json:"msg"`
+			Took   int64  `json:"took"` // slog's JSON writes a Duration in ns
+			Commit int64  `json:"commit"`
 		}
 		if json.Unmarshal(sc.Bytes(), &rec) == nil && rec.Msg == "backfill batch" {
-			out = append(out, time.Duration(rec.Took))
+			batches = append(batches, time.Duration(rec.Took))
+			commits = append(commits, time.Duration(rec.Commit))
 		}
 	}
-	return out
+	return batches, commits
 }
