@@ -45,14 +45,29 @@ const (
 	indexFill       = 0.9 // a B-tree leaf's default fillfactor: its full-page image leaves out the hole
 )
 
-// calibratedRowsPerSecond is the uncapped pace plan assumes: the median of
-// three backfills (workers 1, the default sleep) in make bench-long on
-// PostgreSQL 15.18, 2 cores: 154k rows/s at 1M rows, 153k at 10M (which
-// outgrows shared buffers). It is this machine's figure, not a model: a
-// faster server, 16+ (whose walsender drops the backfill's changes
-// instead of sending them) or more workers go faster, wider rows or a
-// busier server slower. plan says where the figure comes from.
-const calibratedRowsPerSecond = 150000
+// The uncapped pace comes from a read-only sample and the WAL estimate.
+// plan reads the first samplePaceRows rows in key order, as the backfill
+// walks them, once as they are and once with the new columns' expressions
+// computed (EXPLAIN ANALYZE: the server's own time, no network). A batch
+// then costs per row
+//
+//	the read + 2 x the expressions (the UPDATE computes them for its SET
+//	and again to pass over rows in parity) + WALByteCost x its WAL records
+//
+// and backfill.sleep after each batch, whose size is 2/3 of
+// target_batch_time at that cost (the Sizer's aim). The write's cost is
+// per byte of WAL: the new row version, its index entries, the lock of the
+// old one, and the walsender decoding them; WALByteCost is what make
+// bench-long measured (it prints what each run implies). Multiplying the
+// read instead (a write costs 20 reads) fitted 1M rows and missed 10M by
+// 1.8x: the first rows of a table larger than shared buffers read slower
+// than the walk goes. Workers beyond the first are not counted: on free
+// cores they go faster.
+const samplePaceRows = 20000
+
+// WALByteCost is the write's cost per byte of a row's WAL records, in ns
+// (see above); exported for make bench-long.
+const WALByteCost = 16.0
 
 // BackfillCost is what plan says the backfill will cost, before it starts.
 type BackfillCost struct {
@@ -63,6 +78,10 @@ type BackfillCost struct {
 	RowsPerSecond float64 // the pace of Duration
 	Pace          string  // where RowsPerSecond comes from
 	Duration      time.Duration
+	// The read-only sample of the uncapped pace: per row, reading it in key
+	// order, and computing the new columns' expressions on top.
+	SampleRead, SampleExprs time.Duration
+	SampleRows              int64
 	// What the estimate rests on, for the operator.
 	HeapPages, IndexPages int64
 	Indexes               int
@@ -149,13 +168,93 @@ func EstimateBackfillCost(ctx context.Context, conn *pgx.Conn, cfg *config.Confi
 	}
 	c.WALBytes = c.Rows*c.RowBytes + c.PageBytes
 
-	c.RowsPerSecond, c.Pace = calibratedRowsPerSecond, "uncapped: the pace make bench-long measured, 153k rows/s at 1M and 10M rows on PostgreSQL 15, 2 cores, workers 1"
+	if err := c.samplePace(ctx, conn, cfg, t); err != nil {
+		return c, err
+	}
 	if m := cfg.Backfill.MaxRowsPerSecond; m > 0 && m < c.RowsPerSecond {
 		c.RowsPerSecond, c.Pace = m, "backfill.max_rows_per_second"
 	}
 	c.Duration = time.Duration(float64(c.Rows) / c.RowsPerSecond * float64(time.Second))
 	return c, nil
 }
+
+// samplePace sets the uncapped pace from a read-only sample of t (see
+// WALByteCost): the best of three reads of the first rows in key
+// order, without and with the expressions.
+func (c *BackfillCost) samplePace(ctx context.Context, conn *pgx.Conn, cfg *config.Config, t *recompute.Table) error {
+	order := make([]string, len(t.Key))
+	for i, k := range t.Key {
+		order[i] = pgx.Identifier{k.Name}.Sanitize()
+	}
+	exprs := make([]string, len(t.Columns))
+	for i, col := range t.Columns {
+		exprs[i] = fmt.Sprintf("(%s) AS _cdcb_e%d", col.Expr, i)
+	}
+	// count(s.*) needs every column of the row (a heap fetch, not an
+	// index-only scan), and with exprs the expressions' values too.
+	sample := func(extra string) string {
+		return fmt.Sprintf("EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) SELECT count(s.*) FROM (SELECT *%s FROM %s ORDER BY %s LIMIT %d) s",
+			extra, t.Ident(), strings.Join(order, ", "), samplePaceRows)
+	}
+	read, rows, err := bestOf3(ctx, conn, sample(""))
+	if err != nil {
+		return fmt.Errorf("sample the pace (read %d rows in key order): %w", samplePaceRows, err)
+	}
+	withExprs := read
+	if len(exprs) > 0 {
+		if withExprs, _, err = bestOf3(ctx, conn, sample(", "+strings.Join(exprs, ", "))); err != nil {
+			return fmt.Errorf("sample the pace (the expressions over %d rows): %w", samplePaceRows, err)
+		}
+	}
+	c.SampleRows = rows
+	if rows == 0 {
+		c.RowsPerSecond, c.Pace = 1e6, "uncapped: the table is empty, nothing to sample"
+		return nil
+	}
+	c.SampleRead = read / time.Duration(rows)
+	c.SampleExprs = max(withExprs-read, 0) / time.Duration(rows)
+	perRow := float64(c.SampleRead) + 2*float64(c.SampleExprs) + WALByteCost*float64(c.RowBytes) // ns
+	batchRows := max(float64(cfg.Backfill.TargetBatchTime)*2/3/perRow, 1)
+	if cfg.Backfill.TargetBatchTime <= 0 {
+		batchRows = float64(max(cfg.Backfill.BatchSize, 1))
+	}
+	perRow += float64(cfg.Backfill.Sleep) / batchRows
+	c.RowsPerSecond = 1e9 / perRow
+	c.Pace = fmt.Sprintf("uncapped, from a read-only sample of %d rows in key order: %.2f µs a row to read, %.2f to compute the expressions (twice a row), %.2f to write its %d bytes of WAL, backfill.sleep %s a batch of about %.0f rows; workers 1",
+		rows, us(c.SampleRead), us(c.SampleExprs), WALByteCost*float64(c.RowBytes)/1000, c.RowBytes, cfg.Backfill.Sleep, batchRows)
+	return nil
+}
+
+// bestOf3 runs an EXPLAIN ANALYZE three times and returns its fastest
+// execution time and the rows its top node returned from below (the
+// sample's size).
+func bestOf3(ctx context.Context, conn *pgx.Conn, explain string) (time.Duration, int64, error) {
+	best := time.Duration(math.MaxInt64)
+	var rows int64
+	for range 3 {
+		var plan []struct {
+			Plan struct {
+				Plans []struct {
+					Rows float64 `json:"Actual Rows"`
+				} `json:"Plans"`
+			} `json:"Plan"`
+			Took float64 `json:"Execution Time"` // ms
+		}
+		if err := conn.QueryRow(ctx, explain).Scan(&plan); err != nil {
+			return 0, 0, err
+		}
+		if len(plan) != 1 {
+			return 0, 0, fmt.Errorf("EXPLAIN gave %d plans", len(plan))
+		}
+		best = min(best, time.Duration(plan[0].Took*float64(time.Millisecond)))
+		if p := plan[0].Plan.Plans; len(p) > 0 {
+			rows = int64(p[0].Rows)
+		}
+	}
+	return best, rows, nil
+}
+
+func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 
 // sampleWidth is the average width of the new columns' values, computed
 // by their expressions over the first 1000 rows (read only; nothing is
