@@ -57,8 +57,8 @@ bench: build
 # bench-long: the backfill against a single UPDATE at 1M and 10M rows in
 # one run (BENCH_ROWS), so the ratios sit side by side: rows/s, WAL per
 # row, CPU per row by role, each method's VACUUM, batch p99, peak RSS and
-# plan's estimate, then a summary with the targets. About 30 minutes on
-# 15 and 40 on 17 (one more setup) on 2 cores, 3 GB of disk besides the
+# plan's estimate, then a summary with the targets. About 12 minutes on
+# 15 and 16 on 17 (one more setup) on 2 cores, 3 GB of disk besides the
 # WAL; CDCBACKFILL_PG_VERSION=17 for 17. Levers: BENCH_RUNS (3), BENCH_AUTOVACUUM=1 (the table's
 # autovacuum on during the runs), BENCH_SLEEP (backfill.sleep, e.g. 0s).
 BENCH_LONG_ROWS ?= 1000000,10000000
