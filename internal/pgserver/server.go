@@ -216,43 +216,33 @@ func (s *Server) Stop() error {
 // it again: the start recovers from the WAL. Like Restart, it returns
 // ErrRestartUnsupported for a server given by a DSN.
 func (s *Server) Crash(ctx context.Context) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.stopped {
-		return errors.New("pgserver: crash of a stopped server")
-	}
-	if s.proc == nil {
-		return ErrRestartUnsupported
-	}
-	begin := time.Now()
-	dsn, err := s.proc.Crash(ctx)
-	if err != nil {
-		return fmt.Errorf("crash and start %s server: %w", s.kind, err)
-	}
-	s.dsn = dsn
-	s.logf("crashed and recovered in %s", time.Since(begin).Round(time.Millisecond))
-	return nil
+	return s.bounce(ctx, "crash and start", "crashed and recovered", Process.Crash)
 }
 
 // Restart stops the server and starts it again with the same data. A local
 // server keeps its port; a container may get another one, which DSN then
 // reflects. It returns ErrRestartUnsupported for a server given by a DSN.
 func (s *Server) Restart(ctx context.Context) error {
+	return s.bounce(ctx, "restart", "restarted", Process.Restart)
+}
+
+// bounce stops and starts the server by how, and takes its new DSN.
+func (s *Server) bounce(ctx context.Context, what, done string, how func(Process, context.Context) (string, error)) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.stopped {
-		return errors.New("pgserver: restart of a stopped server")
+		return errors.New("pgserver: " + what + " of a stopped server")
 	}
 	if s.proc == nil {
 		return ErrRestartUnsupported
 	}
 	begin := time.Now()
-	dsn, err := s.proc.Restart(ctx)
+	dsn, err := how(s.proc, ctx)
 	if err != nil {
-		return fmt.Errorf("restart %s server: %w", s.kind, err)
+		return fmt.Errorf("%s %s server: %w", what, s.kind, err)
 	}
 	s.dsn = dsn
-	s.logf("restarted in %s", time.Since(begin).Round(time.Millisecond))
+	s.logf("%s in %s", done, time.Since(begin).Round(time.Millisecond))
 	return nil
 }
 

@@ -85,33 +85,26 @@ func startDocker(ctx context.Context, image string, logf func(string, ...any)) (
 	return srv, nil
 }
 
-// Restart stops and starts the container and returns its new DSN.
+// Restart stops the container (the server shuts down cleanly), starts
+// it again and returns its new DSN.
 func (c container) Restart(ctx context.Context) (string, error) {
-	ctr := c.ctr
-	timeout := 30 * time.Second
-	if err := ctr.Stop(ctx, &timeout); err != nil {
-		return "", err
-	}
-	// The log wait strategy passes at once now (the log keeps the previous
-	// run), so waitReady does the waiting.
-	if err := ctr.Start(ctx); err != nil {
-		return "", err
-	}
-	dsn, err := containerDSN(ctx, ctr)
-	if err != nil {
-		return "", err
-	}
-	return dsn, pgserver.WaitReady(ctx, dsn, nil)
+	return c.stopAndStart(ctx, 30*time.Second)
 }
 
 // Crash kills the container (SIGKILL, no shutdown of the server), starts
 // it again and returns its new DSN.
 func (c container) Crash(ctx context.Context) (string, error) {
+	return c.stopAndStart(ctx, 0)
+}
+
+// stopAndStart stops the container, SIGKILL after grace, and starts it.
+func (c container) stopAndStart(ctx context.Context, grace time.Duration) (string, error) {
 	ctr := c.ctr
-	timeout := time.Duration(0)
-	if err := ctr.Stop(ctx, &timeout); err != nil {
+	if err := ctr.Stop(ctx, &grace); err != nil {
 		return "", err
 	}
+	// The log wait strategy passes at once now (the log keeps the previous
+	// run), so waitReady does the waiting.
 	if err := ctr.Start(ctx); err != nil {
 		return "", err
 	}
