@@ -41,7 +41,7 @@ func (d *Daemon) verify(ctx context.Context, st *state.Migration) error {
 	throttle := d.newThrottle("verify")
 	d.log.Info("verify: the application owns the new columns; checking parity over the whole table",
 		"hold", d.cfg.ContractPolicy.Hold, "contract_policy", d.cfg.ContractPolicy.Mode, "hold_proven", st.HoldProven)
-	v := &verifyRun{throttle: throttle, found: d.parity.found.Load(), pass: verifyPass{size: d.cfg.Backfill.BatchSize, parts: 1}}
+	v := &verifyRun{throttle: throttle, found: d.parity.found.Load(), pass: verifyPass{sizer: snapshot.NewSizer(d.cfg.Backfill.BatchSize, d.cfg.Backfill.TargetBatchTime), parts: 1}}
 	return d.repl.pipe.Load().guard(ctx, func(ctx context.Context) error {
 		for ctx.Err() == nil {
 			if done, err := d.verifyStep(ctx, v); done || err != nil {
@@ -248,10 +248,10 @@ func (d *Daemon) newThrottle(what string) *snapshot.Throttle {
 
 // verifyPass is how the pass in hand is read.
 type verifyPass struct {
-	hi    recompute.Key // the pass's highest key; nil: the next chunk starts a pass
-	size  int           // rows of the next chunk (split: key values per part)
-	parts int           // connections checking a chunk at once (see spreadParts)
-	first int64         // split: the pass's lowest key
+	hi    recompute.Key   // the pass's highest key; nil: the next chunk starts a pass
+	sizer *snapshot.Sizer // rows of the next chunk (split: key values per part)
+	parts int             // connections checking a chunk at once (see spreadParts)
+	first int64           // split: the pass's lowest key
 }
 
 // verifyChunk checks the next chunk of the pass, read-only, and saves its
@@ -276,7 +276,8 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle 
 		p.hi = hi
 		p.parts, p.first = spreadParts(d.cfg.Verify.Workers, d.table, lo, hi, estimate)
 	}
-	if err := throttle.Wait(ctx, p.size*p.parts); err != nil {
+	size := p.sizer.Size()
+	if err := throttle.Wait(ctx, size*p.parts); err != nil {
 		return nil
 	}
 	began := time.Now()
@@ -286,15 +287,19 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle 
 	if p.parts > 1 {
 		res, cursor, err = checkSpread(ctx, d.pool, d.table, st.VerifyCursor, p)
 	} else {
-		res, err = d.table.Check(ctx, d.conn, st.VerifyCursor, p.hi, p.size)
-		if res.Scanned == int64(p.size) {
+		res, err = d.table.Check(ctx, d.conn, st.VerifyCursor, p.hi, size)
+		if res.Scanned == int64(size) {
 			cursor = res.Last
 		}
 	}
 	if err != nil {
 		return fmt.Errorf("verify chunk after %v: %w", st.VerifyCursor, err)
 	}
-	p.size = snapshot.NextBatchSize(p.size, time.Since(began), d.cfg.Backfill.TargetBatchTime)
+	if cursor != nil {
+		// Only a full chunk tells the cost per row: the pass's last one is
+		// short, and would shrink the next pass's first chunks.
+		p.sizer.Observe(time.Since(began))
+	}
 	if len(res.Skipped) > 0 {
 		lsn, err := insertLSN(ctx, d.conn)
 		if err != nil {
@@ -335,8 +340,8 @@ func spreadParts(workers int, t *recompute.Table, lo, hi recompute.Key, estimate
 }
 
 // checkSpread checks, each part on its own connection at once, p.parts
-// parts of p.size key values after cursor (nil: from the pass's first key)
-// up to p.hi. A part of w values of a unique integer key holds at most w
+// parts of p.sizer.Size() key values after cursor (nil: from the pass's
+// first key) up to p.hi. A part of w values of a unique integer key holds at most w
 // rows, so each is checked whole. It returns what the parts found together
 // and the cursor after them (nil: p.hi was reached).
 func checkSpread(ctx context.Context, pool *pgxpool.Pool, t *recompute.Table, cursor recompute.Key, p *verifyPass) (recompute.Result, recompute.Key, error) {
@@ -345,6 +350,7 @@ func checkSpread(ctx context.Context, pool *pgxpool.Pool, t *recompute.Table, cu
 	if cursor != nil {
 		base, _ = strconv.ParseInt(cursor[0], 10, 64)
 	}
+	size := p.sizer.Size()
 	results := make([]recompute.Result, p.parts)
 	g, gctx := errgroup.WithContext(ctx)
 	end := base
@@ -353,7 +359,7 @@ func checkSpread(ctx context.Context, pool *pgxpool.Pool, t *recompute.Table, cu
 		if from >= last {
 			break
 		}
-		end = min(from+int64(p.size), last)
+		end = min(from+int64(size), last)
 		lo, hi := recompute.Key{strconv.FormatInt(from, 10)}, recompute.Key{strconv.FormatInt(end, 10)}
 		g.Go(func() error {
 			conn, err := pool.Acquire(gctx)
@@ -361,7 +367,7 @@ func checkSpread(ctx context.Context, pool *pgxpool.Pool, t *recompute.Table, cu
 				return err
 			}
 			defer conn.Release()
-			results[i], err = t.Check(gctx, conn, lo, hi, p.size)
+			results[i], err = t.Check(gctx, conn, lo, hi, size)
 			return err
 		})
 	}

@@ -232,22 +232,6 @@ func (b *Backfiller) rangeBatch(ctx context.Context, tx pgx.Tx, lo, hi recompute
 	return b.Table.Range(ctx, tx, lo, hi, size)
 }
 
-// NextBatchSize moves a batch size toward the one that takes 2/3 of target,
-// growing at most 4x and shrinking at most by half at a time: the first
-// batches, small and alike in cost per row, reach full size in two steps,
-// while one slow outlier does not collapse the size. A target of 0 keeps
-// the size.
-func NextBatchSize(size int, took, target time.Duration) int {
-	if target <= 0 || took <= 0 {
-		return size
-	}
-	// Aim below the target: batch times vary, and the target is a bound on
-	// how long a batch holds its row locks, not an average.
-	ideal := float64(size) * 2.0 / 3 * float64(target) / float64(took)
-	next := min(max(ideal, float64(size)/2), float64(size)*4)
-	return int(min(max(next, minBatch), maxBatch))
-}
-
 // explain turns a failed batch into an error a user can act on: when an
 // expression fails on a row, it names the row's key.
 func (b *Backfiller) explain(ctx context.Context, conn *pgx.Conn, lo, hi recompute.Key, size int, err error) error {

@@ -11,8 +11,9 @@ const sizerWindow = 5
 // buffers, a batch's cost per row depends on how much of it was read from
 // disk, and a size fitted to one cached batch overshoots the target with
 // the next one that is not (at 1M rows with 2 workers, batch p99 was 245ms
-// for a 200ms target while p50 was 128ms). The aim stays NextBatchSize's,
-// 2/3 of the target.
+// for a 200ms target while p50 was 128ms). It aims at 2/3 of the target:
+// batch times vary, and the target bounds how long a batch holds its row
+// locks, not their average.
 type Sizer struct {
 	target time.Duration
 	size   int
@@ -41,7 +42,7 @@ func (s *Sizer) Observe(took time.Duration) int {
 		slowest = max(slowest, p)
 	}
 	// Down at once to what the slowest fits in the aim, up at most 4x a
-	// step. Shrinking by half at most (NextBatchSize) overshot the target
+	// step. Shrinking by half at most (the sizing before the Sizer) overshot the target
 	// with every step of the way down when the cost per row rose tenfold
 	// (a stripe of rows read from disk, or wide ones); a single outlier
 	// (a lock wait) now costs sizerWindow small batches, not the target.
