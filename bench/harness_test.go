@@ -469,6 +469,7 @@ type loadResult struct {
 	processed int64
 	failed    int64
 	latencies []float64 // ms per transaction, from the per-transaction log; nil without one
+	txLogs    []string  // the per-transaction log files; nil without one
 
 	roles    roleCPU       // server and client CPU by role during the run
 	sys      roleCPU       // of roles, the kernel's
@@ -545,6 +546,7 @@ func (p *pgbench) run(b *testing.B, rate float64, dur time.Duration, withLog boo
 		if len(files) == 0 {
 			b.Fatalf("pgbench wrote no transaction log in %s", logDir)
 		}
+		r.txLogs = files
 		for _, f := range files {
 			lat, err := readTxLog(f)
 			if err != nil {
@@ -577,6 +579,34 @@ func readTxLog(path string) ([]float64, error) {
 			continue // "failed" / "skipped": counted from the summary
 		}
 		lat = append(lat, us/1000)
+	}
+	return lat, sc.Err()
+}
+
+// readTxLogWindow is readTxLog of the transactions that ended between
+// from and to (time_epoch, time_us: when each ended).
+func readTxLogWindow(path string, from, to time.Time) ([]float64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var lat []float64
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 6 {
+			continue
+		}
+		us, err1 := strconv.ParseFloat(fields[2], 64)
+		sec, err2 := strconv.ParseInt(fields[4], 10, 64)
+		usec, err3 := strconv.ParseInt(fields[5], 10, 64)
+		if err1 != nil || err2 != nil || err3 != nil {
+			continue // "failed" / "skipped": counted from the summary
+		}
+		if end := time.Unix(sec, usec*1000); !end.Before(from) && !end.After(to) {
+			lat = append(lat, us/1000)
+		}
 	}
 	return lat, sc.Err()
 }
