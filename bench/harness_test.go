@@ -562,6 +562,13 @@ func (p *pgbench) run(b *testing.B, rate float64, dur time.Duration, withLog boo
 // readTxLog reads a pgbench per-transaction log: client_id transaction_no
 // time script_no time_epoch time_us [schedule_lag]; time is in µs.
 func readTxLog(path string) ([]float64, error) {
+	return readTxLogWindow(path, time.Time{}, time.Time{})
+}
+
+// readTxLogWindow is readTxLog of the transactions that ended between
+// from and to (time_epoch, time_us: when each ended); zero times bound
+// nothing.
+func readTxLogWindow(path string, from, to time.Time) ([]float64, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
@@ -578,35 +585,18 @@ func readTxLog(path string) ([]float64, error) {
 		if err != nil {
 			continue // "failed" / "skipped": counted from the summary
 		}
+		if !from.IsZero() || !to.IsZero() {
+			if len(fields) < 6 {
+				continue
+			}
+			sec, err1 := strconv.ParseInt(fields[4], 10, 64)
+			usec, err2 := strconv.ParseInt(fields[5], 10, 64)
+			end := time.Unix(sec, usec*1000)
+			if err1 != nil || err2 != nil || end.Before(from) || !to.IsZero() && end.After(to) {
+				continue
+			}
+		}
 		lat = append(lat, us/1000)
-	}
-	return lat, sc.Err()
-}
-
-// readTxLogWindow is readTxLog of the transactions that ended between
-// from and to (time_epoch, time_us: when each ended).
-func readTxLogWindow(path string, from, to time.Time) ([]float64, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var lat []float64
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 6 {
-			continue
-		}
-		us, err1 := strconv.ParseFloat(fields[2], 64)
-		sec, err2 := strconv.ParseInt(fields[4], 10, 64)
-		usec, err3 := strconv.ParseInt(fields[5], 10, 64)
-		if err1 != nil || err2 != nil || err3 != nil {
-			continue // "failed" / "skipped": counted from the summary
-		}
-		if end := time.Unix(sec, usec*1000); !end.Before(from) && !end.After(to) {
-			lat = append(lat, us/1000)
-		}
 	}
 	return lat, sc.Err()
 }
