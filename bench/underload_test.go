@@ -107,24 +107,33 @@ func backfillUnderLoad(b *testing.B, bin, pgbenchPath, tmpl string, rows, rate i
 		return underLoadOf(r.latencies, 0)
 	}
 	d := newDaemon(b, bin, dsn, name, daemonOptions{expanded: true, sleep: sleep})
+	loadStart := time.Now()
 	r := p.run(b, float64(rate), loadTime, true, d.pid)
-	loadEnd := time.Now()
+	loadEnd := loadStart.Add(r.wall)
 	var from, to time.Time
 	poll(b, dsn, d, 5*time.Minute, "the backfill to reach phase sync", func(ctx context.Context, conn *pgx.Conn) (bool, string) {
 		var ph string
 		var start, end *time.Time
-		err := conn.QueryRow(ctx, `SELECT m.phase, max(e.at) FILTER (WHERE e.phase = 'backfill' AND e.kind = 'slot'), max(e.at) FILTER (WHERE e.phase = 'sync')
+		err := conn.QueryRow(ctx, `SELECT m.phase, max(e.at) FILTER (WHERE e.phase = 'backfill' AND e.kind = 'slot'), min(e.at) FILTER (WHERE e.phase = 'sync')
 			FROM cdcbackfill.migrations m LEFT JOIN cdcbackfill.events e ON e.name = m.name GROUP BY m.phase`).Scan(&ph, &start, &end)
 		if err == nil && ph == "sync" && start != nil && end != nil {
 			from, to = *start, *end
 			return true, ""
 		}
-		return false, fmt.Sprintf("phase %q, %v", ph, err)
+		switch {
+		case err != nil:
+			return false, err.Error()
+		case start == nil:
+			return false, fmt.Sprintf("phase %q, no slot event yet", ph)
+		default:
+			return false, fmt.Sprintf("phase %q, no sync event yet", ph)
+		}
 	})
 	d.stop(b)
 	d.abort(b)
-	if to.After(loadEnd) {
-		b.Fatalf("the backfill ended after pgbench's %s of load (it took %s): part of it ran unloaded; raise loadTime", loadTime, to.Sub(from))
+	if from.Before(loadStart) || to.After(loadEnd) {
+		b.Fatalf("the backfill (%s to %s) was not inside pgbench's load (%s to %s): part of it ran unloaded; raise loadTime",
+			from.Format(time.TimeOnly), to.Format(time.TimeOnly), loadStart.Format(time.TimeOnly), loadEnd.Format(time.TimeOnly))
 	}
 	var lat []float64
 	for _, f := range r.txLogs {
@@ -133,6 +142,9 @@ func backfillUnderLoad(b *testing.B, bin, pgbenchPath, tmpl string, rows, rate i
 			b.Fatal(err)
 		}
 		lat = append(lat, l...)
+	}
+	if len(lat) == 0 {
+		b.Fatalf("no application transaction ended during the backfill (%s): pgbench's log has none in its window", to.Sub(from))
 	}
 	slices.Sort(lat)
 	return underLoadOf(lat, to.Sub(from))

@@ -297,7 +297,8 @@ func (d *Daemon) verifyChunk(ctx context.Context, st *state.Migration, throttle 
 	}
 	if cursor != nil {
 		// Only a full chunk tells the cost per row: the pass's last one is
-		// short, and would shrink the next pass's first chunks.
+		// short, its time per row below the true cost, and would grow the
+		// next pass's first chunks past the target.
 		p.sizer.Observe(time.Since(began))
 	}
 	if len(res.Skipped) > 0 {

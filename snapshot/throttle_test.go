@@ -172,4 +172,16 @@ func TestThrottleLogsOncePerHold(t *testing.T) {
 		!strings.Contains(lines[1], "backfill: throttle released") || !regexp.MustCompile(`after=[0-9.]+m?s`).MatchString(lines[1]) {
 		t.Errorf("want a hold with %d figures logged as one throttled line, then one released line with a duration:\n%s", len(figures), logs.String())
 	}
+	// Any later hold is logged the same way: throttled and released lines
+	// alternate.
+	for i, l := range lines {
+		want := "backfill: throttled: batches wait"
+		if i%2 == 1 {
+			want = "backfill: throttle released"
+		}
+		if !strings.Contains(l, want) {
+			t.Errorf("line %d: want %q (throttled and released lines alternate):\n%s", i+1, want, logs.String())
+			break
+		}
+	}
 }
