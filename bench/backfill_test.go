@@ -310,11 +310,11 @@ func backfillSize(b *testing.B, bin string, rows int, env backfillEnv) sizeResul
 		fmt.Fprintf(w, "(plan's pace: %s)\n", m.estimate.Pace)
 		if e := m.estimate; e.SampleRead > 0 && len(m.batches) > 0 {
 			// What WALByteCost would have made the estimate exact: the
-			// measured time a row, less the sleep, the read and the
-			// expressions, over the row's WAL.
+			// measured time a row, less the sleep and what the sample
+			// says a row costs besides its write, over the row's WAL.
 			perRow := float64(m.took) / float64(rows)
 			perRow -= float64(sleep) * float64(len(m.batches)) / float64(rows)
-			perRow -= float64(e.SampleRead) + 2*float64(e.SampleExprs)
+			perRow -= float64(e.SampledPerRow())
 			fmt.Fprintf(w, "(plan's sample: %.3f µs a row to read, %.3f to compute, %d bytes of WAL a row; this run's time implies %.1f ns a WAL byte, plan assumes %.1f)\n",
 				e.SampleRead.Seconds()*1e6, e.SampleExprs.Seconds()*1e6, e.RowBytes, perRow/float64(e.RowBytes), preflight.WALByteCost)
 		}

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"os"
@@ -81,7 +82,7 @@ type underLoad struct {
 
 func medianUnderLoad(rs []underLoad) underLoad {
 	sorted := slices.Clone(rs)
-	slices.SortFunc(sorted, func(x, y underLoad) int { return int(x.p99*1000) - int(y.p99*1000) })
+	slices.SortFunc(sorted, func(x, y underLoad) int { return cmp.Compare(x.p99, y.p99) })
 	m := sorted[len(sorted)/2]
 	tooks := make([]time.Duration, len(rs))
 	for i, r := range rs {

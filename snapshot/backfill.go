@@ -165,14 +165,13 @@ func (b *Backfiller) batch(ctx context.Context, conn *pgx.Conn, worker int, r *R
 	bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute+10*b.TargetBatchTime)
 	defer cancel()
 	start := time.Now()
-	tx, err := conn.Begin(bctx)
+	// One round trip: pgx sends a query without arguments by the simple
+	// protocol, which runs both statements.
+	tx, err := conn.BeginTx(bctx, pgx.TxOptions{BeginQuery: "BEGIN; SET LOCAL synchronous_commit = off"})
 	if err != nil {
 		return 0, 0, res, fmt.Errorf("backfill worker %d: begin: %w", worker, err)
 	}
 	defer tx.Rollback(context.Background())
-	if _, err := tx.Exec(bctx, "SET LOCAL synchronous_commit = off"); err != nil {
-		return 0, 0, res, fmt.Errorf("backfill worker %d: %w", worker, err)
-	}
 	lo := r.Cursor
 	if lo == nil {
 		lo = r.Lo

@@ -213,7 +213,7 @@ func (c *BackfillCost) samplePace(ctx context.Context, conn *pgx.Conn, cfg *conf
 	}
 	c.SampleRead = read / time.Duration(rows)
 	c.SampleExprs = max(withExprs-read, 0) / time.Duration(rows)
-	perRow := float64(c.SampleRead) + 2*float64(c.SampleExprs) + WALByteCost*float64(c.RowBytes) // ns
+	perRow := float64(c.SampledPerRow()) + WALByteCost*float64(c.RowBytes) // ns
 	batchRows := max(float64(cfg.Backfill.TargetBatchTime)*2/3/perRow, 1)
 	if cfg.Backfill.TargetBatchTime <= 0 {
 		batchRows = float64(max(cfg.Backfill.BatchSize, 1))
@@ -224,6 +224,10 @@ func (c *BackfillCost) samplePace(ctx context.Context, conn *pgx.Conn, cfg *conf
 		rows, us(c.SampleRead), us(c.SampleExprs), WALByteCost*float64(c.RowBytes)/1000, c.RowBytes, cfg.Backfill.Sleep, batchRows)
 	return nil
 }
+
+// SampledPerRow is what the sample says a row costs besides its write:
+// the read and twice the expressions (see WALByteCost).
+func (c BackfillCost) SampledPerRow() time.Duration { return c.SampleRead + 2*c.SampleExprs }
 
 // bestOf3 runs an EXPLAIN ANALYZE three times and returns its fastest
 // execution time and the rows its top node returned from below (the
